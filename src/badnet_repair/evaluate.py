@@ -1,0 +1,50 @@
+"""One shared measurement for every stage: clean accuracy and attack success rate."""
+
+import logging
+import time
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+from badnet_repair.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+_compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _argmax_fn(model):
+    """One compiled argmax-of-forward-pass per model, reused across calls and data sets."""
+    if model not in _compiled:
+        _compiled[model] = tf.function(
+            lambda b: tf.argmax(model(b, training=False), axis=-1), reduce_retracing=True
+        )
+    return _compiled[model]
+
+
+def predict_classes(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Argmax predictions through one compiled function (no Keras predict overhead)."""
+    step = _argmax_fn(model)
+    out = [step(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+def accuracy(model, ds: Dataset, batch_size: int = 512) -> float:
+    """Share of `ds` predicted as its label: clean accuracy, or ASR on a poisoned set."""
+    return float(np.mean(predict_classes(model, ds.x, batch_size) == ds.y))
+
+
+def evaluate(
+    model, clean: Dataset, poisoned: dict[str, Dataset], stage: str, batch_size: int = 512
+) -> dict[str, float]:
+    """Metrics named as in the MLflow contract: `<stage>/clean_acc`, `<stage>/asr/<trigger>`."""
+    start = time.perf_counter()
+    metrics = {f"{stage}/clean_acc": accuracy(model, clean, batch_size)}
+    for trigger, ds in poisoned.items():
+        metrics[f"{stage}/asr/{trigger}"] = accuracy(model, ds, batch_size)
+    n = len(clean) + sum(len(ds) for ds in poisoned.values())
+    summary = ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items())
+    log.info("%s: %s (%d images, %.1fs)", stage, summary, n, time.perf_counter() - start)
+    return metrics

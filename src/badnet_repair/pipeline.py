@@ -1,0 +1,120 @@
+"""The fine-pruning experiment: load, evaluate, prune, evaluate, fine-tune, evaluate, log.
+
+`run` is the only function that reads the config; every stage it calls takes plain
+arguments, so each can be used and tested on its own.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from badnet_repair import config, data, demo, models, plots, tracking
+from badnet_repair.evaluate import evaluate
+from badnet_repair.finetune import finetune
+from badnet_repair.pruning import activation_prune, magnitude_prune
+
+log = logging.getLogger(__name__)
+
+
+def load_inputs(cfg: DictConfig):
+    """The BadNet and its data sets, checked against each other."""
+    if cfg.model.builder == "demo":
+        demo.ensure(Path(cfg.model.file).parent, seed=cfg.seed)
+    model = models.load_model(cfg.model.file, cfg.model.architecture, cfg.model.allow_unsafe)
+    shape, n = models.input_shape(model), models.num_classes(model)
+
+    def load(path: str, name: str) -> data.Dataset:
+        return data.load_h5(path, shape, n, cfg.data.scale, name)
+
+    validation = load(cfg.data.clean_validation, "clean_validation")
+    test = load(cfg.data.clean_test, "clean_test")
+    poisoned = {str(k): load(v, str(k)) for k, v in cfg.data.poisoned.items()}
+    log.info(
+        "loaded %s: input %s, %d classes; %d validation, %d test, poisoned: %s",
+        cfg.model.file,
+        shape,
+        n,
+        len(validation),
+        len(test),
+        ", ".join(f"{k}={len(v)}" for k, v in poisoned.items()) or "none",
+    )
+    return model, validation, test, poisoned
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Carry out one fine-pruning experiment and track it; return its final metrics."""
+    config.validate(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    experiment_id = tracking.prepare(
+        cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root
+    )
+    run_name = f"{cfg.model.name}-{cfg.prune.method.value}-{cfg.prune.sparsity:g}"
+    with tracking.tracked_run(experiment_id, run_name) as run_id:
+        log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)
+        mlflow.log_params(tracking.flatten(cfg))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        return _experiment(cfg, out_dir)
+
+
+def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    start = time.perf_counter()
+    badnet, validation, test, poisoned = load_inputs(cfg)
+    layer = models.prunable_layer(badnet, cfg.model.layer).name
+    batch = cfg.eval_batch_size
+
+    metrics = evaluate(badnet, test, poisoned, "badnet", batch)
+    mlflow.log_metrics(metrics)
+
+    if cfg.prune.method == config.PruneMethod.activation:
+        pruned = activation_prune(badnet, layer, validation.x, cfg.prune.sparsity, batch)
+    else:
+        pruned = magnitude_prune(badnet, layer, cfg.prune.sparsity, cfg.prune.frequency)
+    prune_metrics = {
+        "prune/channels_pruned": len(pruned.channels_pruned),
+        "prune/sparsity": pruned.sparsity,
+    }
+    prune_metrics.update(evaluate(pruned.export(), test, poisoned, "pruned", batch))
+    mlflow.log_metrics(prune_metrics)
+    metrics.update(prune_metrics)
+
+    train, holdout = data.split(validation, cfg.finetune.val_fraction, cfg.seed)
+    finetune(
+        pruned.model,
+        train,
+        holdout,
+        epochs=cfg.finetune.epochs,
+        lr=cfg.finetune.lr,
+        batch_size=cfg.finetune.batch_size,
+        callbacks=pruned.callbacks,
+        on_epoch=lambda epoch, values: mlflow.log_metrics(values, step=epoch),
+    )
+    repaired = pruned.export()
+    final = evaluate(repaired, test, poisoned, "repaired", batch)
+    mlflow.log_metrics(final)
+    metrics.update(final)
+
+    model_path = models.save_model(repaired, out_dir / "repaired_net.h5")
+    mlflow.log_artifact(str(model_path))
+    mlflow.log_dict(
+        {"metrics": metrics, "pruned_channels": pruned.channels_pruned, "layer": layer},
+        "metrics.json",
+    )
+    figure = plots.stage_plot(
+        metrics,
+        list(poisoned),
+        f"{cfg.model.name}: {cfg.prune.method.value} "
+        f"pruning of {layer} at {cfg.prune.sparsity:g}, "
+        f"{cfg.finetune.epochs} epochs",
+    )
+    mlflow.log_figure(figure, "stages.png")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("done in %.0fs; repaired model: %s", time.perf_counter() - start, model_path)
+    return metrics

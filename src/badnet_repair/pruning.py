@@ -1,0 +1,139 @@
+"""Pruning methods. Each returns a `Pruned`: the net to evaluate and fine-tune, the
+callbacks that keep the pruning in force while it trains, and how to export a plain model.
+
+- `activation`: fine-pruning as published (Liu, Dolan-Gavitt, Garg 2018). Backdoor
+  neurons tend to stay dormant on clean inputs, so the channels of one layer with the
+  lowest mean activation on clean data are removed (zeroed) first.
+- `magnitude`: tensorflow-model-optimization's `prune_low_magnitude` over the whole
+  model, as the seed project did; pruning continues during fine-tuning.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+import tf_keras as keras
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pruned:
+    model: keras.Model
+    layer: str
+    channels_pruned: list[int]
+    sparsity: float
+    callbacks: list = field(default_factory=list)
+    strip: Callable[[keras.Model], keras.Model] | None = None
+
+    def export(self) -> keras.Model:
+        """The pruned net as a plain tf_keras model (pruning wrappers removed)."""
+        return self.strip(self.model) if self.strip else self.model
+
+
+def copy_model(model: keras.Model) -> keras.Model:
+    """An independent copy, so the BadNet itself is never modified."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def mean_activations(model: keras.Model, layer: str, x: np.ndarray, batch_size: int = 512):
+    """Mean output of each channel (unit) of `layer` over the images `x`."""
+    probe = keras.Model(model.inputs, model.get_layer(layer).output)
+    spec = tf.TensorSpec((None, *x.shape[1:]), tf.float32)
+
+    @tf.function(input_signature=[spec])
+    def channel_sums(batch):
+        out = probe(batch, training=False)
+        return tf.reduce_sum(tf.reshape(out, (-1, out.shape[-1])), axis=0)
+
+    total = sum(channel_sums(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size))
+    positions = len(x) * int(np.prod(probe.output_shape[1:-1]))
+    return total / positions
+
+
+def zero_channels(layer, channels: np.ndarray) -> None:
+    """Zero the kernel and bias of the given output channels (or Dense units)."""
+    kernel, *rest = layer.get_weights()
+    kernel[..., channels] = 0.0
+    if rest:
+        rest[0][channels] = 0.0
+    layer.set_weights([kernel, *rest])
+
+
+def zeroed_channels(layer) -> list[int]:
+    """Output channels whose kernel and bias are entirely zero."""
+    kernel, *rest = layer.get_weights()
+    dead = np.all(kernel.reshape(-1, kernel.shape[-1]) == 0, axis=0)
+    if rest:
+        dead &= rest[0] == 0
+    return [int(c) for c in np.flatnonzero(dead)]
+
+
+class KeepChannelsPruned(keras.callbacks.Callback):
+    """Re-zero pruned channels after every training batch, so fine-tuning cannot revive them."""
+
+    def __init__(self, layer: str, channels: np.ndarray):
+        super().__init__()
+        self.layer_name, self.channels = layer, np.asarray(channels, dtype=np.int64)
+
+    def on_train_batch_end(self, batch, logs=None):
+        zero_channels(self.model.get_layer(self.layer_name), self.channels)
+
+
+def activation_prune(
+    model: keras.Model, layer: str, x_clean: np.ndarray, sparsity: float, batch_size: int = 512
+) -> Pruned:
+    """Zero the `sparsity` fraction of `layer`'s channels least active on clean images."""
+    means = mean_activations(model, layer, x_clean, batch_size)
+    order = np.argsort(means, kind="stable")
+    k = int(np.floor(sparsity * len(order) + 1e-9))
+    channels = np.sort(order[:k])
+    pruned = copy_model(model)
+    zero_channels(pruned.get_layer(layer), channels)
+    log.info("activation pruning: %d of %d channels of %s zeroed", k, len(order), layer)
+    return Pruned(
+        model=pruned,
+        layer=layer,
+        channels_pruned=[int(c) for c in channels],
+        sparsity=k / len(order),
+        callbacks=[KeepChannelsPruned(layer, channels)],
+    )
+
+
+def magnitude_prune(model: keras.Model, layer: str, sparsity: float, frequency: int) -> Pruned:
+    """tfmot low-magnitude pruning of every prunable layer at a constant target sparsity.
+
+    The first mask update runs now (step 0), so the pruned net can be evaluated before
+    fine-tuning; `UpdatePruningStep` keeps updating masks every `frequency` steps after.
+    """
+    schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=frequency)
+    wrapped = tfmot.sparsity.keras.prune_low_magnitude(copy_model(model), pruning_schedule=schedule)
+    wrappers = [w for w in wrapped.layers if isinstance(w, tfmot.sparsity.keras.PruneLowMagnitude)]
+    for w in wrappers:
+        w.pruning_step.assign(0)
+        w.pruning_obj.conditional_mask_update()
+        w.pruning_obj.weight_mask_op()
+    stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
+    kernels = [w.layer.kernel.numpy() for w in wrappers if hasattr(w.layer, "kernel")]
+    achieved = float(sum((k == 0).sum() for k in kernels) / sum(k.size for k in kernels))
+    channels = zeroed_channels(stripped.get_layer(layer))
+    log.info(
+        "magnitude pruning: %d layers at %.1f%% weight sparsity; %d channels of %s all zero",
+        len(wrappers),
+        100 * achieved,
+        len(channels),
+        layer,
+    )
+    return Pruned(
+        model=wrapped,
+        layer=layer,
+        channels_pruned=channels,
+        sparsity=achieved,
+        callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+        strip=tfmot.sparsity.keras.strip_pruning,
+    )
