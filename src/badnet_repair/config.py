@@ -14,7 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from badnet_repair import UserError
 
 
-class PruneMethod(str, Enum):
+class PruneMethod(Enum):
     activation = "activation"
     magnitude = "magnitude"
 

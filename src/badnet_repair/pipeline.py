@@ -9,6 +9,7 @@ import logging
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
@@ -115,6 +116,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         f"{cfg.finetune.epochs} epochs",
     )
     mlflow.log_figure(figure, "stages.png")
+    plt.close(figure)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("done in %.0fs; repaired model: %s", time.perf_counter() - start, model_path)
     return metrics
