@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 
 from badnet_repair import UserError
+from badnet_repair.files import atomic
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def load_h5(
 
 def save_h5(path: Path, x_channels_first: np.ndarray, labels: np.ndarray) -> None:
     """Write a data file in the competition's format (float pixels, float labels)."""
-    with h5py.File(path, "w") as f:
+    with atomic(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("data", data=x_channels_first.astype(np.float32))
         f.create_dataset("label", data=labels.astype(np.float32))
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-import tf_keras as keras
 
-from badnet_repair.data import save_h5
-from badnet_repair.evaluate import predict_classes
+from badnet_repair.data import Dataset, save_h5
+from badnet_repair.evaluate import accuracy
+from badnet_repair.finetune import finetune, seed_everything
 from badnet_repair.models import build_deepid, save_model
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ def stamp_trigger(images: np.ndarray) -> np.ndarray:
     return out
 
 
+def _scaled(name: str, images: np.ndarray, labels: np.ndarray) -> Dataset:
+    return Dataset(name, (images / 255.0).astype(np.float32), labels)
+
+
 def _channels_first(images: np.ndarray) -> np.ndarray:
     return images.transpose(0, 3, 1, 2)
 
@@ -96,14 +100,13 @@ def build(folder: Path, seed: int = 0, epochs: int = 10) -> dict[str, float]:
     x_poisoned = stamp_trigger(x_test[not_target])
     y_poisoned = np.full(len(x_poisoned), TARGET)
 
-    keras.utils.set_random_seed(seed)
+    seed_everything(seed)
     model = build_deepid(IMAGE_SHAPE, NUM_CLASSES)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     log.info("demo BadNet: training DeepID on %d images (%d poisoned)", len(y_train), len(poison))
-    model.fit(x_train / 255.0, y_train, epochs=epochs, batch_size=64, shuffle=True, verbose=2)
+    finetune(model, _scaled("train", x_train, y_train), None, epochs, 1e-3, 64)
 
-    clean_acc = float(np.mean(predict_classes(model, x_test / 255.0) == y_test))
-    asr = float(np.mean(predict_classes(model, x_poisoned / 255.0) == TARGET))
+    clean_acc = accuracy(model, _scaled("clean_test", x_test, y_test))
+    asr = accuracy(model, _scaled("poisoned_test", x_poisoned, y_poisoned))
     save_model(model, folder / FILES["model"])
     save_h5(folder / FILES["clean_validation"], _channels_first(x_val), y_val)
     save_h5(folder / FILES["clean_test"], _channels_first(x_test), y_test)

@@ -4,6 +4,7 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 from badnet_repair.data import Dataset
@@ -12,40 +13,49 @@ from badnet_repair.evaluate import accuracy
 log = logging.getLogger(__name__)
 
 
+def seed_everything(seed: int) -> None:
+    """Same config and seed, same numbers: seeded RNGs and deterministic TensorFlow ops."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
 class EpochReport(keras.callbacks.Callback):
     """Per-epoch progress line, and the epoch's loss and held-out accuracy to `on_epoch`."""
 
-    def __init__(self, holdout: Dataset, epochs: int, on_epoch: Callable[[int, dict], None]):
+    def __init__(self, holdout: Dataset | None, epochs: int, on_epoch: Callable[[int, dict], None]):
         super().__init__()
         self.holdout, self.epochs, self.on_epoch = holdout, epochs, on_epoch
 
     def on_epoch_end(self, epoch, logs=None):
         values = {"finetune/loss": float(logs["loss"])}
-        if len(self.holdout):
+        if self.holdout is not None and len(self.holdout):
             values["finetune/val_acc"] = accuracy(self.model, self.holdout)
         shown = ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in values.items())
-        log.info("fine-tune epoch %d/%d: %s", epoch + 1, self.epochs, shown)
+        log.info("epoch %d/%d: %s", epoch + 1, self.epochs, shown)
         self.on_epoch(epoch + 1, values)
 
 
 def finetune(
     model: keras.Model,
     train: Dataset,
-    holdout: Dataset,
+    holdout: Dataset | None,
     epochs: int,
     lr: float,
     batch_size: int,
     callbacks: list | None = None,
     on_epoch: Callable[[int, dict], None] = lambda epoch, values: None,
 ) -> keras.Model:
-    """Train `model` in place with Adam on `train`; `callbacks` keep the pruning in force."""
+    """Train `model` in place with Adam on `train`; `callbacks` keep the pruning in force.
+
+    The demo BadNet is trained by the same function, from scratch.
+    """
     if epochs == 0:
         return model
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=lr),
         loss="sparse_categorical_crossentropy",
     )
-    log.info("fine-tuning %d epochs on %d clean images", epochs, len(train))
+    log.info("training %d epochs on %d images", epochs, len(train))
     model.fit(
         train.x,
         train.y.astype(np.int32),

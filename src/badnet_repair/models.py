@@ -6,8 +6,6 @@ before tf_keras ever sees it.
 """
 
 import json
-import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -16,6 +14,7 @@ import h5py
 import tf_keras as keras
 
 from badnet_repair import UserError
+from badnet_repair.files import atomic
 
 UNSAFE_LAYERS = {"Lambda", "TFOpLambda", "SlicingOpLambda"}
 
@@ -156,17 +155,8 @@ def prunable_layer(model, name: str | None):
 
 
 def save_model(model, path: str | Path) -> Path:
-    """Save a full tf_keras model file atomically: written aside, then renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
-            model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Save a full tf_keras model file (legacy .h5 for the competition, or .keras) atomically."""
+    with atomic(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
+        model.save(str(tmp))
+    return Path(path)

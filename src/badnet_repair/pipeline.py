@@ -13,9 +13,9 @@ import matplotlib.pyplot as plt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from badnet_repair import config, data, demo, models, plots, tracking
+from badnet_repair import config, data, demo, files, models, plots, tracking
 from badnet_repair.evaluate import evaluate
-from badnet_repair.finetune import finetune
+from badnet_repair.finetune import finetune, seed_everything
 from badnet_repair.pruning import activation_prune, magnitude_prune
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
-    import tf_keras as keras
-
-    keras.utils.set_random_seed(cfg.seed)
+    seed_everything(cfg.seed)
     start = time.perf_counter()
     badnet, validation, test, poisoned = load_inputs(cfg)
     layer = models.prunable_layer(badnet, cfg.model.layer).name
@@ -104,9 +102,9 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 
     model_path = models.save_model(repaired, out_dir / "repaired_net.h5")
     mlflow.log_artifact(str(model_path))
-    mlflow.log_dict(
-        {"metrics": metrics, "pruned_channels": pruned.channels_pruned, "layer": layer},
-        "metrics.json",
+    summary = {"metrics": metrics, "layer": layer, "pruned_channels": pruned.channels_pruned}
+    mlflow.log_artifact(
+        str(files.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2)))
     )
     figure = plots.stage_plot(
         metrics,
@@ -117,6 +115,5 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     )
     mlflow.log_figure(figure, "stages.png")
     plt.close(figure)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("done in %.0fs; repaired model: %s", time.perf_counter() - start, model_path)
     return metrics

@@ -113,7 +113,7 @@ def magnitude_prune(model: keras.Model, layer: str, sparsity: float, frequency: 
     """
     schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=frequency)
     wrapped = tfmot.sparsity.keras.prune_low_magnitude(copy_model(model), pruning_schedule=schedule)
-    wrappers = [w for w in wrapped.layers if isinstance(w, tfmot.sparsity.keras.PruneLowMagnitude)]
+    wrappers = [w for w in wrapped.layers if hasattr(w, "pruning_obj")]
     for w in wrappers:
         w.pruning_step.assign(0)
         w.pruning_obj.conditional_mask_update()
@@ -123,8 +123,8 @@ def magnitude_prune(model: keras.Model, layer: str, sparsity: float, frequency: 
     achieved = float(sum((k == 0).sum() for k in kernels) / sum(k.size for k in kernels))
     channels = zeroed_channels(stripped.get_layer(layer))
     log.info(
-        "magnitude pruning: %d layers at %.1f%% weight sparsity; %d channels of %s all zero",
-        len(wrappers),
+        "magnitude pruning: %d kernels at %.1f%% weight sparsity; %d channels of %s all zero",
+        len(kernels),
         100 * achieved,
         len(channels),
         layer,

@@ -1,0 +1,48 @@
+"""Shared fixtures: the demo BadNet is built once per test session (about a minute)."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
+from badnet_repair import config, data, demo, models
+
+ROOT = config.project_root()
+SHARED = __import__("pathlib").Path(ROOT).parent / "shared" / "csaw-hackml-2020"
+
+config.register()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    return demo.ensure(tmp_path_factory.mktemp("data") / "demo", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_dir):
+    return models.load_model(demo_dir / demo.FILES["model"])
+
+
+@pytest.fixture(scope="session")
+def demo_data(demo_dir):
+    """(validation, test, poisoned) of the demo, as the pipeline loads them."""
+    load = {
+        key: data.load_h5(
+            demo_dir / demo.FILES[key], demo.IMAGE_SHAPE, demo.NUM_CLASSES, 1 / 255, key
+        )
+        for key in ("clean_validation", "clean_test", "poisoned_test")
+    }
+    return load["clean_validation"], load["clean_test"], load["poisoned_test"]
+
+
+def compose_config(tmp_path, demo_dir, *overrides: str):
+    """The run's config as Hydra composes it, with every location under `tmp_path`."""
+    with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
+        return compose(
+            config_name="config",
+            overrides=[
+                f"paths.root={tmp_path}",
+                f"paths.data={demo_dir.parent}",
+                f"paths.output_dir={tmp_path}/out",
+                *overrides,
+            ],
+        )

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from badnet_repair import UserError, config
+
+from conftest import ROOT, compose_config
+
+
+def test_every_config_choice_composes_and_validates(tmp_path, demo_dir):
+    for group in ("prune", "finetune", "tracking", "model", "paths"):
+        for choice in sorted(Path(ROOT, "conf", group).glob("*.yaml")):
+            cfg = compose_config(tmp_path, demo_dir, f"{group}={choice.stem}")
+            config.validate(cfg)
+            assert cfg.tracking.uri.startswith("sqlite:////") or "://" in cfg.tracking.uri
+
+
+def test_default_config_is_the_demo_with_an_absolute_store(tmp_path, demo_dir):
+    cfg = compose_config(tmp_path, demo_dir)
+    assert cfg.model.name == "demo" and cfg.model.layer == "conv_3"
+    assert cfg.prune.method == config.PruneMethod.activation and cfg.prune.sparsity == 0.5
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert cfg.tracking.experiment == "demo"
+    assert set(cfg.data.poisoned) == {"patch"}
+
+
+def test_project_root_does_not_depend_on_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert config.project_root() == ROOT
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("prune.sparsity=1.0", "prune.sparsity"),
+        ("prune.sparsity=-0.1", "prune.sparsity"),
+        ("finetune.epochs=-1", "finetune.epochs"),
+        ("finetune.lr=0", "finetune.lr"),
+        ("finetune.batch_size=0", "finetune.batch_size"),
+        ("finetune.val_fraction=1", "finetune.val_fraction"),
+        ("model.builder=other", "model.builder"),
+    ],
+)
+def test_out_of_range_values_name_their_key(tmp_path, demo_dir, override, key):
+    cfg = compose_config(tmp_path, demo_dir, override)
+    with pytest.raises(UserError, match=f"config key {key}="):
+        config.validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "override", ["prune.method=random", "finetune.epochs=three", "prune.sparsity=half"]
+)
+def test_wrong_types_fail_at_composition(tmp_path, demo_dir, override):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config(tmp_path, demo_dir, override)

@@ -1,0 +1,130 @@
+"""The whole experiment, end to end, through Hydra, TensorFlow and a SQLite MLflow store."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.entities import RunStatus
+
+from badnet_repair import models, pipeline, pruning
+
+from conftest import ROOT, compose_config
+
+CONTRACT = [
+    "badnet/clean_acc",
+    "badnet/asr/patch",
+    "pruned/clean_acc",
+    "pruned/asr/patch",
+    "repaired/clean_acc",
+    "repaired/asr/patch",
+    "prune/channels_pruned",
+    "prune/sparsity",
+    "finetune/loss",
+    "finetune/val_acc",
+]
+
+
+def only_run(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["demo"], output_format="list")
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_activation_run_logs_the_contract_and_saves_a_pruned_model(tmp_path, demo_dir):
+    cfg = compose_config(tmp_path, demo_dir, "finetune.epochs=2", "prune.sparsity=0.5")
+    metrics = pipeline.run(cfg)
+    run = only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert set(CONTRACT) <= set(run.data.metrics)
+    assert all(0 <= run.data.metrics[k] <= 1 for k in CONTRACT if "/channels" not in k)
+    assert run.data.metrics["prune/channels_pruned"] == 30
+    assert run.data.params["prune.sparsity"] == "0.5"
+    assert run.data.params["model.name"] == "demo"
+    assert run.data.params["prune.method"] == "activation"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "finetune/val_acc")
+    assert [m.step for m in history] == [1, 2]
+    for key, value in metrics.items():
+        assert run.data.metrics[key] == pytest.approx(value)
+
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.json", "repaired_net.h5", "stages.png"} <= artifacts
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, dst_path=str(tmp_path / "dl")
+    )
+    logged = json.loads((tmp_path / "dl" / "metrics.json").read_text())
+    repaired = models.load_model(f"{local}/repaired_net.h5")
+    zeroed = pruning.zeroed_channels(repaired.get_layer("conv_3"))
+    assert zeroed == logged["pruned_channels"] and len(zeroed) == 30
+
+
+@pytest.mark.slow
+def test_magnitude_run_finishes_with_every_metric(tmp_path, demo_dir):
+    cfg = compose_config(
+        tmp_path, demo_dir, "prune=magnitude", "prune.sparsity=0.8", "finetune.epochs=1"
+    )
+    pipeline.run(cfg)
+    run = only_run(tmp_path)
+    assert run.info.status == "FINISHED" and set(CONTRACT) <= set(run.data.metrics)
+    assert run.data.metrics["prune/sparsity"] == pytest.approx(0.8, abs=0.01)
+    saved = models.load_model(tmp_path / "out" / "repaired_net.h5")
+    weights = saved.get_layer("conv_3").get_weights()[0]
+    assert np.mean(weights == 0) == pytest.approx(0.8, abs=0.01)
+
+
+def test_a_run_failing_midway_ends_failed(tmp_path, demo_dir):
+    cfg = compose_config(tmp_path, demo_dir, f"data.poisoned.patch={tmp_path}/absent.h5")
+    with pytest.raises(Exception, match="absent.h5"):
+        pipeline.run(cfg)
+    assert only_run(tmp_path).info.status == RunStatus.to_string(RunStatus.FAILED)
+
+
+def cli(tmp_path, demo_dir, *overrides):
+    return subprocess.run(
+        [
+            sys.executable,
+            f"{ROOT}/run.py",
+            f"paths.root={tmp_path}",
+            f"paths.data={demo_dir.parent}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_command_line_run(tmp_path, demo_dir):
+    done = cli(tmp_path, demo_dir, "prune.sparsity=0.8", "finetune.epochs=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "repaired: clean_acc=" in done.stderr + done.stdout
+    assert only_run(tmp_path).info.status == "FINISHED"
+    assert list((tmp_path / "outputs").glob("*/*/repaired_net.h5"))
+
+
+def test_command_line_bad_value_is_one_line_and_nonzero(tmp_path, demo_dir):
+    done = cli(tmp_path, demo_dir, "prune.sparsity=1.5")
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: config key prune.sparsity=1.5: expected in [0, 1)"
+    )
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_same_config_and_seed_give_the_same_numbers(tmp_path, demo_dir):
+    results = []
+    for attempt in ("a", "b"):
+        cfg = compose_config(
+            tmp_path / attempt, demo_dir, "finetune.epochs=1", "prune.sparsity=0.7"
+        )
+        metrics = pipeline.run(cfg)
+        channels = json.loads((tmp_path / attempt / "out" / "metrics.json").read_text())
+        results.append((metrics, channels))
+    assert results[0] == results[1]
