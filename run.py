@@ -1,6 +1,5 @@
 """Entry point: `python run.py [overrides]`. See README.md and conf/config.yaml."""
 
-import logging
 import sys
 
 import hydra
@@ -10,7 +9,6 @@ import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from badnet_repair import UserError, config
 
 config.register()
-log = logging.getLogger("badnet_repair")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -20,7 +18,6 @@ def main(cfg: DictConfig) -> float:
     try:
         metrics = pipeline.run(cfg)
     except UserError as e:
-        log.error("%s", e)
         sys.exit(f"error: {e}")
     return metrics["repaired/clean_acc"]
 

@@ -1,5 +1,7 @@
 """Shared fixtures: the demo BadNet is built once per test session (about a minute)."""
 
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -7,7 +9,7 @@ import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from badnet_repair import config, data, demo, models
 
 ROOT = config.project_root()
-SHARED = __import__("pathlib").Path(ROOT).parent / "shared" / "csaw-hackml-2020"
+SHARED = Path(ROOT).parent / "shared" / "csaw-hackml-2020"
 
 config.register()
 

@@ -23,6 +23,7 @@ class PruneMethod(Enum):
 class PathsConfig:
     root: str = "${project_root:}"
     data: str = "${paths.root}/data"
+    csaw: str = "${paths.data}/csaw"
     output_dir: str = "${hydra:runtime.output_dir}"
 
 
@@ -42,6 +43,7 @@ class DataConfig:
     clean_test: str = MISSING
     poisoned: dict[str, str] = field(default_factory=dict)
     scale: float = 1.0 / 255.0
+    source: str | None = None
 
 
 @dataclass
@@ -95,6 +97,12 @@ def register() -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the type system cannot, before any work starts."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(
+            f"config key{'s' if len(missing) > 1 else ''} {', '.join(missing)}: required, "
+            f"set on the command line (e.g. {missing[0]}=...)"
+        )
     checks: list[tuple[str, Any, bool, str]] = [
         ("prune.sparsity", cfg.prune.sparsity, 0.0 <= cfg.prune.sparsity < 1.0, "in [0, 1)"),
         ("prune.frequency", cfg.prune.frequency, cfg.prune.frequency >= 1, ">= 1"),

@@ -2,8 +2,12 @@
 
 `data` is (N, 3, H, W) channels-first (the competition's layout) or (N, H, W, 3)
 channels-last, float pixels 0..255; `label` is (N,) float holding integer classes.
+`python -m badnet_repair.data check FILE...` describes files right after download.
 """
 
+import argparse
+import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,26 +30,11 @@ class Dataset:
         return len(self.y)
 
 
-def _layout(shape: tuple[int, ...], image_shape: tuple[int, int, int]) -> str:
-    """'channels_first' or 'channels_last', whichever matches the model's (H, W, C)."""
-    h, w, c = image_shape
-    if shape[1:] == (h, w, c):
-        return "channels_last"
-    if shape[1:] == (c, h, w):
-        return "channels_first"
-    raise ValueError(
-        f"images of shape {shape[1:]}, expected {(c, h, w)} (channels-first) "
-        f"or {(h, w, c)} (channels-last) to match the model's input"
-    )
-
-
-def load_h5(
-    path: str | Path, image_shape: tuple[int, int, int], num_classes: int, scale: float, name: str
-) -> Dataset:
-    """Read one data file read-only, check it against the model, return scaled NHWC float32."""
+def read_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read `data` straight into float32 and `label` as int64, checking what any model needs."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"data file {path} ({name}): not found")
+        raise UserError(f"data file {path}: not found")
     try:
         with h5py.File(path, "r") as f:
             for key in ("data", "label"):
@@ -59,30 +48,63 @@ def load_h5(
                 )
             if raw.shape[0] == 0:
                 raise UserError(f"data file {path}: holds no images")
-            try:
-                layout = _layout(raw.shape, image_shape)
-            except ValueError as e:
-                raise UserError(f"data file {path}: {e}") from None
-            if not (np.issubdtype(raw.dtype, np.number) and np.issubdtype(labels.dtype, np.number)):
-                raise UserError(f"data file {path}: expected numeric data and label")
+            if not all(d.dtype.kind in "biuf" for d in (raw, labels)):
+                raise UserError(
+                    f"data file {path}: expected numeric data and label, "
+                    f"got {raw.dtype} and {labels.dtype}"
+                )
             x = np.empty(raw.shape, dtype=np.float32)
             raw.read_direct(x)
-            y_raw = labels[()]
-    except OSError as e:
+            y_raw = labels[()].astype(np.float64)
+    except (OSError, TypeError, ValueError) as e:
         raise UserError(f"data file {path}: not a readable HDF5 file ({e})") from None
-    if layout == "channels_first":
-        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     if not np.isfinite(x).all():
         raise UserError(f"data file {path}: holds NaN or infinite pixels")
-    if not np.all(np.equal(np.mod(y_raw, 1), 0)):
+    if not np.isfinite(y_raw).all() or not np.all(np.mod(y_raw, 1) == 0):
         raise UserError(f"data file {path}: labels must be whole numbers")
-    y = y_raw.astype(np.int64)
+    return x, y_raw.astype(np.int64)
+
+
+def layout(shape: tuple[int, ...], image_shape: tuple[int, int, int] | None = None) -> str:
+    """'channels_first' or 'channels_last': matched to the model's (H, W, C) when given,
+    else guessed from which axis holds 1 or 3 channels."""
+    if image_shape is not None:
+        h, w, c = image_shape
+        if shape[1:] == (h, w, c):
+            return "channels_last"
+        if shape[1:] == (c, h, w):
+            return "channels_first"
+        raise ValueError(
+            f"images of shape {shape[1:]}, expected {(c, h, w)} (channels-first) "
+            f"or {(h, w, c)} (channels-last) to match the model's input"
+        )
+    if shape[1] in (1, 3) and shape[3] not in (1, 3):
+        return "channels_first"
+    return "channels_last"
+
+
+def load_h5(
+    path: str | Path, image_shape: tuple[int, int, int], num_classes: int, scale: float, name: str
+) -> Dataset:
+    """Read one data file read-only, check it against the model, return scaled NHWC float32."""
+    x, y = read_h5(path)
+    try:
+        order = layout(x.shape, image_shape)
+    except ValueError as e:
+        raise UserError(f"data file {path}: {e}") from None
+    if order == "channels_first":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     if y.min() < 0 or y.max() >= num_classes:
         raise UserError(
             f"data file {path}: labels span [{y.min()}, {y.max()}], expected [0, {num_classes})"
         )
     x *= np.float32(scale)
     return Dataset(name=name, x=x, y=y)
+
+
+def label_counts(ds: Dataset) -> dict[int, int]:
+    """How many images carry each label, most common first (a poisoned set's targets)."""
+    return dict(Counter(ds.y.tolist()).most_common())
 
 
 def save_h5(path: Path, x_channels_first: np.ndarray, labels: np.ndarray) -> None:
@@ -101,3 +123,43 @@ def split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
         Dataset(ds.name, ds.x[rest], ds.y[rest]),
         Dataset(f"{ds.name}_holdout", ds.x[held], ds.y[held]),
     )
+
+
+def describe(path: str | Path) -> str:
+    """One file's summary for `check`: count, shape, layout, dtype, pixel and label ranges."""
+    x, y = read_h5(path)
+    with h5py.File(path, "r") as f:
+        dtype = f["data"].dtype
+    counts = Counter(y.tolist())
+    lines = [
+        f"{path}:",
+        f"  images   {len(y)}, shape {x.shape[1:]}, {layout(x.shape)}, dtype {dtype}",
+        f"  pixels   {x.min():g} .. {x.max():g}",
+        f"  labels   {y.min()} .. {y.max()}, {len(counts)} distinct",
+    ]
+    if len(counts) <= max(3, len(y) // 100):
+        top = ", ".join(f"{label} ({n} images)" for label, n in counts.most_common(3))
+        lines.append(
+            f"  target{'s' if len(counts) > 1 else ''}  {top}  (few labels: a poisoned set)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m badnet_repair.data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="describe data files; exit 1 on a malformed one")
+    check.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    failed = 0
+    for path in args.files:
+        try:
+            print(describe(path))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

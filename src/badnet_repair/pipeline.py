@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from badnet_repair import config, data, demo, files, models, plots, tracking
+from badnet_repair import UserError, config, data, demo, files, models, plots, tracking
 from badnet_repair.evaluate import evaluate
 from badnet_repair.finetune import finetune, seed_everything
 from badnet_repair.pruning import activation_prune, magnitude_prune
@@ -21,10 +21,16 @@ from badnet_repair.pruning import activation_prune, magnitude_prune
 log = logging.getLogger(__name__)
 
 
+def require_inputs(model_file: str, data_files: list[str], source: str | None) -> None:
+    """Stop before any work when input files are missing, naming each and where to get it."""
+    missing = [f for f in [model_file, *data_files] if not Path(f).is_file()]
+    if missing:
+        where = f"; published at {source}" if source else ""
+        raise UserError(f"missing input files: {', '.join(missing)}{where}")
+
+
 def load_inputs(cfg: DictConfig):
     """The BadNet and its data sets, checked against each other."""
-    if cfg.model.builder == "demo":
-        demo.ensure(Path(cfg.model.file).parent, seed=cfg.seed)
     model = models.load_model(cfg.model.file, cfg.model.architecture, cfg.model.allow_unsafe)
     shape, n = models.input_shape(model), models.num_classes(model)
 
@@ -34,6 +40,15 @@ def load_inputs(cfg: DictConfig):
     validation = load(cfg.data.clean_validation, "clean_validation")
     test = load(cfg.data.clean_test, "clean_test")
     poisoned = {str(k): load(v, str(k)) for k, v in cfg.data.poisoned.items()}
+    for trigger, ds in poisoned.items():
+        targets = data.label_counts(ds)
+        if len(targets) > 1:
+            shown = ", ".join(f"{label}: {n}" for label, n in list(targets.items())[:5])
+            log.warning(
+                "poisoned set %s has %d targets (label: images) %s", trigger, len(targets), shown
+            )
+    if not poisoned:
+        log.warning("no poisoned data set configured: reporting clean accuracy only")
     log.info(
         "loaded %s: input %s, %d classes; %d validation, %d test, poisoned: %s",
         cfg.model.file,
@@ -49,6 +64,13 @@ def load_inputs(cfg: DictConfig):
 def run(cfg: DictConfig) -> dict[str, float]:
     """Carry out one fine-pruning experiment and track it; return its final metrics."""
     config.validate(cfg)
+    if cfg.model.builder == "demo":
+        demo.ensure(Path(cfg.model.file).parent, seed=cfg.seed)
+    require_inputs(
+        cfg.model.file,
+        [cfg.data.clean_validation, cfg.data.clean_test, *cfg.data.poisoned.values()],
+        cfg.data.source,
+    )
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     experiment_id = tracking.prepare(
