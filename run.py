@@ -5,7 +5,6 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from badnet_repair import UserError, config
 
 config.register()
@@ -19,6 +18,9 @@ def main(cfg: DictConfig) -> float:
         metrics = pipeline.run(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: the MLflow run was ended as KILLED", file=sys.stderr)
+        sys.exit(130)
     return metrics["repaired/clean_acc"]
 
 

@@ -13,6 +13,10 @@ def test_every_config_choice_composes_and_validates(tmp_path, demo_dir):
     for group in ("prune", "finetune", "tracking", "model", "paths"):
         for choice in sorted(Path(ROOT, "conf", group).glob("*.yaml")):
             cfg = compose_config(tmp_path, demo_dir, f"{group}={choice.stem}")
+            if choice.stem == "custom":
+                with pytest.raises(UserError, match="model.file: required"):
+                    config.validate(cfg)
+                continue
             config.validate(cfg)
             assert cfg.tracking.uri.startswith("sqlite:////") or "://" in cfg.tracking.uri
 

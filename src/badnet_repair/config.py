@@ -97,6 +97,8 @@ def register() -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the type system cannot, before any work starts."""
+    from badnet_repair.models import ARCHITECTURES
+
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(
@@ -117,6 +119,12 @@ def validate(cfg: DictConfig) -> None:
         ),
         ("data.scale", cfg.data.scale, cfg.data.scale > 0, "> 0"),
         ("eval_batch_size", cfg.eval_batch_size, cfg.eval_batch_size >= 1, ">= 1"),
+        (
+            "model.architecture",
+            cfg.model.architecture,
+            cfg.model.architecture in (None, *ARCHITECTURES),
+            f"one of {', '.join(ARCHITECTURES)}, or null for a full model file",
+        ),
         (
             "model.builder",
             cfg.model.builder,

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from badnet_repair import UserError
+
 
 @contextmanager
 def atomic(path: str | Path) -> Iterator[Path]:
@@ -26,3 +28,15 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def writable_dir(path: str | Path, key: str) -> Path:
+    """Create `path` if needed and prove it writable now, not after an hour of work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{key}={path}: cannot write there ({e.strerror or e})") from None
+    return path

@@ -40,20 +40,32 @@ def build_deepid(input_shape: tuple[int, int, int] = (55, 47, 3), num_classes: i
 ARCHITECTURES = {"deepid": build_deepid}
 
 
-def _layer_classes(node) -> list[tuple[str, str]]:
-    """Every (class_name, layer name) pair anywhere in a Keras model config."""
+def _layers(node: dict) -> list[tuple[str, str]]:
+    """(class_name, name) of every layer in a model config, nested models and wrappers included."""
     found = []
-    if isinstance(node, dict):
-        if "class_name" in node:
-            cfg = node.get("config")
-            name = cfg.get("name", "?") if isinstance(cfg, dict) else "?"
-            found.append((str(node["class_name"]), str(name)))
-        for value in node.values():
-            found.extend(_layer_classes(value))
-    elif isinstance(node, list):
-        for value in node:
-            found.extend(_layer_classes(value))
+    cfg = node.get("config") if isinstance(node.get("config"), dict) else {}
+    for layer in cfg.get("layers", []) if isinstance(cfg.get("layers"), list) else []:
+        if not isinstance(layer, dict):
+            raise ValueError("malformed layer entry")
+        inner = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+        found.append((str(layer.get("class_name")), str(inner.get("name", "?"))))
+        found.extend(_layers(layer))
+        if isinstance(inner.get("layer"), dict):  # wrappers such as TimeDistributed
+            wrapped = inner["layer"]
+            wrapped_cfg = wrapped.get("config") if isinstance(wrapped.get("config"), dict) else {}
+            found.append((str(wrapped.get("class_name")), str(wrapped_cfg.get("name", "?"))))
+            found.extend(_layers(wrapped))
     return found
+
+
+def _known_layer_classes() -> set[str]:
+    """Layer classes tf_keras itself defines, plus its model classes."""
+    layers = {
+        name
+        for name, obj in vars(keras.layers).items()
+        if isinstance(obj, type) and issubclass(obj, keras.layers.Layer)
+    }
+    return (layers | {"Functional", "Sequential", "Model"}) - UNSAFE_LAYERS
 
 
 def read_model_config(path: Path) -> dict | None:
@@ -61,23 +73,38 @@ def read_model_config(path: Path) -> dict | None:
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
-                return json.loads(z.read("config.json"))
-        with h5py.File(path, "r") as f:
-            raw = f.attrs.get("model_config")
-            if raw is None:
-                return None
-            return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    except (OSError, KeyError, ValueError) as e:
+                config = json.loads(z.read("config.json"))
+        else:
+            with h5py.File(path, "r") as f:
+                raw = f.attrs.get("model_config")
+                if raw is None:
+                    return None
+                config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (OSError, KeyError, ValueError, TypeError) as e:
         raise UserError(f"model file {path}: not a Keras .h5 or .keras model file ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"model file {path}: malformed model config")
+    return config
 
 
 def check_safe(config: dict, path: Path) -> None:
-    """Refuse layers that execute embedded or unknown code when loaded."""
-    for class_name, layer in _layer_classes(config):
+    """Refuse layers that execute embedded code (Lambda) or unknown (custom) code when loaded."""
+    opt_in = "refused (set model.allow_unsafe=true only if you trust the file)"
+    try:
+        layers = [(str(config.get("class_name")), "model"), *_layers(config)]
+    except (AttributeError, ValueError):
+        raise UserError(f"model file {path}: malformed model config") from None
+    known = _known_layer_classes()
+    for class_name, layer in layers:
         if class_name in UNSAFE_LAYERS:
             raise UserError(
-                f"model file {path}: layer '{layer}' is a {class_name}, which runs code stored in "
-                "the file; refused (set model.allow_unsafe=true only if you trust the file)"
+                f"model file {path}: layer '{layer}' is a {class_name}, which runs code stored "
+                f"in the file; {opt_in}"
+            )
+        if class_name not in known:
+            raise UserError(
+                f"model file {path}: layer '{layer}' is of unknown class {class_name!r} "
+                f"(custom code); {opt_in}"
             )
 
 
@@ -119,7 +146,7 @@ def load_model(path: str | Path, architecture: str | None = None, allow_unsafe: 
         check_safe(config, path)
     try:
         return keras.models.load_model(str(path), compile=False, safe_mode=not allow_unsafe)
-    except (ValueError, OSError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - an attacker-made file can fail in any way
         raise UserError(f"model file {path}: could not be loaded ({e})") from None
 
 

@@ -64,18 +64,18 @@ def load_inputs(cfg: DictConfig):
 def run(cfg: DictConfig) -> dict[str, float]:
     """Carry out one fine-pruning experiment and track it; return its final metrics."""
     config.validate(cfg)
-    if cfg.model.builder == "demo":
-        demo.ensure(Path(cfg.model.file).parent, seed=cfg.seed)
-    require_inputs(
-        cfg.model.file,
-        [cfg.data.clean_validation, cfg.data.clean_test, *cfg.data.poisoned.values()],
-        cfg.data.source,
-    )
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.model.builder is None:
+        require_inputs(
+            cfg.model.file,
+            [cfg.data.clean_validation, cfg.data.clean_test, *cfg.data.poisoned.values()],
+            cfg.data.source,
+        )
+    out_dir = files.writable_dir(cfg.paths.output_dir, "paths.output_dir")
     experiment_id = tracking.prepare(
         cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root
     )
+    if cfg.model.builder == "demo":
+        demo.ensure(Path(cfg.model.file).parent, seed=cfg.seed)
     run_name = f"{cfg.model.name}-{cfg.prune.method.value}-{cfg.prune.sparsity:g}"
     with tracking.tracked_run(experiment_id, run_name) as run_id:
         log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)

@@ -1,6 +1,8 @@
 """MLflow: the store, the experiment, and a run that always ends with an honest status."""
 
 import logging
+import signal
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,9 +53,15 @@ def prepare(uri: str, experiment: str, artifact_root: str) -> str:
         ) from None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextmanager
 def tracked_run(experiment_id: str, run_name: str, tags: dict | None = None) -> Iterator[str]:
-    """An MLflow run that ends FINISHED, FAILED on an exception, KILLED on Ctrl-C."""
+    """An MLflow run that ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {})
     try:
         yield run.info.run_id
@@ -63,6 +71,9 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict | None = None) -> 
     except BaseException:
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
