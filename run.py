@@ -1,8 +1,10 @@
-"""Entry point: `python run.py [overrides]`. See README.md and conf/config.yaml."""
+"""Entry point: `python run.py [overrides]`, or `-m` for a sweep. See README.md."""
 
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from badnet_repair import UserError, config
@@ -12,16 +14,21 @@ config.register()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from badnet_repair import pipeline
+    from badnet_repair import pipeline, sweep
 
+    hydra_cfg = HydraConfig.get()
+    run_name = parent = None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        run_name = " ".join(hydra_cfg.overrides.task) or "default"
+        parent = sweep.read_parent(hydra_cfg.sweep.dir)
     try:
-        metrics = pipeline.run(cfg)
+        metrics = pipeline.run(cfg, run_name=run_name, parent_run_id=parent)
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("interrupted: the MLflow run was ended as KILLED", file=sys.stderr)
         sys.exit(130)
-    return metrics["repaired/clean_acc"]
+    return metrics["objective"]
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ class PruneMethod(Enum):
     magnitude = "magnitude"
 
 
+class Objective(Enum):
+    clean_acc_under_asr = "clean_acc_under_asr"
+    der = "der"
+
+
 @dataclass
 class PathsConfig:
     root: str = "${project_root:}"
@@ -69,6 +74,13 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    resume: bool = True
+    objective: Objective = Objective.clean_acc_under_asr
+    asr_ceiling: float = 0.05
+
+
+@dataclass
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -76,6 +88,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     eval_batch_size: int = 512
 
@@ -118,6 +131,12 @@ def validate(cfg: DictConfig) -> None:
             "in [0, 1)",
         ),
         ("data.scale", cfg.data.scale, cfg.data.scale > 0, "> 0"),
+        (
+            "sweep.asr_ceiling",
+            cfg.sweep.asr_ceiling,
+            0.0 <= cfg.sweep.asr_ceiling <= 1.0,
+            "in [0, 1]",
+        ),
         ("eval_batch_size", cfg.eval_batch_size, cfg.eval_batch_size >= 1, ">= 1"),
         (
             "model.architecture",

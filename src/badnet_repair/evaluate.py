@@ -48,3 +48,23 @@ def evaluate(
     summary = ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items())
     log.info("%s: %s (%d images, %.1fs)", stage, summary, n, time.perf_counter() - start)
     return metrics
+
+
+def objective(metrics: dict[str, float], name: str, asr_ceiling: float) -> float:
+    """What a hyperparameter search maximises, from a run's metrics.
+
+    - `clean_acc_under_asr`: the repaired net's clean accuracy when its worst ASR is at
+      most `asr_ceiling`; below every feasible value (by the excess ASR) otherwise.
+    - `der`: defense effectiveness rating, (max(0, dASR) - max(0, dACC) + 1) / 2, with
+      dASR the fall of the worst trigger's ASR and dACC the fall of clean accuracy.
+    """
+    asr = [v for k, v in metrics.items() if k.startswith("repaired/asr/")]
+    badnet_asr = [v for k, v in metrics.items() if k.startswith("badnet/asr/")]
+    worst = max(asr, default=0.0)
+    if name == "der":
+        d_asr = max(badnet_asr, default=0.0) - worst
+        d_acc = metrics["badnet/clean_acc"] - metrics["repaired/clean_acc"]
+        return (max(0.0, d_asr) - max(0.0, d_acc) + 1) / 2
+    if worst <= asr_ceiling:
+        return metrics["repaired/clean_acc"]
+    return -(worst - asr_ceiling)

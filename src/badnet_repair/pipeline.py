@@ -13,8 +13,8 @@ import matplotlib.pyplot as plt
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from badnet_repair import UserError, config, data, demo, files, models, plots, tracking
-from badnet_repair.evaluate import evaluate
+from badnet_repair import UserError, config, data, demo, files, models, plots, sweep, tracking
+from badnet_repair.evaluate import evaluate, objective
 from badnet_repair.finetune import finetune, seed_everything
 from badnet_repair.pruning import activation_prune, magnitude_prune
 
@@ -61,8 +61,14 @@ def load_inputs(cfg: DictConfig):
     return model, validation, test, poisoned
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Carry out one fine-pruning experiment and track it; return its final metrics."""
+def run(
+    cfg: DictConfig, run_name: str | None = None, parent_run_id: str | None = None
+) -> dict[str, float]:
+    """Carry out one fine-pruning experiment and track it; return its metrics.
+
+    Within a sweep (`parent_run_id` given) the run is logged as the parent's child, and
+    with `sweep.resume` a point whose config already has a FINISHED run is skipped.
+    """
     config.validate(cfg)
     if cfg.model.builder is None:
         require_inputs(
@@ -74,14 +80,33 @@ def run(cfg: DictConfig) -> dict[str, float]:
     experiment_id = tracking.prepare(
         cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root
     )
+    run_name = run_name or f"{cfg.model.name}-{cfg.prune.method.value}-{cfg.prune.sparsity:g}"
+    fingerprint = sweep.config_hash(cfg)
+    tags = {"config_hash": fingerprint}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+        done = sweep.finished_children(experiment_id, parent_run_id, fingerprint)
+        if done and cfg.sweep.resume:
+            log.info(
+                "sweep point '%s': already FINISHED as run %s, skipped (sweep.resume=false reruns)",
+                run_name,
+                done[-1].info.run_id,
+            )
+            return _with_objective(dict(done[-1].data.metrics), cfg)
     if cfg.model.builder == "demo":
         demo.ensure(Path(cfg.model.file).parent, seed=cfg.seed)
-    run_name = f"{cfg.model.name}-{cfg.prune.method.value}-{cfg.prune.sparsity:g}"
-    with tracking.tracked_run(experiment_id, run_name) as run_id:
+    with tracking.tracked_run(experiment_id, run_name, tags) as run_id:
         log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)
         mlflow.log_params(tracking.flatten(cfg))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        return _experiment(cfg, out_dir)
+        metrics = _with_objective(_experiment(cfg, out_dir), cfg)
+        mlflow.log_metric("objective", metrics["objective"])
+        return metrics
+
+
+def _with_objective(metrics: dict[str, float], cfg: DictConfig) -> dict[str, float]:
+    value = objective(metrics, cfg.sweep.objective.value, cfg.sweep.asr_ceiling)
+    return {**metrics, "objective": value}
 
 
 def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:

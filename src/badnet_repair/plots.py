@@ -1,5 +1,7 @@
 """Figures a person would rather look at than read."""
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -25,3 +27,52 @@ def stage_plot(metrics: dict[str, float], triggers: list[str], title: str):
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def close(figure) -> None:
+    plt.close(figure)
+
+
+def sweep_plot(rows: list[dict], x_key: str, group_keys: list[str]):
+    """The fine-pruning figure: clean accuracy and ASR per trigger against the swept value,
+    after pruning (dashed) and after fine-tuning (solid); the BadNet's levels dotted."""
+    triggers = sorted(
+        {k.split("/", 2)[2] for row in rows for k in row if k.startswith("repaired/asr/")}
+    )
+    series = ["clean_acc", *[f"asr/{t}" for t in triggers]]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in group_keys), []).append(row)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for g, (group, members) in enumerate(groups.items()):
+        suffix = ", ".join(f"{k}={v}" for k, v in zip(group_keys, group, strict=True))
+        numeric = not any(math.isnan(as_number(m.get(x_key))) for m in members)
+        members = sorted(members, key=lambda m: float(m[x_key]) if numeric else str(m[x_key]))
+        xs = [float(m[x_key]) if numeric else str(m[x_key]) for m in members]
+        for i, name in enumerate(series):
+            color = colors[(i + g * len(series)) % len(colors)]
+            label = name.replace("asr/", "ASR ").replace("clean_acc", "clean acc")
+            for stage, style in (("pruned", "--"), ("repaired", "-")):
+                ys = [m.get(f"{stage}/{name}", float("nan")) for m in members]
+                shown = f"{label} {stage}" + (f" ({suffix})" if suffix else "")
+                ax.plot(xs, ys, style, marker="o", color=color, label=shown)
+            if g == 0:
+                ax.axhline(
+                    members[0].get(f"badnet/{name}", float("nan")), color=color, ls=":", lw=1
+                )
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("fraction (dotted: BadNet)")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title("sweep: pruned (dashed) and fine-tuned (solid)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def as_number(value) -> float:
+    """A param's value as a number, NaN when it is not one (sweeps mix both)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan

@@ -1,0 +1,152 @@
+"""Sweeps as one MLflow object: a parent run per multirun, a child per point, a summary.
+
+Hydra calls `MlflowSweep` around every multirun, whatever the launcher or sweeper. The
+store, the experiment and the parent run are created once here, before any job starts
+(parallel jobs creating a SQLite store race on its schema), and the parent's id reaches
+each job through a file in the sweep folder, which works for local processes and for
+cluster jobs on a shared file system alike.
+"""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+from hydra.experimental.callback import Callback
+from mlflow.entities import RunStatus
+from omegaconf import DictConfig, OmegaConf
+
+from badnet_repair import files, plots, tracking
+
+log = logging.getLogger(__name__)
+
+PARENT_FILE = "mlflow_parent_run.json"
+STAGES = ("pruned", "repaired")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Fingerprint of a job's resolved config, minus where its outputs go."""
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    resolved.get("paths", {}).pop("output_dir", None)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_parent(sweep_dir: str | Path) -> str | None:
+    """The parent run id written by `MlflowSweep` for this multirun, if any."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return json.loads(path.read_text())["run_id"] if path.is_file() else None
+
+
+def finished_children(experiment_id: str, parent_run_id: str, fingerprint: str | None = None):
+    """FINISHED children of a sweep's parent run, oldest first; only one config's if given."""
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'"
+    if fingerprint:
+        query += f" and tags.config_hash = '{fingerprint}'"
+    return mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=query,
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
+
+
+class MlflowSweep(Callback):
+    """Creates (or, on a rerun of the same sweep, reopens) the parent run; summarises at the end."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        overrides = [o for o in config.hydra.overrides.task if not o.startswith("sweep.resume=")]
+        name = " ".join(overrides) or "sweep"
+        sweep_id = hashlib.sha256(f"{config.tracking.experiment}|{name}".encode()).hexdigest()[:12]
+        experiment_id = tracking.prepare(
+            config.tracking.uri, config.tracking.experiment, config.tracking.artifact_root
+        )
+        client = mlflow.MlflowClient()
+        found = client.search_runs(
+            [experiment_id], f"tags.sweep_id = '{sweep_id}' and tags.sweep_parent = 'true'"
+        )
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            log.info("sweep %s: continuing parent run %s", sweep_id, run_id)
+        else:
+            tags = {"sweep_id": sweep_id, "sweep_parent": "true"}
+            run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+            log.info("sweep %s: parent run %s '%s'", sweep_id, run_id, name)
+        record = {"run_id": run_id, "experiment_id": experiment_id, "sweep_id": sweep_id}
+        files.write_text(Path(config.hydra.sweep.dir) / PARENT_FILE, json.dumps(record))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        record = json.loads((Path(config.hydra.sweep.dir) / PARENT_FILE).read_text())
+        mlflow.set_tracking_uri(config.tracking.uri)
+        table = summarise(record["experiment_id"], record["run_id"])
+        print(f"\nSweep {record['sweep_id']} (MLflow parent run {record['run_id']}):\n")
+        print(table or "no finished points")
+        mlflow.MlflowClient().set_terminated(record["run_id"], "FINISHED")
+
+
+def _rows(experiment_id: str, parent_run_id: str) -> tuple[list[dict], set[str]]:
+    """One row per sweep point (the newest FINISHED child per config), and the param names."""
+    latest = {
+        run.data.tags.get("config_hash"): run
+        for run in finished_children(experiment_id, parent_run_id)
+    }
+    rows = [
+        {"run": run.info.run_name, **run.data.params, **run.data.metrics} for run in latest.values()
+    ]
+    params = {k for run in latest.values() for k in run.data.params}
+    return rows, params
+
+
+def swept_keys(rows: list[dict], params: set[str]) -> list[str]:
+    """Params that differ between points (what the sweep varied), most values first."""
+    varying = [
+        k for k in params if k != "paths.output_dir" and len({row.get(k) for row in rows}) > 1
+    ]
+    return sorted(varying, key=lambda k: (-len({row.get(k) for row in rows}), k))
+
+
+METRIC_ORDER = ("badnet/", "pruned/", "repaired/", "goodnet/", "prune/", "objective")
+
+
+def _metric_columns(rows: list[dict], params: set[str]) -> list[str]:
+    names = {k for row in rows for k in row if k not in params and k != "run"}
+    names = {k for k in names if not k.startswith("finetune/")}
+    rank = {prefix: i for i, prefix in enumerate(METRIC_ORDER)}
+    return sorted(
+        names,
+        key=lambda k: (next((rank[p] for p in METRIC_ORDER if k.startswith(p)), len(rank)), k),
+    )
+
+
+def summarise(experiment_id: str, parent_run_id: str) -> str:
+    """Log the sweep table (CSV, markdown) and curve plot to the parent; return the markdown."""
+    rows, params = _rows(experiment_id, parent_run_id)
+    if not rows:
+        return ""
+    keys = swept_keys(rows, params)
+    metrics = _metric_columns(rows, params)
+    columns = ["run", *keys, *metrics]
+    rows.sort(key=lambda row: tuple((plots.as_number(row.get(k)), str(row.get(k))) for k in keys))
+
+    def cell(value) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    csv = "\n".join(
+        [",".join(columns), *(",".join(cell(row.get(c, "")) for c in columns) for row in rows)]
+    )
+    markdown = "\n".join(
+        [
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+            *("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows),
+        ]
+    )
+    client = mlflow.MlflowClient()
+    client.log_text(parent_run_id, csv + "\n", "summary.csv")
+    client.log_text(parent_run_id, markdown + "\n", "summary.md")
+    if keys:
+        figure = plots.sweep_plot(rows, keys[0], keys[1:])
+        client.log_figure(parent_run_id, figure, "sweep.png")
+        plots.close(figure)
+    return markdown

@@ -1,0 +1,228 @@
+"""Multiruns as MLflow parent and children, through real Hydra launchers and sweepers."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from badnet_repair import evaluate, sweep
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def multirun(root: Path, demo_dir: Path, *overrides: str, timeout: int = 600):
+    done = subprocess.run(
+        [
+            sys.executable,
+            f"{ROOT}/run.py",
+            "-m",
+            f"paths.root={root}",
+            f"paths.data={demo_dir.parent}",
+            "finetune.epochs=1",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr
+
+
+def parents_and_children(root: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["demo"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("sweep_parent") == "true"]
+    children = {
+        p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+        for p in parents
+    }
+    return parents, children
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, demo_dir):
+    """A 3-point sparsity sweep, interrupted after its first point and then rerun."""
+    root = tmp_path_factory.mktemp("sweep")
+    cmd = [
+        sys.executable,
+        f"{ROOT}/run.py",
+        "-m",
+        f"paths.root={root}",
+        f"paths.data={demo_dir.parent}",
+        "finetune.epochs=1",
+        "prune.sparsity=0.3,0.6,0.9",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = []
+    for line in proc.stdout:
+        first.append(line)
+        if "#1 :" in line:  # the first point is done, the second starting
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    second = multirun(root, demo_dir, "prune.sparsity=0.3,0.6,0.9")
+    third = multirun(root, demo_dir, "prune.sparsity=0.3,0.6,0.9")
+    return root, "".join(first), second, third
+
+
+def test_sweep_has_one_parent_with_a_child_per_point(swept):
+    root, _, second, _ = swept
+    parents, children = parents_and_children(root)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name.endswith("finetune.epochs=1 prune.sparsity=0.3,0.6,0.9")
+    finished = [c for c in children[parent.info.run_id] if c.info.status == "FINISHED"]
+    assert sorted(c.data.params["prune.sparsity"] for c in finished) == ["0.3", "0.6", "0.9"]
+    for child in finished:
+        assert f"prune.sparsity={child.data.params['prune.sparsity']}" in child.info.run_name
+        assert child.data.tags["config_hash"]
+        assert "repaired/asr/patch" in child.data.metrics
+    assert "| run | prune.sparsity |" in second and "Sweep " in second
+
+
+def test_interrupted_sweep_reruns_only_missing_points_then_skips_all(swept):
+    root, first, second, third = swept
+    assert "#0 :" in first
+    assert second.count("already FINISHED") == 1  # the point done before the interrupt
+    assert third.count("already FINISHED") == 3
+    _, children = parents_and_children(root)
+    finished = [c for kids in children.values() for c in kids if c.info.status == "FINISHED"]
+    assert len(finished) == 3
+
+
+def test_parent_holds_summary_table_and_plot(swept):
+    root, *_ = swept
+    (parent,), _ = parents_and_children(root)
+    client = mlflow.MlflowClient()
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "summary.csv",
+        "summary.md",
+        "sweep.png",
+    }
+    local = Path(client.download_artifacts(parent.info.run_id, "summary.csv"))
+    header, *rows = local.read_text().strip().splitlines()
+    assert header.startswith("run,prune.sparsity,badnet/asr/patch")
+    assert "repaired/clean_acc" in header and "pruned/asr/patch" in header
+    assert [r.split(",")[1] for r in rows] == ["0.3", "0.6", "0.9"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_serves_the_sweep_over_rest(swept):
+    root, *_ = swept
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlruns/mlflow.db",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        experiment = json.load(
+            urllib.request.urlopen(
+                f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=demo"
+            )
+        )["experiment"]
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search",
+            data=json.dumps(
+                {"experiment_ids": [experiment["experiment_id"]], "max_results": 100}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        runs = json.load(urllib.request.urlopen(request))["runs"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    (parent_id,) = [
+        r["info"]["run_id"]
+        for r, t in zip(runs, tags, strict=True)
+        if t.get("sweep_parent") == "true"
+    ]
+    children = [
+        r for r, t in zip(runs, tags, strict=True) if t.get("mlflow.parentRunId") == parent_id
+    ]
+    finished = [c for c in children if c["info"]["status"] == "FINISHED"]
+    assert len(finished) == 3
+    for child in finished:
+        params = {p["key"]: p["value"] for p in child["data"]["params"]}
+        metrics = {m["key"] for m in child["data"]["metrics"]}
+        assert params["prune.method"] == "activation" and "prune.sparsity" in params
+        assert {"badnet/clean_acc", "repaired/asr/patch", "finetune/loss"} <= metrics
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],
+    ],
+    ids=["joblib", "submitit_local"],
+)
+def test_parallel_launchers_share_one_sqlite_store(tmp_path, demo_dir, launcher):
+    out = multirun(tmp_path, demo_dir, *launcher, "prune.sparsity=0.4,0.8")
+    (parent,), children = parents_and_children(tmp_path)
+    kids = children[parent.info.run_id]
+    assert sorted(c.info.status for c in kids) == ["FINISHED", "FINISHED"]
+    assert parent.info.status == "FINISHED" and "| run | prune.sparsity |" in out
+
+
+def test_optuna_search_logs_every_trial_and_maximises_the_objective(tmp_path, demo_dir):
+    out = multirun(
+        tmp_path,
+        demo_dir,
+        "+hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "sweep.objective=der",
+    )
+    (parent,), children = parents_and_children(tmp_path)
+    kids = children[parent.info.run_id]
+    assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
+    best = max(k.data.metrics["objective"] for k in kids)
+    assert f"Best value: {best}" in out
+    for kid in kids:
+        assert kid.data.metrics["objective"] == pytest.approx(
+            evaluate.objective(kid.data.metrics, "der", 0.05)
+        )
+
+
+def test_resume_false_reruns_points(tmp_path, demo_dir):
+    multirun(tmp_path, demo_dir, "prune.sparsity=0.5")
+    out = multirun(tmp_path, demo_dir, "prune.sparsity=0.5", "sweep.resume=false")
+    assert "already FINISHED" not in out
+    (parent,), children = parents_and_children(tmp_path)
+    assert len(children[parent.info.run_id]) == 2
+    assert sweep.read_parent(tmp_path / "absent") is None
