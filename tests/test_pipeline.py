@@ -48,11 +48,22 @@ def test_activation_run_logs_the_contract_and_saves_a_pruned_model(tmp_path, dem
     assert run.data.params["prune.method"] == "activation"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "finetune/val_acc")
     assert [m.step for m in history] == [1, 2]
+    for name in ("curve/val_acc", "curve/clean_acc", "curve/asr/patch"):
+        points = mlflow.MlflowClient().get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in points) == list(range(61))
+    curve = mlflow.MlflowClient().get_metric_history(run.info.run_id, "curve/clean_acc")
+    assert next(m.value for m in curve if m.step == 30) == run.data.metrics["pruned/clean_acc"]
     for key, value in metrics.items():
         assert run.data.metrics[key] == pytest.approx(value)
 
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "metrics.json", "repaired_net.h5", "stages.png"} <= artifacts
+    assert {
+        "config.yaml",
+        "metrics.json",
+        "repaired_net.h5",
+        "stages.png",
+        "curve.png",
+    } <= artifacts
     local = mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, dst_path=str(tmp_path / "dl")
     )
@@ -128,3 +139,18 @@ def test_same_config_and_seed_give_the_same_numbers(tmp_path, demo_dir):
         channels = json.loads((tmp_path / attempt / "out" / "metrics.json").read_text())
         results.append((metrics, channels))
     assert results[0] == results[1]
+
+
+@pytest.mark.slow
+def test_max_acc_drop_prunes_where_validation_accuracy_allows(tmp_path, demo_dir):
+    cfg = compose_config(tmp_path, demo_dir, "prune.max_acc_drop=0.04", "finetune.epochs=0")
+    metrics = pipeline.run(cfg)
+    run = only_run(tmp_path)
+    val = {
+        m.step: m.value
+        for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "curve/val_acc")
+    }
+    k = int(metrics["prune/channels_pruned"])
+    assert 0 < k < 60
+    assert all(val[j] >= val[0] - 0.04 for j in range(k + 1))
+    assert val[k + 1] < val[0] - 0.04

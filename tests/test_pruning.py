@@ -9,7 +9,8 @@ from badnet_repair.finetune import finetune
 def test_activation_pruning_zeroes_the_least_active_channels(demo_model, demo_data):
     validation = demo_data[0]
     before = [w.copy() for w in demo_model.get_weights()]
-    result = pruning.activation_prune(demo_model, "conv_3", validation.x, 0.5)
+    order = pruning.rank_channels(demo_model, "conv_3", validation.x)
+    result = pruning.activation_prune(demo_model, "conv_3", order, 30)
 
     probe = keras.Model(demo_model.inputs, demo_model.get_layer("conv_3").output)
     means = probe.predict(validation.x, verbose=0).mean(axis=(0, 1, 2))
@@ -24,19 +25,23 @@ def test_activation_pruning_zeroes_the_least_active_channels(demo_model, demo_da
 
 @pytest.mark.parametrize(("sparsity", "count"), [(0.0, 0), (0.1, 6), (0.8, 48), (0.99, 59)])
 def test_channel_count_follows_sparsity(demo_model, demo_data, sparsity, count):
-    result = pruning.activation_prune(demo_model, "conv_3", demo_data[0].x[:64], sparsity)
-    assert len(result.channels_pruned) == count
+    order = pruning.rank_channels(demo_model, "conv_3", demo_data[0].x[:64])
+    k = pruning.channel_count(sparsity, len(order))
+    result = pruning.activation_prune(demo_model, "conv_3", order, k)
+    assert len(result.channels_pruned) == count == k
 
 
 def test_dense_layer_units_can_be_pruned(demo_model, demo_data):
-    result = pruning.activation_prune(demo_model, "fc_1", demo_data[0].x[:64], 0.25)
+    order = pruning.rank_channels(demo_model, "fc_1", demo_data[0].x[:64])
+    result = pruning.activation_prune(demo_model, "fc_1", order, pruning.channel_count(0.25, 160))
     assert len(result.channels_pruned) == 40
     assert pruning.zeroed_channels(result.model.get_layer("fc_1")) == result.channels_pruned
 
 
 def test_pruned_channels_stay_zero_through_finetuning(demo_model, demo_data):
     validation = demo_data[0]
-    result = pruning.activation_prune(demo_model, "conv_3", validation.x, 0.5)
+    order = pruning.rank_channels(demo_model, "conv_3", validation.x)
+    result = pruning.activation_prune(demo_model, "conv_3", order, 30)
     train, holdout = data.split(validation, 0.1, seed=0)
     seen = []
     finetune(

@@ -95,6 +95,7 @@ def test_interrupted_sweep_reruns_only_missing_points_then_skips_all(swept):
     root, first, second, third = swept
     assert "#0 :" in first
     assert second.count("already FINISHED") == 1  # the point done before the interrupt
+    assert second.count("reusing the loaded BadNet") == 1  # loaded once for two points
     assert third.count("already FINISHED") == 3
     _, children = parents_and_children(root)
     finished = [c for kids in children.values() for c in kids if c.info.status == "FINISHED"]

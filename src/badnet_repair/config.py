@@ -55,6 +55,7 @@ class DataConfig:
 class PruneConfig:
     method: PruneMethod = PruneMethod.activation
     sparsity: float = 0.5
+    max_acc_drop: float | None = None
     frequency: int = 100
 
 
@@ -151,6 +152,17 @@ def validate(cfg: DictConfig) -> None:
             "demo or null",
         ),
     ]
+    drop = cfg.prune.max_acc_drop
+    if drop is not None:
+        checks.append(("prune.max_acc_drop", drop, 0.0 <= drop < 1.0, "in [0, 1) or null"))
+        checks.append(
+            (
+                "prune.max_acc_drop",
+                drop,
+                cfg.prune.method == PruneMethod.activation,
+                "null with prune.method=magnitude (the rule reads the activation curve)",
+            )
+        )
     for key, value, ok, expected in checks:
         if not ok:
             raise UserError(f"config key {key}={value!r}: expected {expected}")

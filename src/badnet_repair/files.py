@@ -1,5 +1,6 @@
 """Atomic file writes: an interrupted run never leaves a half-written file that looks complete."""
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -40,3 +41,19 @@ def writable_dir(path: str | Path, key: str) -> Path:
     except OSError as e:
         raise UserError(f"{key}={path}: cannot write there ({e.strerror or e})") from None
     return path
+
+
+_hashes: dict[tuple, str] = {}
+
+
+def content_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes; recomputed only when its size or modification time changes."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _hashes:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        _hashes[key] = digest.hexdigest()
+    return _hashes[key]

@@ -7,16 +7,19 @@ arguments, so each can be used and tested on its own.
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import mlflow
+import numpy as np
+import tf_keras as keras
 from omegaconf import DictConfig, OmegaConf
 
 from badnet_repair import UserError, config, data, demo, files, models, plots, sweep, tracking
+from badnet_repair.curve import channels_within, pruning_curve
 from badnet_repair.evaluate import evaluate, objective
 from badnet_repair.finetune import finetune, seed_everything
-from badnet_repair.pruning import activation_prune, magnitude_prune
+from badnet_repair.pruning import activation_prune, channel_count, magnitude_prune, rank_channels
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,54 @@ def require_inputs(model_file: str, data_files: list[str], source: str | None) -
     if missing:
         where = f"; published at {source}" if source else ""
         raise UserError(f"missing input files: {', '.join(missing)}{where}")
+
+
+@dataclass
+class Baseline:
+    """What every point of a sweep over one BadNet shares: computed once per process."""
+
+    badnet: keras.Model
+    validation: data.Dataset
+    test: data.Dataset
+    poisoned: dict[str, data.Dataset]
+    layer: str
+    metrics: dict[str, float]
+    order: np.ndarray | None = None
+    curves: dict[str, np.ndarray] | None = None
+
+
+_baseline: dict[str, Baseline] = {}
+
+
+def baseline(cfg: DictConfig, with_curve: bool) -> Baseline:
+    """Load and evaluate the BadNet, rank channels and trace the pruning curve, reusing the
+    last result while the model and data files' contents and the settings are unchanged."""
+    paths = [cfg.model.file, cfg.data.clean_validation, cfg.data.clean_test]
+    paths += list(cfg.data.poisoned.values())
+    key = json.dumps(
+        [
+            [files.content_hash(p) for p in paths],
+            list(cfg.data.poisoned),
+            cfg.model.architecture,
+            cfg.model.layer,
+            cfg.data.scale,
+        ]
+    )
+    if key not in _baseline:
+        _baseline.clear()  # hold one BadNet's data at a time
+        badnet, validation, test, poisoned = load_inputs(cfg)
+        layer = models.prunable_layer(badnet, cfg.model.layer).name
+        metrics = evaluate(badnet, test, poisoned, "badnet", cfg.eval_batch_size)
+        _baseline[key] = Baseline(badnet, validation, test, poisoned, layer, metrics)
+    else:
+        log.info("reusing the loaded BadNet, its data and baseline metrics (same files)")
+    base = _baseline[key]
+    if with_curve and base.curves is None:
+        base.order = rank_channels(base.badnet, base.layer, base.validation.x, cfg.eval_batch_size)
+        sets = {"val_acc": base.validation, "clean_acc": base.test}
+        sets.update({f"asr/{t}": ds for t, ds in base.poisoned.items()})
+        base.curves = pruning_curve(base.badnet, base.layer, base.order, sets, cfg.eval_batch_size)
+    return base
 
 
 def load_inputs(cfg: DictConfig):
@@ -112,15 +163,35 @@ def _with_objective(metrics: dict[str, float], cfg: DictConfig) -> dict[str, flo
 def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     seed_everything(cfg.seed)
     start = time.perf_counter()
-    badnet, validation, test, poisoned = load_inputs(cfg)
-    layer = models.prunable_layer(badnet, cfg.model.layer).name
+    activation = cfg.prune.method == config.PruneMethod.activation
+    base = baseline(cfg, with_curve=activation)
+    badnet, validation, test, poisoned, layer = (
+        base.badnet,
+        base.validation,
+        base.test,
+        base.poisoned,
+        base.layer,
+    )
     batch = cfg.eval_batch_size
-
-    metrics = evaluate(badnet, test, poisoned, "badnet", batch)
+    metrics = dict(base.metrics)
     mlflow.log_metrics(metrics)
 
-    if cfg.prune.method == config.PruneMethod.activation:
-        pruned = activation_prune(badnet, layer, validation.x, cfg.prune.sparsity, batch)
+    if activation:
+        tracking.log_steps({f"curve/{name}": values for name, values in base.curves.items()})
+        if cfg.prune.max_acc_drop is None:
+            k = channel_count(cfg.prune.sparsity, len(base.order))
+        else:
+            k = channels_within(base.curves["val_acc"], cfg.prune.max_acc_drop)
+            log.info(
+                "max_acc_drop=%g: %d channels keep validation accuracy within %.1f points",
+                cfg.prune.max_acc_drop,
+                k,
+                100 * cfg.prune.max_acc_drop,
+            )
+        pruned = activation_prune(badnet, layer, base.order, k)
+        figure = plots.curve_plot(base.curves, k, f"{cfg.model.name}: pruning curve of {layer}")
+        mlflow.log_figure(figure, "curve.png")
+        plots.close(figure)
     else:
         pruned = magnitude_prune(badnet, layer, cfg.prune.sparsity, cfg.prune.frequency)
     prune_metrics = {
@@ -161,6 +232,6 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         f"{cfg.finetune.epochs} epochs",
     )
     mlflow.log_figure(figure, "stages.png")
-    plt.close(figure)
+    plots.close(figure)
     log.info("done in %.0fs; repaired model: %s", time.perf_counter() - start, model_path)
     return metrics

@@ -1,6 +1,7 @@
 """Figures a person would rather look at than read."""
 
 import math
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -25,6 +26,25 @@ def stage_plot(metrics: dict[str, float], triggers: list[str], title: str):
     ax.set_ylabel("fraction")
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def curve_plot(curves: dict[str, Sequence[float]], chosen: int, title: str):
+    """Accuracy and ASR against channels pruned, in activation order, with the chosen k."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in curves.items():
+        label = name.replace("asr/", "ASR ").replace("_acc", " acc").replace("_", " ")
+        ax.plot(
+            range(len(values)), values, label=label, lw=1.5, ls="--" if name == "val_acc" else "-"
+        )
+    ax.axvline(chosen, color="grey", ls=":", lw=1)
+    ax.annotate(f"pruned: {chosen}", (chosen, 0.02), fontsize=8, color="grey")
+    ax.set_xlabel("channels pruned (least active on clean data first)")
+    ax.set_ylabel("fraction")
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     return fig
 

@@ -85,14 +85,21 @@ class KeepChannelsPruned(keras.callbacks.Callback):
         zero_channels(self.model.get_layer(self.layer_name), self.channels)
 
 
-def activation_prune(
-    model: keras.Model, layer: str, x_clean: np.ndarray, sparsity: float, batch_size: int = 512
-) -> Pruned:
-    """Zero the `sparsity` fraction of `layer`'s channels least active on clean images."""
-    means = mean_activations(model, layer, x_clean, batch_size)
-    order = np.argsort(means, kind="stable")
-    k = int(np.floor(sparsity * len(order) + 1e-9))
-    channels = np.sort(order[:k])
+def rank_channels(
+    model: keras.Model, layer: str, x_clean: np.ndarray, batch_size: int = 512
+) -> np.ndarray:
+    """`layer`'s channels ordered by mean activation on clean images, least active first."""
+    return np.argsort(mean_activations(model, layer, x_clean, batch_size), kind="stable")
+
+
+def channel_count(sparsity: float, channels: int) -> int:
+    """How many of `channels` a fixed `sparsity` prunes (rounded down)."""
+    return int(np.floor(sparsity * channels + 1e-9))
+
+
+def activation_prune(model: keras.Model, layer: str, order: np.ndarray, k: int) -> Pruned:
+    """Zero the first `k` channels of `order` (the least active on clean images)."""
+    channels = np.sort(np.asarray(order)[:k])
     pruned = copy_model(model)
     zero_channels(pruned.get_layer(layer), channels)
     log.info("activation pruning: %d of %d channels of %s zeroed", k, len(order), layer)

@@ -1,0 +1,242 @@
+"""The pruning curve in one pass: accuracy after removing k = 0, 1, ..., C channels of one
+layer, in rank order, for every k.
+
+Removing channels of the pruned layer only changes what comes after it, so the layer's
+output is computed once per batch. When the layers right after it are linear in each
+channel (pooling, then Dense or Conv2D before their activations, as in DeepID), removing
+channel c subtracts c's own contribution from their pre-activations: the pre-activations
+for k + 1 follow from those for k, and only the network after that first nonlinearity is
+rerun per k. Other architectures fall back to rerunning the whole tail per k.
+"""
+
+import logging
+import time
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from badnet_repair.data import Dataset
+
+log = logging.getLogger(__name__)
+
+POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+
+
+def _graph(model: keras.Model) -> tuple[list[str], dict[str, list[str]]]:
+    """Layer names in topological order and each layer's inbound layer names."""
+    layers = model.get_config()["layers"]
+    inbound = {
+        spec["name"]: [entry[0] for node in spec["inbound_nodes"] for entry in node]
+        for spec in layers
+    }
+    return [spec["name"] for spec in layers], inbound
+
+
+def _consumers(inbound: dict[str, list[str]], name: str) -> list[str]:
+    return [layer for layer, sources in inbound.items() if name in sources]
+
+
+def _zero_fill(layer) -> bool:
+    """Whether a removed channel (zero kernel and bias) outputs exactly zero."""
+    return float(tf.reduce_max(tf.abs(layer.activation(tf.zeros(1))))) == 0.0
+
+
+class _Tail:
+    """Accuracy for every k by rerunning the network after the pruned layer (any model)."""
+
+    def __init__(self, model: keras.Model, layer: str):
+        target = model.get_layer(layer)
+        self.head = keras.Model(model.inputs, target.output)
+        self.tail = keras.Model(target.output, model.output)
+        self.fill = float(target.activation(tf.zeros(1))[0])
+
+    @tf.function(reduce_retracing=True)
+    def counts(self, x, y, order):
+        out = self.head(x, training=False)
+        channels = tf.shape(order)[0]
+        keep = tf.ones([channels], out.dtype)
+        result = tf.TensorArray(tf.int32, size=channels + 1)
+        for k in tf.range(channels + 1):
+            masked = out * keep + self.fill * (1.0 - keep)
+            pred = tf.argmax(self.tail(masked, training=False), axis=-1, output_type=tf.int32)
+            result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
+            if k < channels:
+                keep = tf.tensor_scatter_nd_update(keep, [[order[k]]], [0.0])
+        return result.stack()
+
+
+class _LinearTail:
+    """Accuracy for every k by updating the first linear layers after the pruned one."""
+
+    def __init__(
+        self,
+        model: keras.Model,
+        pooled: str,
+        consumers: list[str],
+        rest: list[str],
+        inbound: dict[str, list[str]],
+    ):
+        self.head = keras.Model(model.inputs, model.get_layer(pooled).output)
+        self.model, self.inbound, self.rest = model, inbound, rest
+        self.linear = []
+        for name in consumers:
+            layer = model.get_layer(name)
+            if isinstance(layer, keras.layers.Flatten):
+                dense = model.get_layer(_consumers(inbound, name)[0])
+                h, w, c = self.head.output_shape[1:]
+                kernel = tf.reshape(dense.kernel, (h * w, c, -1))
+                self.linear.append(("flatten_dense", dense, kernel))
+            elif isinstance(layer, keras.layers.Dense):
+                self.linear.append(("dense", layer, layer.kernel))
+            else:
+                self.linear.append(("conv", layer, layer.kernel))
+
+    @staticmethod
+    def build(model: keras.Model, layer: str) -> "_LinearTail | None":
+        """The fast path, or None where the model's structure does not allow it."""
+        order, inbound = _graph(model)
+        if not _zero_fill(model.get_layer(layer)):
+            return None
+        pooled = layer
+        while len(nxt := _consumers(inbound, pooled)) == 1 and isinstance(
+            model.get_layer(nxt[0]), POOLING
+        ):
+            pooled = nxt[0]
+        linear, firsts = _consumers(inbound, pooled), []
+        for name in linear:
+            obj = model.get_layer(name)
+            if isinstance(obj, keras.layers.Flatten):
+                after = _consumers(inbound, name)
+                if len(after) != 1 or not isinstance(model.get_layer(after[0]), keras.layers.Dense):
+                    return None
+                firsts.append(after[0])
+            elif (
+                isinstance(obj, keras.layers.Dense)
+                and len(model.get_layer(pooled).output_shape) == 2
+            ):
+                firsts.append(name)
+            elif (
+                isinstance(obj, keras.layers.Conv2D)
+                and type(obj) is keras.layers.Conv2D
+                and obj.data_format == "channels_last"
+                and obj.groups == 1
+            ):
+                firsts.append(name)
+            else:
+                return None
+        done = set(firsts)
+        rest = []
+        for name in order[order.index(pooled) + 1 :]:
+            if name in done or name in linear:
+                continue
+            sources = inbound[name]
+            if sources and all(s in done for s in sources):
+                done.add(name)
+                rest.append(name)
+            elif any(s in done for s in sources):
+                return None  # mixes in something computed before the pruned layer
+        if not rest or rest[-1] != order[-1] or len(model.outputs) != 1:
+            return None
+        tail = _LinearTail(model, pooled, linear, rest, inbound)
+        tail.firsts = firsts
+        return tail
+
+    def _preactivations(self, pooled):
+        out = []
+        for kind, layer, kernel in self.linear:
+            if kind == "conv":
+                z = tf.nn.conv2d(
+                    pooled,
+                    kernel,
+                    layer.strides,
+                    layer.padding.upper(),
+                    dilations=layer.dilation_rate,
+                )
+            elif kind == "flatten_dense":
+                z = tf.matmul(tf.reshape(pooled, (tf.shape(pooled)[0], -1)), layer.kernel)
+            else:
+                z = tf.matmul(pooled, kernel)
+            out.append(z + layer.bias if layer.use_bias else z)
+        return out
+
+    def _contributions(self, pooled, channel):
+        out = []
+        for kind, layer, kernel in self.linear:
+            if kind == "conv":
+                part = tf.gather(pooled, [channel], axis=-1)
+                out.append(
+                    tf.nn.conv2d(
+                        part,
+                        tf.gather(kernel, [channel], axis=2),
+                        layer.strides,
+                        layer.padding.upper(),
+                        dilations=layer.dilation_rate,
+                    )
+                )
+            elif kind == "flatten_dense":
+                part = tf.reshape(tf.gather(pooled, channel, axis=-1), (tf.shape(pooled)[0], -1))
+                out.append(tf.matmul(part, tf.gather(kernel, channel, axis=1)))
+            else:
+                out.append(tf.gather(pooled, [channel], axis=-1) @ tf.gather(kernel, [channel]))
+        return out
+
+    def _rest(self, preacts):
+        values = {
+            name: layer.activation(z)
+            for name, (_, layer, _), z in zip(self.firsts, self.linear, preacts, strict=True)
+        }
+        for name in self.rest:
+            sources = [values[s] for s in self.inbound[name]]
+            values[name] = self.model.get_layer(name)(sources if len(sources) > 1 else sources[0])
+        return values[self.rest[-1]]
+
+    @tf.function(reduce_retracing=True)
+    def counts(self, x, y, order):
+        pooled = self.head(x, training=False)
+        preacts = self._preactivations(pooled)
+        channels = tf.shape(order)[0]
+        result = tf.TensorArray(tf.int32, size=channels + 1)
+        for k in tf.range(channels + 1):
+            pred = tf.argmax(self._rest(preacts), axis=-1, output_type=tf.int32)
+            result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
+            if k < channels:
+                removed = self._contributions(pooled, order[k])
+                preacts = [z - r for z, r in zip(preacts, removed, strict=True)]
+        return result.stack()
+
+
+def pruning_curve(
+    model: keras.Model,
+    layer: str,
+    order: np.ndarray,
+    datasets: dict[str, Dataset],
+    batch_size: int = 512,
+) -> dict[str, np.ndarray]:
+    """Accuracy on each data set after removing the first k channels of `order`, k = 0..C."""
+    start = time.perf_counter()
+    evaluator = _LinearTail.build(model, layer) or _Tail(model, layer)
+    order_t = tf.constant(np.asarray(order), tf.int32)
+    curves = {}
+    for name, ds in datasets.items():
+        total = np.zeros(len(order) + 1, np.int64)
+        for i in range(0, len(ds), batch_size):
+            y = tf.constant(ds.y[i : i + batch_size], tf.int32)
+            total += evaluator.counts(ds.x[i : i + batch_size], y, order_t).numpy()
+        curves[name] = total / len(ds)
+    log.info(
+        "pruning curve of %s: %d points on %d images (%s path, %.1fs)",
+        layer,
+        len(order) + 1,
+        sum(len(ds) for ds in datasets.values()),
+        "linear-update" if isinstance(evaluator, _LinearTail) else "tail-rerun",
+        time.perf_counter() - start,
+    )
+    return curves
+
+
+def channels_within(val_curve: np.ndarray, max_drop: float) -> int:
+    """The most channels prunable, in order, before validation accuracy first falls more
+    than `max_drop` below the unpruned net's (the fine-pruning stopping rule)."""
+    ok = val_curve >= val_curve[0] - max_drop - 1e-12
+    return int(np.argmin(ok)) - 1 if not ok.all() else len(val_curve) - 1
