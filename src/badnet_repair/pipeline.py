@@ -67,8 +67,7 @@ def baseline(cfg: DictConfig, with_curve: bool) -> Baseline:
         _baseline.clear()  # hold one BadNet's data at a time
         badnet, validation, test, poisoned = load_inputs(cfg)
         layer = models.prunable_layer(badnet, cfg.model.layer).name
-        metrics = evaluate(badnet, test, poisoned, "badnet", cfg.eval_batch_size)
-        _baseline[key] = Baseline(badnet, validation, test, poisoned, layer, metrics)
+        _baseline[key] = Baseline(badnet, validation, test, poisoned, layer, {})
     else:
         log.info("reusing the loaded BadNet, its data and baseline metrics (same files)")
     base = _baseline[key]
@@ -77,7 +76,25 @@ def baseline(cfg: DictConfig, with_curve: bool) -> Baseline:
         sets = {"val_acc": base.validation, "clean_acc": base.test}
         sets.update({f"asr/{t}": ds for t, ds in base.poisoned.items()})
         base.curves = pruning_curve(base.badnet, base.layer, base.order, sets, cfg.eval_batch_size)
+    if not base.metrics:
+        if base.curves is not None:
+            base.metrics = curve_point(base.curves, 0, "badnet")
+        else:
+            base.metrics = evaluate(
+                base.badnet, base.test, base.poisoned, "badnet", cfg.eval_batch_size
+            )
     return base
+
+
+def curve_point(curves: dict[str, np.ndarray], k: int, stage: str) -> dict[str, float]:
+    """A stage's metrics read off the pruning curve: the net with the first k channels
+    removed is exactly what the curve evaluated at k, so it need not be evaluated again."""
+    metrics = {
+        f"{stage}/{name}": float(values[k]) for name, values in curves.items() if name != "val_acc"
+    }
+    shown = ", ".join(f"{key.split('/', 1)[1]}={v:.4f}" for key, v in metrics.items())
+    log.info("%s: %s (from the pruning curve, %d channels removed)", stage, shown, k)
+    return metrics
 
 
 def load_inputs(cfg: DictConfig):
@@ -165,13 +182,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     start = time.perf_counter()
     activation = cfg.prune.method == config.PruneMethod.activation
     base = baseline(cfg, with_curve=activation)
-    badnet, validation, test, poisoned, layer = (
-        base.badnet,
-        base.validation,
-        base.test,
-        base.poisoned,
-        base.layer,
-    )
+    validation, test, poisoned, layer = base.validation, base.test, base.poisoned, base.layer
     batch = cfg.eval_batch_size
     metrics = dict(base.metrics)
     mlflow.log_metrics(metrics)
@@ -188,17 +199,20 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
                 k,
                 100 * cfg.prune.max_acc_drop,
             )
-        pruned = activation_prune(badnet, layer, base.order, k)
+        pruned = activation_prune(base.badnet, layer, base.order, k)
         figure = plots.curve_plot(base.curves, k, f"{cfg.model.name}: pruning curve of {layer}")
         mlflow.log_figure(figure, "curve.png")
         plots.close(figure)
     else:
-        pruned = magnitude_prune(badnet, layer, cfg.prune.sparsity, cfg.prune.frequency)
+        pruned = magnitude_prune(base.badnet, layer, cfg.prune.sparsity, cfg.prune.frequency)
     prune_metrics = {
         "prune/channels_pruned": len(pruned.channels_pruned),
         "prune/sparsity": pruned.sparsity,
     }
-    prune_metrics.update(evaluate(pruned.export(), test, poisoned, "pruned", batch))
+    if activation:
+        prune_metrics.update(curve_point(base.curves, k, "pruned"))
+    else:
+        prune_metrics.update(evaluate(pruned.export(), test, poisoned, "pruned", batch))
     mlflow.log_metrics(prune_metrics)
     metrics.update(prune_metrics)
 
