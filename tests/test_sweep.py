@@ -19,17 +19,22 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
+def command(root: Path, demo_dir: Path, *overrides: str) -> list[str]:
+    """`run.py -m` on the demo with everything stored under `root`, one epoch per point."""
+    return [
+        sys.executable,
+        f"{ROOT}/run.py",
+        "-m",
+        f"paths.root={root}",
+        f"paths.data={demo_dir.parent}",
+        "finetune.epochs=1",
+        *overrides,
+    ]
+
+
 def multirun(root: Path, demo_dir: Path, *overrides: str, timeout: int = 600):
     done = subprocess.run(
-        [
-            sys.executable,
-            f"{ROOT}/run.py",
-            "-m",
-            f"paths.root={root}",
-            f"paths.data={demo_dir.parent}",
-            "finetune.epochs=1",
-            *overrides,
-        ],
+        command(root, demo_dir, *overrides),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -53,15 +58,7 @@ def parents_and_children(root: Path):
 def swept(tmp_path_factory, demo_dir):
     """A 3-point sparsity sweep, interrupted after its first point and then rerun."""
     root = tmp_path_factory.mktemp("sweep")
-    cmd = [
-        sys.executable,
-        f"{ROOT}/run.py",
-        "-m",
-        f"paths.root={root}",
-        f"paths.data={demo_dir.parent}",
-        "finetune.epochs=1",
-        "prune.sparsity=0.3,0.6,0.9",
-    ]
+    cmd = command(root, demo_dir, "prune.sparsity=0.3,0.6,0.9")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = []
     for line in proc.stdout:
