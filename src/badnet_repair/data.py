@@ -30,8 +30,18 @@ class Dataset:
         return len(self.y)
 
 
-def read_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read `data` straight into float32 and `label` as int64, checking what any model needs."""
+CHUNK = 1024
+
+
+def read_h5(
+    path: str | Path, image_shape: tuple[int, int, int] | None = None, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read `data` straight into float32 NHWC (scaled) and `label` as int64, checking what any
+    model needs; with `image_shape`, also that the images fit it.
+
+    Images are read a chunk at a time into one preallocated array, so a channels-first
+    file never needs a second full-size copy for the transposition.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file {path}: not found")
@@ -53,8 +63,20 @@ def read_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                     f"data file {path}: expected numeric data and label, "
                     f"got {raw.dtype} and {labels.dtype}"
                 )
-            x = np.empty(raw.shape, dtype=np.float32)
-            raw.read_direct(x)
+            try:
+                order = layout(raw.shape, image_shape)
+            except ValueError as e:
+                raise UserError(f"data file {path}: {e}") from None
+            first = order == "channels_first"
+            n, *rest = raw.shape
+            x = np.empty((n, rest[1], rest[2], rest[0]) if first else raw.shape, np.float32)
+            buffer = np.empty((min(n, CHUNK), *rest), np.float32)
+            for i in range(0, n, CHUNK):
+                part = buffer[: min(CHUNK, n - i)]
+                raw.read_direct(part, np.s_[i : i + len(part)])
+                x[i : i + len(part)] = part.transpose(0, 2, 3, 1) if first else part
+            if scale != 1.0:
+                x *= np.float32(scale)
             y_raw = labels[()].astype(np.float64)
     except (OSError, TypeError, ValueError) as e:
         raise UserError(f"data file {path}: not a readable HDF5 file ({e})") from None
@@ -87,18 +109,11 @@ def load_h5(
     path: str | Path, image_shape: tuple[int, int, int], num_classes: int, scale: float, name: str
 ) -> Dataset:
     """Read one data file read-only, check it against the model, return scaled NHWC float32."""
-    x, y = read_h5(path)
-    try:
-        order = layout(x.shape, image_shape)
-    except ValueError as e:
-        raise UserError(f"data file {path}: {e}") from None
-    if order == "channels_first":
-        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    x, y = read_h5(path, image_shape, scale)
     if y.min() < 0 or y.max() >= num_classes:
         raise UserError(
             f"data file {path}: labels span [{y.min()}, {y.max()}], expected [0, {num_classes})"
         )
-    x *= np.float32(scale)
     return Dataset(name=name, x=x, y=y)
 
 
@@ -129,11 +144,11 @@ def describe(path: str | Path) -> str:
     """One file's summary for `check`: count, shape, layout, dtype, pixel and label ranges."""
     x, y = read_h5(path)
     with h5py.File(path, "r") as f:
-        dtype = f["data"].dtype
+        dtype, shape = f["data"].dtype, f["data"].shape
     counts = Counter(y.tolist())
     lines = [
         f"{path}:",
-        f"  images   {len(y)}, shape {x.shape[1:]}, {layout(x.shape)}, dtype {dtype}",
+        f"  images   {len(y)}, shape {shape[1:]}, {layout(shape)}, dtype {dtype}",
         f"  pixels   {x.min():g} .. {x.max():g}",
         f"  labels   {y.min()} .. {y.max()}, {len(counts)} distinct",
     ]
