@@ -99,6 +99,8 @@ CASES = [
     ),
     ("negative epochs", None, ["finetune.epochs=-1"], "finetune.epochs=-1: expected >= 0"),
     ("unknown method", None, ["prune.method=random"], "compose"),
+    ("unknown detector", None, ["goodnet.detector=oracle"], "compose"),
+    ("frr out of range", None, ["goodnet.frr=1.5"], r"goodnet.frr=1.5: expected in \(0, 1\)"),
     ("layer missing", None, ["model.layer=conv_9"], "model.layer='conv_9': no such layer"),
     ("layer not prunable", None, ["model.layer=pool_3"], "model.layer='pool_3': a MaxPooling2D"),
     (

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mlflow.entities import RunStatus
 
+from badnet_repair import eval as gn_eval
 from badnet_repair import models, pipeline, pruning
 
 from conftest import ROOT, compose_config
@@ -154,3 +155,40 @@ def test_max_acc_drop_prunes_where_validation_accuracy_allows(tmp_path, demo_dir
     assert 0 < k < 60
     assert all(val[j] >= val[0] - 0.04 for j in range(k + 1))
     assert val[k + 1] < val[0] - 0.04
+
+
+@pytest.mark.slow
+def test_goodnet_eval_command_agrees_with_the_logged_metrics(tmp_path, demo_dir, capsys):
+    cfg = compose_config(
+        tmp_path,
+        demo_dir,
+        "prune.sparsity=0.8",
+        "finetune.epochs=1",
+        "goodnet.detector=both",
+        "goodnet.k=8",
+    )
+    pipeline.run(cfg)
+    run = only_run(tmp_path)
+    assert 0 < run.data.metrics["goodnet/strip_threshold"]
+    capsys.readouterr()
+    assert (
+        gn_eval.main(
+            [
+                str(tmp_path / "out" / "goodnet.h5"),
+                "--clean",
+                str(demo_dir / "clean_test_data.h5"),
+                "--poisoned",
+                f"patch={demo_dir / 'patch_poisoned_data.h5'}",
+            ]
+        )
+        == 0
+    )
+    printed = dict(line.split("\t") for line in capsys.readouterr().out.strip().splitlines())
+    assert set(printed) == {
+        "goodnet/clean_acc",
+        "goodnet/flag_rate_clean",
+        "goodnet/asr/patch",
+        "goodnet/detect/patch",
+    }
+    for key, value in printed.items():
+        assert float(value) == pytest.approx(run.data.metrics[key], abs=1e-6)

@@ -19,6 +19,12 @@ class PruneMethod(Enum):
     magnitude = "magnitude"
 
 
+class Detector(Enum):
+    disagreement = "disagreement"
+    strip = "strip"
+    both = "both"
+
+
 class Objective(Enum):
     clean_acc_under_asr = "clean_acc_under_asr"
     der = "der"
@@ -75,6 +81,14 @@ class TrackingConfig:
 
 
 @dataclass
+class GoodnetConfig:
+    detector: Detector = Detector.disagreement
+    frr: float = 0.05
+    k: int = 32
+    alpha: float = 0.5
+
+
+@dataclass
 class SweepConfig:
     resume: bool = True
     objective: Objective = Objective.clean_acc_under_asr
@@ -89,6 +103,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    goodnet: GoodnetConfig = field(default_factory=GoodnetConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     eval_batch_size: int = 512
@@ -132,6 +147,9 @@ def validate(cfg: DictConfig) -> None:
             "in [0, 1)",
         ),
         ("data.scale", cfg.data.scale, cfg.data.scale > 0, "> 0"),
+        ("goodnet.frr", cfg.goodnet.frr, 0.0 < cfg.goodnet.frr < 1.0, "in (0, 1)"),
+        ("goodnet.alpha", cfg.goodnet.alpha, 0.0 < cfg.goodnet.alpha < 1.0, "in (0, 1)"),
+        ("goodnet.k", cfg.goodnet.k, cfg.goodnet.k >= 1, ">= 1"),
         (
             "sweep.asr_ceiling",
             cfg.sweep.asr_ceiling,

@@ -7,6 +7,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from badnet_repair import UserError, goodnet
 from badnet_repair.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -68,3 +69,38 @@ def objective(metrics: dict[str, float], name: str, asr_ceiling: float) -> float
     if worst <= asr_ceiling:
         return metrics["repaired/clean_acc"]
     return -(worst - asr_ceiling)
+
+
+BLENDS_PER_BATCH = 4096  # images through the network per step, STRIP's blends included
+
+
+def batch_size_for(model) -> int:
+    """A batch that keeps a STRIP GoodNet's k blends per input within memory."""
+    return max(1, min(512, BLENDS_PER_BATCH // (1 + goodnet.blends_per_input(model))))
+
+
+def goodnet_metrics(
+    model,
+    clean: Dataset,
+    poisoned: dict[str, Dataset],
+    num_classes: int,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Clean accuracy (answering N is wrong), clean flag rate, and per poisoned set the ASR
+    (answered its label) and the detection rate (answered N)."""
+    if int(model.output_shape[-1]) != num_classes + 1:
+        raise UserError(
+            f"goodnet: output of {model.output_shape[-1]} answers, expected {num_classes + 1} "
+            f"for {num_classes} classes"
+        )
+    batch = batch_size or batch_size_for(model)
+    answers = predict_classes(model, clean.x, batch)
+    metrics = {
+        "goodnet/clean_acc": float(np.mean(answers == clean.y)),
+        "goodnet/flag_rate_clean": float(np.mean(answers == num_classes)),
+    }
+    for trigger, ds in poisoned.items():
+        answers = predict_classes(model, ds.x, batch)
+        metrics[f"goodnet/asr/{trigger}"] = float(np.mean(answers == ds.y))
+        metrics[f"goodnet/detect/{trigger}"] = float(np.mean(answers == num_classes))
+    return metrics

@@ -15,9 +15,20 @@ import numpy as np
 import tf_keras as keras
 from omegaconf import DictConfig, OmegaConf
 
-from badnet_repair import UserError, config, data, demo, files, models, plots, sweep, tracking
+from badnet_repair import (
+    UserError,
+    config,
+    data,
+    demo,
+    files,
+    goodnet,
+    models,
+    plots,
+    sweep,
+    tracking,
+)
 from badnet_repair.curve import channels_within, pruning_curve
-from badnet_repair.evaluate import evaluate, objective
+from badnet_repair.evaluate import evaluate, goodnet_metrics, objective
 from badnet_repair.finetune import finetune, seed_everything
 from badnet_repair.pruning import activation_prune, channel_count, magnitude_prune, rank_channels
 
@@ -234,6 +245,25 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 
     model_path = models.save_model(repaired, out_dir / "repaired_net.h5")
     mlflow.log_artifact(str(model_path))
+
+    good = goodnet.build_goodnet(
+        base.badnet,
+        repaired,
+        cfg.goodnet.detector.value,
+        validation.x,
+        k=cfg.goodnet.k,
+        frr=cfg.goodnet.frr,
+        alpha=cfg.goodnet.alpha,
+        seed=cfg.seed,
+    )
+    good_metrics = goodnet_metrics(good.model, test, poisoned, good.num_classes)
+    if good.threshold is not None:
+        good_metrics["goodnet/strip_threshold"] = good.threshold
+    shown = ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in good_metrics.items())
+    log.info("goodnet (%s): %s", good.detector, shown)
+    mlflow.log_metrics(good_metrics)
+    metrics.update(good_metrics)
+    mlflow.log_artifact(str(goodnet.save_goodnet(good.model, out_dir / "goodnet.h5")))
     summary = {"metrics": metrics, "layer": layer, "pruned_channels": pruned.channels_pruned}
     mlflow.log_artifact(
         str(files.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2)))

@@ -1,0 +1,300 @@
+"""GoodNet: the BadNet B and its repaired net B' in one model that answers N ("poisoned")
+when a detector flags the input, else B''s class (N = B's number of classes).
+
+Detectors:
+- `disagreement`: B and B' predict different classes (the repair changed the answer);
+- `strip`: STRIP (Gao et al. 2019). A trigger dominates whatever it is superimposed on, so
+  blends of a poisoned input with clean images all get the same confident answer: low mean
+  prediction entropy of B'. The threshold is the `frr` quantile of clean entropies;
+- `both`: flagged by either.
+
+The GoodNet's output is (batch, N + 1) and its argmax is the answer. It is built from
+standard Keras layers only, constants (the clean overlay images, the threshold) held in
+layer weights, so a plain TensorFlow install loads the saved `.h5` without this package
+and without running any code stored in the file. Hard decisions are made of smooth
+layers: argmax as a softmax of probabilities scaled by 1e9, a step as a sigmoid of a
+difference scaled by 1e8; they only differ from the exact rule on float near-ties.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tf_keras as keras
+
+from badnet_repair import UserError, models
+
+DETECTORS = ("disagreement", "strip", "both")
+ONE_HOT_SCALE = 1e9  # probabilities 1 float32 ulp apart still differ by > 30 after scaling
+STEP_SCALE = 1e8  # any nonzero float32 difference of entropies saturates the sigmoid
+ELEMENTWISE_MERGES = (
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+)
+
+
+@dataclass
+class GoodNet:
+    """The combined model and what was chosen to build it (for logging and checks)."""
+
+    model: keras.Model
+    detector: str
+    num_classes: int
+    threshold: float | None = None  # STRIP: a mean entropy below it means poisoned
+    overlays: np.ndarray | None = None  # STRIP: the k clean images superimposed (scaled NHWC)
+    alpha: float = 0.5  # STRIP: blend = (1 - alpha) * input + alpha * overlay
+    clean_entropies: np.ndarray | None = None  # STRIP: of the held-out calibration images
+
+
+def _constant(layer: keras.layers.Layer, weights: list[np.ndarray]) -> keras.layers.Layer:
+    """Freeze a layer already called on its input and give it fixed weights."""
+    layer.set_weights([np.asarray(w, dtype=np.float32) for w in weights])
+    layer.trainable = False
+    return layer
+
+
+def _softmax_output(layer: keras.layers.Layer) -> bool:
+    activation = layer.get_config().get("activation")
+    return activation == "softmax" or isinstance(layer, keras.layers.Softmax)
+
+
+def replay(
+    model: keras.Model, x: Any, prefix: str, *, distributed: bool = False, logits: bool = False
+) -> Any:
+    """Rebuild `model`'s layer graph on tensor `x` from fresh layers named `prefix + name`,
+    with copied weights: one flat graph of standard layers, no nested model in the file.
+
+    `distributed` wraps every single-input layer in TimeDistributed, so `x` may carry an
+    extra axis (the k blends of STRIP). `logits` drops the final softmax, for entropies.
+    """
+    if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
+        raise UserError(f"goodnet: model {model.name} is not a functional Keras model")
+    config = model.get_config()
+    if len(config.get("input_layers", [])) != 1 or len(config.get("output_layers", [])) != 1:
+        raise UserError(f"goodnet: model {model.name} must have one input and one output")
+    tensors: dict[tuple[str, int, int], Any] = {tuple(config["input_layers"][0]): x}
+    out_key = tuple(config["output_layers"][0])
+    if logits and not _softmax_output(model.get_layer(out_key[0])):
+        raise UserError(
+            f"goodnet: the last layer of {model.name} ({out_key[0]}) has no softmax; "
+            "STRIP needs the logits under it"
+        )
+    for entry in config["layers"]:  # functional configs list layers in topological order
+        layer = model.get_layer(entry["name"])
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):
+            raise UserError(f"goodnet: nested model {layer.name} in {model.name} is unsupported")
+        for node_index, node in enumerate(entry["inbound_nodes"]):
+            inputs = [tensors[(n[0], n[1], n[2])] for n in node]
+            kwargs = node[0][3] if node and len(node[0]) > 3 else {}
+            key = (layer.name, node_index, 0)
+            if (
+                logits
+                and key == out_key
+                and isinstance(layer, (keras.layers.Softmax, keras.layers.Activation))
+            ):
+                tensors[key] = inputs[0]
+                continue
+            layer_config = {**layer.get_config(), "name": prefix + layer.name}
+            if logits and key == out_key:
+                layer_config["activation"] = "linear"
+            fresh = type(layer).from_config(layer_config)
+            call = fresh
+            if distributed and len(inputs) > 1:
+                if isinstance(layer, keras.layers.Concatenate) and layer.axis >= 0:
+                    call = type(layer).from_config({**layer_config, "axis": layer.axis + 1})
+                    fresh = call
+                elif not isinstance(layer, ELEMENTWISE_MERGES):
+                    raise UserError(
+                        f"goodnet: layer {layer.name} ({type(layer).__name__}) of {model.name} "
+                        "cannot be applied to STRIP's blends"
+                    )
+            elif distributed:
+                call = keras.layers.TimeDistributed(fresh, name=prefix + layer.name)
+            out = call(inputs if len(inputs) > 1 else inputs[0], **kwargs)
+            call.set_weights(layer.get_weights())
+            for i, tensor in enumerate(out if isinstance(out, (list, tuple)) else [out]):
+                tensors[(layer.name, node_index, i)] = tensor
+    return tensors[out_key]
+
+
+def _step(t, threshold: float, name: str, above: bool = True):
+    """A sharp 0/1 step: 1 where `t` (batch, 1) is above `threshold` (below if not `above`)."""
+    sign = 1.0 if above else -1.0
+    shift = keras.layers.Dense(1, name=f"{name}_diff")
+    diff = shift(t)
+    _constant(shift, [np.full((1, 1), sign), np.array([-sign * threshold])])
+    sharp = keras.layers.Rescaling(STEP_SCALE, name=f"{name}_sharp")(diff)
+    return keras.layers.Activation("sigmoid", name=name)(sharp)
+
+
+def _disagreement_flag(x, badnet: keras.Model, probs_repaired):
+    """1 where argmax B differs from argmax B' (hard one-hots, then their dot product)."""
+    probs_bad = replay(badnet, x, "bad_")
+
+    def one_hot(p, name: str):
+        scaled = keras.layers.Rescaling(ONE_HOT_SCALE, name=f"{name}_scaled")(p)
+        return keras.layers.Activation("softmax", name=name)(scaled)
+
+    agree = keras.layers.Dot(axes=1, name="agreement")(
+        [one_hot(probs_bad, "bad_onehot"), one_hot(probs_repaired, "repaired_onehot")]
+    )
+    return _step(agree, 0.5, "flag_disagreement", above=False)
+
+
+def _strip_flag(x, repaired: keras.Model, overlays: np.ndarray, alpha: float, threshold: float):
+    """1 where the mean entropy of B' over the blends of `x` with `overlays` is below threshold."""
+    k, size = len(overlays), int(np.prod(overlays.shape[1:]))
+    flat = keras.layers.Flatten(name="strip_flat")(x)
+    zero_layer = keras.layers.Dense(1, name="strip_zero")
+    zero = zero_layer(flat)
+    _constant(zero_layer, [np.zeros((size, 1)), np.zeros(1)])
+    stored = keras.layers.Dense(k * size, name="strip_overlays")
+    images = stored(zero)  # the overlays, pre-scaled by alpha, held in the bias
+    _constant(stored, [np.zeros((1, k * size)), alpha * overlays.reshape(-1)])
+    images = keras.layers.Reshape((k, size), name="strip_overlays_k")(images)
+    own = keras.layers.Rescaling(1.0 - alpha, name="strip_input_scaled")(flat)
+    own = keras.layers.RepeatVector(k, name="strip_input_k")(own)
+    blends = keras.layers.Add(name="strip_blend")([own, images])
+    blends = keras.layers.Reshape((k, *overlays.shape[1:]), name="strip_blends")(blends)
+    logits = replay(repaired, blends, "strip_", distributed=True, logits=True)
+    p = keras.layers.Activation("softmax", name="strip_probs")(logits)
+    log_p = keras.layers.Activation("log_softmax", name="strip_log_probs")(logits)
+    p_log_p = keras.layers.Multiply(name="strip_p_log_p")([p, log_p])
+    p_log_p = keras.layers.Reshape((-1,), name="strip_p_log_p_flat")(p_log_p)
+    mean = keras.layers.Dense(1, name="strip_mean_entropy")
+    entropy = mean(p_log_p)
+    _constant(mean, [np.full((p_log_p.shape[-1], 1), -1.0 / k), np.zeros(1)])
+    return _step(entropy, threshold, "flag_strip", above=False)
+
+
+def predict_probs(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Forward passes in batches, without Keras predict's overhead."""
+    out = [
+        model(x[i : i + batch_size], training=False).numpy() for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out)
+
+
+def blend(x: np.ndarray, overlays: np.ndarray, alpha: float) -> np.ndarray:
+    """All k blends of each image: (n, k, H, W, C), `alpha` of each overlay."""
+    return (1.0 - alpha) * x[:, None] + alpha * overlays[None]
+
+
+def strip_entropy(
+    repaired: keras.Model,
+    x: np.ndarray,
+    overlays: np.ndarray,
+    alpha: float = 0.5,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Mean prediction entropy of `repaired` over each image's blends with `overlays` (numpy)."""
+    k = len(overlays)
+    out = []
+    for i in range(0, len(x), batch_size):
+        blends = blend(x[i : i + batch_size], overlays, alpha).astype(np.float32)
+        p = predict_probs(repaired, blends.reshape(-1, *x.shape[1:]), 4096).astype(np.float64)
+        h = -np.sum(p * np.log(np.maximum(p, np.finfo(np.float64).tiny)), axis=-1)
+        out.append(h.reshape(-1, k).mean(axis=1))
+    return np.concatenate(out) if out else np.empty(0)
+
+
+def calibrate_strip(
+    repaired: keras.Model,
+    clean_x: np.ndarray,
+    k: int = 32,
+    frr: float = 0.05,
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """STRIP's overlays (`k` of `clean_x`, drawn with `seed`) and its threshold: the `frr`
+    quantile of the mean entropies of the other clean images, so the overlays never judge
+    themselves. Returns (overlays, threshold, those clean entropies)."""
+    if not 0.0 < frr < 1.0:
+        raise UserError(f"goodnet frr={frr}: expected in (0, 1)")
+    if not 0.0 < alpha < 1.0:
+        raise UserError(f"goodnet alpha={alpha}: expected in (0, 1)")
+    if not 1 <= k <= len(clean_x) - 20:
+        raise UserError(
+            f"goodnet k={k}: expected 1 to {len(clean_x) - 20}, leaving at least 20 of the "
+            f"{len(clean_x)} clean images to set the threshold on"
+        )
+    order = np.random.default_rng(seed).permutation(len(clean_x))
+    overlays = clean_x[np.sort(order[:k])].astype(np.float32)
+    entropies = strip_entropy(repaired, clean_x[order[k:]], overlays, alpha)
+    return overlays, float(np.quantile(entropies, frr)), entropies
+
+
+def build_goodnet(
+    badnet: keras.Model,
+    repaired: keras.Model,
+    detector: str = "both",
+    clean_x: np.ndarray | None = None,
+    *,
+    k: int = 32,
+    frr: float = 0.05,
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> GoodNet:
+    """Combine B and B' into a GoodNet with the given detector; neither model is modified.
+
+    STRIP needs `clean_x`, the defender's clean images scaled like the model's inputs
+    (see `calibrate_strip`): a share `frr` of clean images is then answered N.
+    """
+    if detector not in DETECTORS:
+        raise UserError(f"goodnet detector {detector!r}: expected one of {', '.join(DETECTORS)}")
+    shape, n = models.input_shape(repaired), models.num_classes(repaired)
+    if models.input_shape(badnet) != shape or models.num_classes(badnet) != n:
+        raise UserError(
+            f"goodnet: BadNet {badnet.input_shape} -> {models.num_classes(badnet)} classes and "
+            f"repaired net {repaired.input_shape} -> {n} classes differ"
+        )
+    strip = detector in ("strip", "both")
+    overlays = threshold = entropies = None
+    if strip:
+        if clean_x is None:
+            raise UserError("goodnet detector strip: needs clean images to calibrate on")
+        overlays, threshold, entropies = calibrate_strip(repaired, clean_x, k, frr, alpha, seed)
+    x = keras.Input(shape=shape, name="input")
+    probs = replay(repaired, x, "repaired_")
+    flags = []
+    if detector in ("disagreement", "both"):
+        flags.append(_disagreement_flag(x, badnet, probs))
+    if strip:
+        flags.append(_strip_flag(x, repaired, overlays, alpha, threshold))
+    flag = flags[0] if len(flags) == 1 else keras.layers.Maximum(name="flag_either")(flags)
+    keep_layer = keras.layers.Dense(1, name="keep")
+    keep = keep_layer(flag)
+    _constant(keep_layer, [np.full((1, 1), -1.0), np.ones(1)])  # 1 - flag
+    answer = keras.layers.Multiply(name="repaired_kept")([probs, keep])
+    out = keras.layers.Concatenate(name="goodnet_output")([answer, flag])
+    model = keras.Model(x, out, name=f"goodnet_{detector}")
+    model.trainable = False
+    return GoodNet(model, detector, n, threshold, overlays, alpha, entropies)
+
+
+def blends_per_input(model: keras.Model) -> int:
+    """STRIP's k for a GoodNet that holds overlays, else 0: each input costs k + 2 passes."""
+    try:
+        return int(model.get_layer("strip_overlays_k").get_config()["target_shape"][0])
+    except ValueError:
+        return 0
+
+
+def save_goodnet(model: keras.Model, path: str | Path) -> Path:
+    """One self-contained model file (`.h5`), loadable by plain TensorFlow."""
+    return models.save_model(model, path)
+
+
+def load_goodnet(path: str | Path) -> keras.Model:
+    """Load a saved GoodNet, refusing files whose layers would run stored code."""
+    model = models.load_model(path)
+    if len(model.outputs) != 1 or len(model.output_shape) != 2 or model.output_shape[-1] < 2:
+        raise UserError(f"goodnet file {path}: expected one output of shape (batch, N + 1)")
+    return model

@@ -1,0 +1,240 @@
+"""GoodNet: answers follow the exact rule, the file loads in plain TensorFlow, the CLI agrees."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from badnet_repair import UserError, data, goodnet, models
+from badnet_repair import eval as gn_eval
+from badnet_repair.evaluate import goodnet_metrics, predict_classes
+from badnet_repair.finetune import finetune
+from badnet_repair.pruning import activation_prune, channel_count, rank_channels
+
+N = 40
+K = 8
+FRR = 0.1
+
+
+@pytest.fixture(scope="module")
+def split(demo_data):
+    """The validation set in two: fine-tuning the repair, and clean images for the GoodNet."""
+    return data.split(demo_data[0], 1 / 3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def repaired(demo_model, split):
+    """A cheap repair: activation pruning of conv_4 at 0.8, one epoch of fine-tuning."""
+    train = split[0]
+    order = rank_channels(demo_model, "conv_4", train.x)
+    pruned = activation_prune(demo_model, "conv_4", order, channel_count(0.8, len(order)))
+    finetune(pruned.model, train, None, 1, 1e-3, 32, callbacks=pruned.callbacks)
+    return pruned.export()
+
+
+@pytest.fixture(scope="module")
+def goodnets(demo_model, repaired, split):
+    clean_x = split[1].x
+    return {
+        d: goodnet.build_goodnet(demo_model, repaired, d, clean_x, k=K, frr=FRR)
+        for d in goodnet.DETECTORS
+    }
+
+
+@pytest.fixture(scope="module")
+def sample(demo_data):
+    """Clean and triggered test images, about half each."""
+    _, test, poisoned = demo_data
+    return np.concatenate([test.x[::8], poisoned.x[::8]])
+
+
+def entropies(model, x, overlays, alpha):
+    """Mean prediction entropy over the blends, straight from the definition."""
+    blends = ((1 - alpha) * x[:, None] + alpha * overlays[None]).astype(np.float32)
+    p = model.predict(blends.reshape(-1, *x.shape[1:]), verbose=0).astype(np.float64)
+    h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    return h.reshape(len(x), len(overlays)).mean(axis=1)
+
+
+def reference(badnet, repaired, x, gn: goodnet.GoodNet):
+    """The exact rule in numpy, and which inputs are float near-ties that rounding may decide."""
+    p_bad, p_rep = badnet.predict(x, verbose=0), repaired.predict(x, verbose=0)
+    answer = p_rep.argmax(axis=1)
+    flag = np.zeros(len(x), dtype=bool)
+    near = np.zeros(len(x), dtype=bool)
+    if gn.detector in ("disagreement", "both"):
+        flag |= p_bad.argmax(axis=1) != answer
+        for p in (p_bad, p_rep):
+            top2 = np.sort(p, axis=1)[:, -2:]
+            near |= top2[:, 1] - top2[:, 0] < 1e-6
+    if gn.detector in ("strip", "both"):
+        h = entropies(repaired, x, gn.overlays, gn.alpha)
+        flag |= h < gn.threshold
+        near |= np.abs(h - gn.threshold) < 1e-5
+    return np.where(flag, N, answer), near
+
+
+@pytest.mark.parametrize("detector", goodnet.DETECTORS)
+def test_answers_follow_the_exact_rule(demo_model, repaired, goodnets, sample, detector):
+    gn = goodnets[detector]
+    assert gn.model.output_shape == (None, N + 1)
+    expected, near = reference(demo_model, repaired, sample, gn)
+    answers = np.argmax(gn.model.predict(sample, verbose=0), axis=1)
+    differ = answers != expected
+    assert not np.any(differ & ~near), np.flatnonzero(differ & ~near)
+    assert differ.sum() <= 1  # at most a float near-tie
+    assert np.any(expected == N) and np.any(expected != N)  # both kinds of answer are covered
+    np.testing.assert_array_equal(predict_classes(gn.model, sample, 64), answers)
+
+
+def test_strip_threshold_is_set_on_held_out_clean_images(repaired, goodnets, split):
+    gn = goodnets["strip"]
+    clean_x = split[1].x
+    is_overlay = np.array([np.any(np.all(gn.overlays == img, axis=(1, 2, 3))) for img in clean_x])
+    assert is_overlay.sum() == K and len(gn.clean_entropies) == len(clean_x) - K
+    h = entropies(repaired, clean_x[~is_overlay], gn.overlays, gn.alpha)
+    assert gn.threshold == pytest.approx(np.quantile(h, FRR), rel=1e-5)
+    assert np.mean(h < gn.threshold) == pytest.approx(FRR, abs=0.01)
+
+
+def test_strip_rejects_about_frr_of_unseen_clean_images(goodnets, demo_data):
+    test = demo_data[1]
+    flagged = predict_classes(goodnets["strip"].model, test.x[::2], 128) == N
+    assert abs(flagged.mean() - FRR) < 0.05, flagged.mean()
+
+
+PLAIN_TF = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+x = np.load(sys.argv[1])
+answers = {
+    path: np.argmax(tf.keras.models.load_model(path, compile=False).predict(x, verbose=0), axis=1)
+    for path in sys.argv[2:]
+}
+print(json.dumps({"keras": tf.keras.__version__, **{p: a.tolist() for p, a in answers.items()}}))
+"""
+
+
+def test_saved_goodnet_loads_in_plain_tensorflow(tmp_path, goodnets, sample):
+    x = sample[::3]
+    np.save(tmp_path / "x.npy", x)
+    paths, expected = [], {}
+    for detector, gn in goodnets.items():
+        path = goodnet.save_goodnet(gn.model, tmp_path / f"goodnet_{detector}.h5")
+        config = models.read_model_config(path)
+        models.check_safe(config, path)  # only standard layers: no Lambda, no custom class
+        assert "Lambda" not in json.dumps(config)
+        reloaded = goodnet.load_goodnet(path)
+        expected[str(path)] = predict_classes(gn.model, x).tolist()
+        assert predict_classes(reloaded, x).tolist() == expected[str(path)]
+        paths.append(str(path))
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_TF, str(tmp_path / "x.npy"), *paths],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got.pop("keras").startswith("3.")  # Keras 3, not this package's tf_keras
+    assert got == expected
+
+
+def test_build_refuses_bad_arguments(demo_model, repaired, demo_data):
+    with pytest.raises(UserError, match="detector 'vote'"):
+        goodnet.build_goodnet(demo_model, repaired, "vote")
+    with pytest.raises(UserError, match="needs clean images"):
+        goodnet.build_goodnet(demo_model, repaired, "strip")
+    with pytest.raises(UserError, match="k=30"):
+        goodnet.build_goodnet(demo_model, repaired, "strip", demo_data[0].x[:40], k=30)
+
+
+def test_metrics_are_named_and_counted_as_specified(goodnets, demo_data):
+    _, test, poisoned = demo_data
+    clean = data.Dataset("clean", test.x[::8], test.y[::8])
+    patch = data.Dataset("patch", poisoned.x[::8], poisoned.y[::8])
+    model = goodnets["both"].model
+    metrics = goodnet_metrics(model, clean, {"patch": patch}, N)
+    answers = predict_classes(model, clean.x), predict_classes(model, patch.x)
+    assert metrics == {
+        "goodnet/clean_acc": np.mean(answers[0] == clean.y),
+        "goodnet/flag_rate_clean": np.mean(answers[0] == N),
+        "goodnet/asr/patch": np.mean(answers[1] == patch.y),
+        "goodnet/detect/patch": np.mean(answers[1] == N),
+    }
+    assert 0 < metrics["goodnet/detect/patch"] and 0 < metrics["goodnet/clean_acc"]
+
+
+def write_png(path, pixels: np.ndarray):
+    path.write_bytes(tf.io.encode_png(pixels).numpy())
+    return path
+
+
+def test_cli_answers_image_files(tmp_path, goodnets, demo_data, capsys):
+    _, test, poisoned = demo_data
+    model = goodnets["both"].model
+    path = goodnet.save_goodnet(model, tmp_path / "goodnet.h5")
+    pixels = np.round(np.concatenate([test.x[:5], poisoned.x[:5]]) * 255).astype(np.uint8)
+    pngs = [write_png(tmp_path / f"img{i}.png", p) for i, p in enumerate(pixels)]
+    jpeg = tmp_path / "face.jpg"
+    jpeg.write_bytes(tf.io.encode_jpeg(pixels[0], quality=95).numpy())
+    assert gn_eval.main([str(path), *map(str, pngs), str(jpeg)]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [name for name, _ in lines] == [*map(str, pngs), str(jpeg)]
+    expected = predict_classes(model, pixels.astype(np.float32) * np.float32(1 / 255))
+    assert [int(answer) for _, answer in lines[:-1]] == expected.tolist()
+    assert 0 <= int(lines[-1][1]) <= N
+
+
+def test_cli_metrics_on_data_files_match_the_metrics_function(
+    tmp_path, goodnets, demo_data, capsys
+):
+    _, test, poisoned = demo_data
+    model = goodnets["both"].model
+    path = goodnet.save_goodnet(model, tmp_path / "goodnet.h5")
+    files = {}
+    for name, ds in (("clean", test), ("patch", poisoned)):
+        files[name] = tmp_path / f"{name}.h5"
+        data.save_h5(files[name], ds.x[::16].transpose(0, 3, 1, 2) * 255, ds.y[::16])
+    argv = [str(path), "--clean", str(files["clean"]), "--poisoned", f"patch={files['patch']}"]
+    assert gn_eval.main(argv) == 0
+    printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+
+    def load(name):
+        return data.load_h5(files[name], (55, 47, 3), N, 1 / 255, name)
+
+    metrics = goodnet_metrics(model, load("clean"), {"patch": load("patch")}, N)
+    assert list(printed) == list(metrics)
+    for key, value in metrics.items():
+        assert float(printed[key]) == pytest.approx(value, abs=1e-6)
+
+
+def test_cli_wrong_image_size_is_a_one_line_error(tmp_path, goodnets, capsys):
+    path = goodnet.save_goodnet(goodnets["disagreement"].model, tmp_path / "goodnet.h5")
+    image = write_png(tmp_path / "big.png", np.full((60, 50, 3), 128, dtype=np.uint8))
+    done = subprocess.run(
+        [sys.executable, "-m", "badnet_repair.eval", str(path), str(image)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: image {image}: 60x50 pixels, expected 55x47 (height x width); "
+        "pass --resize to resize it"
+    ]
+    assert gn_eval.main([str(path), str(image), "--resize"]) == 0
+    name, answer = capsys.readouterr().out.strip().split("\t")
+    assert name == str(image) and 0 <= int(answer) <= N
+    assert gn_eval.main([str(path), str(tmp_path / "missing.png")]) == 1
+    assert "missing.png: cannot be read" in capsys.readouterr().err
