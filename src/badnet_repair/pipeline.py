@@ -1,6 +1,6 @@
 """The fine-pruning experiment: load, evaluate, prune, evaluate, fine-tune, evaluate, log.
 
-`run` is the only function that reads the config; every stage it calls takes plain
+This module is the only one that reads the config; every stage it calls takes plain
 arguments, so each can be used and tested on its own.
 """
 
