@@ -1,3 +1,6 @@
+import json
+import zipfile
+
 import h5py
 import numpy as np
 import pytest
@@ -85,3 +88,78 @@ def test_save_model_is_atomic_and_reloads(demo_model, tmp_path):
     again = models.load_model(path)
     for a, b in zip(again.get_weights(), demo_model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def lambda_model_file(tmp_path, marker):
+    """A real .h5 model whose Lambda layer writes `marker` when tf_keras rebuilds it."""
+    payload = eval(
+        f"lambda x: (__import__('pathlib').Path({str(marker)!r}).write_text('ran'), x)[1]"
+    )
+    inp = keras.Input((4,))
+    out = keras.layers.Dense(2)(keras.layers.Lambda(payload, name="innocent")(inp))
+    path = tmp_path / "evil.h5"
+    keras.Model(inp, out).save(str(path))
+    marker.unlink()
+    return path
+
+
+def set_config(path, config):
+    with h5py.File(path, "r+") as f:
+        f.attrs["model_config"] = json.dumps(config)
+
+
+def test_lambda_in_an_old_style_sequential_list_is_refused(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    path = lambda_model_file(tmp_path, marker)
+    with h5py.File(path, "r") as f:
+        functional = json.loads(f.attrs["model_config"])
+    lambda_layer = next(x for x in functional["config"]["layers"] if x["class_name"] == "Lambda")
+    lambda_layer["config"]["batch_input_shape"] = [None, 4]
+    set_config(path, {"class_name": "Sequential", "config": [lambda_layer]})
+    with pytest.raises(UserError, match="layer 'innocent' is a Lambda"):
+        models.load_model(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("key", ["layer", "backward_layer", "cell"])
+def test_lambda_nested_anywhere_in_the_config_is_refused(tmp_path, key):
+    marker = tmp_path / "pwned.txt"
+    path = lambda_model_file(tmp_path, marker)
+    with h5py.File(path, "r") as f:
+        config = json.loads(f.attrs["model_config"])
+    layers = config["config"]["layers"]
+    hidden = next(x for x in layers if x["class_name"] == "Lambda")
+    wrapper = {"class_name": "Bidirectional", "config": {"name": "wrap", key: hidden}}
+    config["config"]["layers"] = [wrapper if x is hidden else x for x in layers]
+    set_config(path, config)
+    with pytest.raises(UserError, match="layer 'innocent' is a Lambda"):
+        models.load_model(path)
+    assert not marker.exists()
+
+
+def test_hdf5_file_with_a_harmless_zip_appended_is_checked_as_hdf5(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    path = lambda_model_file(tmp_path, marker)
+    decoy = tmp_path / "decoy.keras"
+    models.save_model(models.build_deepid(num_classes=3), decoy)
+    with open(path, "ab") as f:
+        f.write(decoy.read_bytes())
+    assert zipfile.is_zipfile(path) and h5py.is_hdf5(path)
+    with pytest.raises(UserError, match="layer 'innocent' is a Lambda"):
+        models.load_model(path)
+    assert not marker.exists()
+
+
+def test_keras_archive_naming_a_foreign_module_is_refused(tmp_path):
+    path = tmp_path / "net.keras"
+    models.save_model(models.build_deepid(num_classes=3), path)
+    with zipfile.ZipFile(path) as z:
+        parts = {name: z.read(name) for name in z.namelist()}
+    config = json.loads(parts["config.json"])
+    config["config"]["layers"][1]["module"] = "antigravity"
+    parts["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in parts.items():
+            z.writestr(name, content)
+    with pytest.raises(UserError, match="names module 'antigravity'.*model.allow_unsafe"):
+        models.load_model(path)

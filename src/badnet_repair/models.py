@@ -9,6 +9,7 @@ import json
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import h5py
 import tf_keras as keras
@@ -16,7 +17,10 @@ import tf_keras as keras
 from badnet_repair import UserError
 from badnet_repair.files import atomic
 
-UNSAFE_LAYERS = {"Lambda", "TFOpLambda", "SlicingOpLambda"}
+# Classes whose deserialization runs Python bytecode stored in the file.
+UNSAFE_CLASSES = {"Lambda", "TFOpLambda", "SlicingOpLambda", "__lambda__"}
+# Serialized objects may name a module that tf_keras imports; only Keras's own are allowed.
+SAFE_MODULES = ("keras", "tf_keras", "builtins")
 
 
 def build_deepid(input_shape: tuple[int, int, int] = (55, 47, 3), num_classes: int = 1283):
@@ -40,38 +44,54 @@ def build_deepid(input_shape: tuple[int, int, int] = (55, 47, 3), num_classes: i
 ARCHITECTURES = {"deepid": build_deepid}
 
 
-def _layers(node: dict) -> list[tuple[str, str]]:
-    """(class_name, name) of every layer in a model config, nested models and wrappers included."""
-    found = []
-    cfg = node.get("config") if isinstance(node.get("config"), dict) else {}
-    for layer in cfg.get("layers", []) if isinstance(cfg.get("layers"), list) else []:
-        if not isinstance(layer, dict):
-            raise ValueError("malformed layer entry")
-        inner = layer.get("config") if isinstance(layer.get("config"), dict) else {}
-        found.append((str(layer.get("class_name")), str(inner.get("name", "?"))))
-        found.extend(_layers(layer))
-        if isinstance(inner.get("layer"), dict):  # wrappers such as TimeDistributed
-            wrapped = inner["layer"]
-            wrapped_cfg = wrapped.get("config") if isinstance(wrapped.get("config"), dict) else {}
-            found.append((str(wrapped.get("class_name")), str(wrapped_cfg.get("name", "?"))))
-            found.extend(_layers(wrapped))
+def _objects(config: Any) -> list[tuple[str, str, Any]]:
+    """(class_name, name, module) of every serialized object anywhere in a model config.
+
+    The whole tree is walked, not only `layers`: tf_keras also deserializes objects held
+    under `layer`, `cell`, `backward_layer`, old-style Sequential lists and so on.
+    """
+    found, stack = [], [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "class_name" in node:
+                inner = node.get("config")
+                name = inner.get("name", "?") if isinstance(inner, dict) else "?"
+                found.append((str(node["class_name"]), str(name), node.get("module")))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return found
 
 
-def _known_layer_classes() -> set[str]:
-    """Layer classes tf_keras itself defines, plus its model classes."""
-    layers = {
-        name
-        for name, obj in vars(keras.layers).items()
-        if isinstance(obj, type) and issubclass(obj, keras.layers.Layer)
+def _known_classes() -> set[str]:
+    """Classes tf_keras itself defines that a model config may name, and its model classes."""
+    namespaces = (
+        keras.layers,
+        keras.initializers,
+        keras.regularizers,
+        keras.constraints,
+        keras.mixed_precision,
+    )
+    known = {
+        name for space in namespaces for name, obj in vars(space).items() if isinstance(obj, type)
     }
-    return (layers | {"Functional", "Sequential", "Model"}) - UNSAFE_LAYERS
+    return (known | {"Functional", "Sequential", "Model", "function"}) - UNSAFE_CLASSES
+
+
+def _is_keras_archive(path: Path) -> bool:
+    """tf_keras's own rule: the zip reader only for a `.keras` name; anything else is HDF5."""
+    return path.suffix == ".keras" and zipfile.is_zipfile(path)
 
 
 def read_model_config(path: Path) -> dict | None:
-    """The architecture stored in a model file, without loading it; None for weights only."""
+    """The architecture stored in a model file, without loading it; None for weights only.
+
+    The format is chosen exactly as tf_keras will choose it, so the config checked here
+    is the one tf_keras would load (a file can be both a zip and an HDF5 file).
+    """
     try:
-        if zipfile.is_zipfile(path):
+        if _is_keras_archive(path):
             with zipfile.ZipFile(path) as z:
                 config = json.loads(z.read("config.json"))
         else:
@@ -80,7 +100,7 @@ def read_model_config(path: Path) -> dict | None:
                 if raw is None:
                     return None
                 config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RecursionError) as e:
         raise UserError(f"model file {path}: not a Keras .h5 or .keras model file ({e})") from None
     if not isinstance(config, dict):
         raise UserError(f"model file {path}: malformed model config")
@@ -88,23 +108,28 @@ def read_model_config(path: Path) -> dict | None:
 
 
 def check_safe(config: dict, path: Path) -> None:
-    """Refuse layers that execute embedded code (Lambda) or unknown (custom) code when loaded."""
+    """Refuse objects that execute embedded code (Lambda) or unknown (custom) code when
+    loaded, and modules other than Keras's own, anywhere in the config."""
     opt_in = "refused (set model.allow_unsafe=true only if you trust the file)"
-    try:
-        layers = [(str(config.get("class_name")), "model"), *_layers(config)]
-    except (AttributeError, ValueError):
-        raise UserError(f"model file {path}: malformed model config") from None
-    known = _known_layer_classes()
-    for class_name, layer in layers:
-        if class_name in UNSAFE_LAYERS:
+    known = _known_classes()
+    loaded = {k: v for k, v in config.items() if k != "compile_config"}  # compile=False drops it
+    for class_name, name, module in _objects(loaded):
+        if class_name in UNSAFE_CLASSES:
             raise UserError(
-                f"model file {path}: layer '{layer}' is a {class_name}, which runs code stored "
+                f"model file {path}: layer '{name}' is a {class_name}, which runs code stored "
                 f"in the file; {opt_in}"
             )
         if class_name not in known:
             raise UserError(
-                f"model file {path}: layer '{layer}' is of unknown class {class_name!r} "
+                f"model file {path}: layer '{name}' is of unknown class {class_name!r} "
                 f"(custom code); {opt_in}"
+            )
+        if module is not None and (
+            not isinstance(module, str) or module.split(".")[0] not in SAFE_MODULES
+        ):
+            raise UserError(
+                f"model file {path}: object '{name}' ({class_name}) names module {module!r}, "
+                f"which loading would import; {opt_in}"
             )
 
 
