@@ -1,5 +1,6 @@
 """Shared fixtures: the demo BadNet is built once per test session (about a minute)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,11 @@ config.register()
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
-    return demo.ensure(tmp_path_factory.mktemp("data") / "demo", seed=0)
+    """A fresh build per session; BADNET_REPAIR_TEST_DATA=DIR keeps one in DIR/demo across
+    sessions while developing (the build is seeded, so it is the same demo)."""
+    parent = os.environ.get("BADNET_REPAIR_TEST_DATA")
+    folder = Path(parent) if parent else tmp_path_factory.mktemp("data")
+    return demo.ensure(folder / "demo", seed=0)
 
 
 @pytest.fixture(scope="session")

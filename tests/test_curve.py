@@ -40,7 +40,7 @@ def test_curve_equals_real_pruning(demo_model, demo_data, ranked, k):
 def test_tail_rerun_path_agrees_with_linear_path(demo_model, demo_data, ranked):
     validation = demo_data[0]
     order, curves = ranked
-    generic = curve._Tail(demo_model, "conv_3")
+    generic = curve._Tail.build(demo_model, "conv_3")
     counts = generic.counts(
         validation.x, tf.constant(validation.y, tf.int32), tf.constant(order, tf.int32)
     ).numpy()
@@ -72,3 +72,20 @@ def test_content_hash_follows_the_bytes_not_the_path(tmp_path):
     before = files.content_hash(a)
     a.write_bytes(b"changed!")
     assert files.content_hash(a) != before
+
+
+@pytest.mark.parametrize(("layer", "k_values"), [("conv_4", (0, 40, 80)), ("fc_1", (0, 100, 160))])
+def test_curve_where_the_rest_of_the_net_reads_the_other_branch(
+    demo_model, demo_data, layer, k_values
+):
+    """DeepID's conv_4 and fc_1 meet the other branch in add_1: the whole net is rerun."""
+    validation = demo_data[0]
+    sample = type(validation)("v", validation.x[:200], validation.y[:200])
+    assert curve._LinearTail.build(demo_model, layer) is None
+    assert curve._Tail.build(demo_model, layer) is None
+    order = pruning.rank_channels(demo_model, layer, sample.x)
+    got = curve.pruning_curve(demo_model, layer, order, {"v": sample})["v"]
+    assert len(got) == len(order) + 1
+    for k in k_values:
+        pruned = pruning.activation_prune(demo_model, layer, order, k).model
+        assert got[k] == accuracy(pruned, sample)

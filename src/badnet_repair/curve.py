@@ -6,7 +6,9 @@ output is computed once per batch. When the layers right after it are linear in 
 channel (pooling, then Dense or Conv2D before their activations, as in DeepID), removing
 channel c subtracts c's own contribution from their pre-activations: the pre-activations
 for k + 1 follow from those for k, and only the network after that first nonlinearity is
-rerun per k. Other architectures fall back to rerunning the whole tail per k.
+rerun per k. Other architectures fall back to rerunning the tail after the layer per k,
+or, where the tail also reads something computed before the layer (DeepID's conv_4 and
+fc_1 feed an Add with the other branch), the whole network per k.
 """
 
 import logging
@@ -21,6 +23,7 @@ from badnet_repair.data import Dataset
 log = logging.getLogger(__name__)
 
 POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+LAST = "channels_last"
 
 
 def _graph(model: keras.Model) -> tuple[list[str], dict[str, list[str]]]:
@@ -37,19 +40,33 @@ def _consumers(inbound: dict[str, list[str]], name: str) -> list[str]:
     return [layer for layer, sources in inbound.items() if name in sources]
 
 
+def _shared_layers(model: keras.Model) -> bool:
+    """Whether a layer is called more than once (its inputs would be merged in `_graph`)."""
+    return any(len(spec["inbound_nodes"]) > 1 for spec in model.get_config()["layers"])
+
+
 def _zero_fill(layer) -> bool:
     """Whether a removed channel (zero kernel and bias) outputs exactly zero."""
     return float(tf.reduce_max(tf.abs(layer.activation(tf.zeros(1))))) == 0.0
 
 
 class _Tail:
-    """Accuracy for every k by rerunning the network after the pruned layer (any model)."""
+    """Accuracy for every k by rerunning the network after the pruned layer."""
 
-    def __init__(self, model: keras.Model, layer: str):
+    def __init__(self, model: keras.Model, layer: str, tail: keras.Model):
         target = model.get_layer(layer)
         self.head = keras.Model(model.inputs, target.output)
-        self.tail = keras.Model(target.output, model.output)
+        self.tail = tail
         self.fill = float(target.activation(tf.zeros(1))[0])
+
+    @staticmethod
+    def build(model: keras.Model, layer: str) -> "_Tail | None":
+        """None where the rest of the network also reads tensors from before `layer`."""
+        try:
+            tail = keras.Model(model.get_layer(layer).output, model.output)
+        except ValueError:
+            return None
+        return _Tail(model, layer, tail)
 
     @tf.function(reduce_retracing=True)
     def counts(self, x, y, order):
@@ -60,6 +77,31 @@ class _Tail:
         for k in tf.range(channels + 1):
             masked = out * keep + self.fill * (1.0 - keep)
             pred = tf.argmax(self.tail(masked, training=False), axis=-1, output_type=tf.int32)
+            result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
+            if k < channels:
+                keep = tf.tensor_scatter_nd_update(keep, [[order[k]]], [0.0])
+        return result.stack()
+
+
+class _Whole:
+    """Accuracy for every k by zeroing channels in a copy of the whole network (any model)."""
+
+    def __init__(self, model: keras.Model, layer: str):
+        self.model = keras.models.clone_model(model)
+        self.model.set_weights(model.get_weights())
+        target = self.model.get_layer(layer)
+        self.variables = [target.kernel, *([target.bias] if target.use_bias else [])]
+        self.originals = [tf.constant(v.numpy()) for v in self.variables]
+
+    @tf.function(reduce_retracing=True)
+    def counts(self, x, y, order):
+        channels = tf.shape(order)[0]
+        keep = tf.ones([channels], tf.float32)
+        result = tf.TensorArray(tf.int32, size=channels + 1)
+        for k in tf.range(channels + 1):
+            for variable, original in zip(self.variables, self.originals, strict=True):
+                variable.assign(original * keep)
+            pred = tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int32)
             result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
             if k < channels:
                 keep = tf.tensor_scatter_nd_update(keep, [[order[k]]], [0.0])
@@ -96,17 +138,20 @@ class _LinearTail:
     def build(model: keras.Model, layer: str) -> "_LinearTail | None":
         """The fast path, or None where the model's structure does not allow it."""
         order, inbound = _graph(model)
-        if not _zero_fill(model.get_layer(layer)):
+        if not _zero_fill(model.get_layer(layer)) or _shared_layers(model):
             return None
         pooled = layer
-        while len(nxt := _consumers(inbound, pooled)) == 1 and isinstance(
-            model.get_layer(nxt[0]), POOLING
+        while (
+            len(nxt := _consumers(inbound, pooled)) == 1
+            and isinstance(model.get_layer(nxt[0]), POOLING)
+            and model.get_layer(nxt[0]).data_format == LAST
         ):
             pooled = nxt[0]
         linear, firsts = _consumers(inbound, pooled), []
+        image = len(model.get_layer(pooled).output_shape) == 4
         for name in linear:
             obj = model.get_layer(name)
-            if isinstance(obj, keras.layers.Flatten):
+            if isinstance(obj, keras.layers.Flatten) and image and obj.data_format == LAST:
                 after = _consumers(inbound, name)
                 if len(after) != 1 or not isinstance(model.get_layer(after[0]), keras.layers.Dense):
                     return None
@@ -117,9 +162,9 @@ class _LinearTail:
             ):
                 firsts.append(name)
             elif (
-                isinstance(obj, keras.layers.Conv2D)
+                image
                 and type(obj) is keras.layers.Conv2D
-                and obj.data_format == "channels_last"
+                and obj.data_format == LAST
                 and obj.groups == 1
             ):
                 firsts.append(name)
@@ -206,6 +251,9 @@ class _LinearTail:
         return result.stack()
 
 
+PATHS = {_LinearTail: "linear-update", _Tail: "tail-rerun", _Whole: "whole-net rerun"}
+
+
 def pruning_curve(
     model: keras.Model,
     layer: str,
@@ -215,7 +263,7 @@ def pruning_curve(
 ) -> dict[str, np.ndarray]:
     """Accuracy on each data set after removing the first k channels of `order`, k = 0..C."""
     start = time.perf_counter()
-    evaluator = _LinearTail.build(model, layer) or _Tail(model, layer)
+    evaluator = _LinearTail.build(model, layer) or _Tail.build(model, layer) or _Whole(model, layer)
     order_t = tf.constant(np.asarray(order), tf.int32)
     curves = {}
     for name, ds in datasets.items():
@@ -229,7 +277,7 @@ def pruning_curve(
         layer,
         len(order) + 1,
         sum(len(ds) for ds in datasets.values()),
-        "linear-update" if isinstance(evaluator, _LinearTail) else "tail-rerun",
+        PATHS[type(evaluator)],
         time.perf_counter() - start,
     )
     return curves
