@@ -25,11 +25,24 @@ def main(cfg: DictConfig) -> float:
         metrics = pipeline.run(cfg, run_name=run_name, parent_run_id=parent)
     except UserError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("interrupted: the MLflow run was ended as KILLED", file=sys.stderr)
-        sys.exit(130)
     return metrics["objective"]
 
 
+def cli() -> None:
+    """Ctrl-C and SIGTERM exit 130 at any moment, and a sweep that stops early ends its
+    MLflow parent run (the runs themselves end FAILED or KILLED in `tracking`)."""
+    from badnet_repair import sweep, tracking
+
+    tracking.interrupt_on_sigterm()
+    try:
+        main()
+    except BaseException as e:
+        sweep.end_open_parent(e)
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted: MLflow runs in progress were ended as KILLED", file=sys.stderr)
+            sys.exit(130)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -4,7 +4,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from badnet_repair import UserError, config
+from badnet_repair import UserError, config, sweep
 
 from conftest import ROOT, compose_config
 
@@ -59,3 +59,18 @@ def test_out_of_range_values_name_their_key(tmp_path, demo_dir, override, key):
 def test_wrong_types_fail_at_composition(tmp_path, demo_dir, override):
     with pytest.raises((ConfigCompositionException, ValidationError)):
         compose_config(tmp_path, demo_dir, override)
+
+
+def test_point_fingerprint_ignores_where_outputs_go_and_the_resume_flag(tmp_path, demo_dir):
+    base = sweep.config_hash(compose_config(tmp_path, demo_dir, "prune.sparsity=0.3"))
+    assert base == sweep.config_hash(
+        compose_config(
+            tmp_path, demo_dir, "prune.sparsity=0.3", "sweep.resume=false", "paths.output_dir=/x"
+        )
+    )
+    assert base != sweep.config_hash(compose_config(tmp_path, demo_dir, "prune.sparsity=0.4"))
+    rows = [
+        {"prune.sparsity": "0.3", "sweep.resume": "True", "paths.output_dir": "/a"},
+        {"prune.sparsity": "0.4", "sweep.resume": "False", "paths.output_dir": "/b"},
+    ]
+    assert sweep.swept_keys(rows, set(rows[0])) == ["prune.sparsity"]

@@ -66,14 +66,18 @@ def swept(tmp_path_factory, demo_dir):
         if "#1 :" in line:  # the first point is done, the second starting
             break
     proc.send_signal(signal.SIGTERM)
+    first.extend(proc.stdout)
     proc.wait(timeout=60)
+    (parent,), children = parents_and_children(root)
+    statuses = sorted(c.info.status for c in children[parent.info.run_id])
+    interrupted = {"code": proc.returncode, "parent": parent.info.status, "children": statuses}
     second = multirun(root, demo_dir, "prune.sparsity=0.3,0.6,0.9")
     third = multirun(root, demo_dir, "prune.sparsity=0.3,0.6,0.9")
-    return root, "".join(first), second, third
+    return root, "".join(first), second, third, interrupted
 
 
 def test_sweep_has_one_parent_with_a_child_per_point(swept):
-    root, _, second, _ = swept
+    root, _, second, *_ = swept
     parents, children = parents_and_children(root)
     assert len(parents) == 1
     parent = parents[0]
@@ -89,8 +93,11 @@ def test_sweep_has_one_parent_with_a_child_per_point(swept):
 
 
 def test_interrupted_sweep_reruns_only_missing_points_then_skips_all(swept):
-    root, first, second, third = swept
+    root, first, second, third, interrupted = swept
     assert "#0 :" in first
+    assert interrupted["code"] == 130, first[-2000:]
+    assert interrupted["parent"] == "KILLED"  # not left RUNNING
+    assert "RUNNING" not in interrupted["children"]
     assert second.count("already FINISHED") == 1  # the point done before the interrupt
     assert second.count("reusing the loaded BadNet") == 1  # loaded once for two points
     assert third.count("already FINISHED") == 3
@@ -224,3 +231,15 @@ def test_resume_false_reruns_points(tmp_path, demo_dir):
     (parent,), children = parents_and_children(tmp_path)
     assert len(children[parent.info.run_id]) == 2
     assert sweep.read_parent(tmp_path / "absent") is None
+
+
+def test_sweep_stopped_by_bad_input_ends_its_parent_failed(tmp_path, demo_dir):
+    done = subprocess.run(
+        command(tmp_path, demo_dir, "prune.sparsity=1.5"), capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: config key prune.sparsity=1.5: expected in [0, 1)"
+    )
+    (parent,), _ = parents_and_children(tmp_path)
+    assert parent.info.status == "FAILED"

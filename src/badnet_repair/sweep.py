@@ -25,10 +25,16 @@ PARENT_FILE = "mlflow_parent_run.json"
 STAGES = ("pruned", "repaired")
 
 
+# Keys that say where outputs go or whether to rerun, not what a point computes.
+NOT_THE_POINT = ("paths.output_dir", "sweep.resume")
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Fingerprint of a job's resolved config, minus where its outputs go."""
+    """Fingerprint of what a job computes: its resolved config minus `NOT_THE_POINT`."""
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    resolved.get("paths", {}).pop("output_dir", None)
+    for key in NOT_THE_POINT:
+        group, name = key.split(".")
+        resolved.get(group, {}).pop(name, None)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -49,6 +55,23 @@ def finished_children(experiment_id: str, parent_run_id: str, fingerprint: str |
         order_by=["attributes.start_time ASC"],
         output_format="list",
     )
+
+
+_open: dict[str, str] = {}  # the parent run of the multirun this process is carrying out
+
+
+def end_open_parent(error: BaseException) -> None:
+    """A multirun that stops early (bad input, Ctrl-C, SIGTERM, a failed point) never reaches
+    `on_multirun_end`: end its parent run KILLED or FAILED, so it is not left RUNNING.
+    Rerunning the sweep reopens it."""
+    if not _open or (isinstance(error, SystemExit) and error.code in (0, None)):
+        return
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    try:
+        mlflow.MlflowClient(_open["uri"]).set_terminated(_open["run_id"], status)
+    except Exception as e:  # noqa: BLE001 - the store may be what failed
+        log.warning("sweep parent run %s not marked %s: %s", _open["run_id"], status, e)
+    _open.clear()
 
 
 class MlflowSweep(Callback):
@@ -75,6 +98,7 @@ class MlflowSweep(Callback):
             log.info("sweep %s: parent run %s '%s'", sweep_id, run_id, name)
         record = {"run_id": run_id, "experiment_id": experiment_id, "sweep_id": sweep_id}
         files.write_text(Path(config.hydra.sweep.dir) / PARENT_FILE, json.dumps(record))
+        _open.update(uri=config.tracking.uri, run_id=run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         record = json.loads((Path(config.hydra.sweep.dir) / PARENT_FILE).read_text())
@@ -83,6 +107,7 @@ class MlflowSweep(Callback):
         print(f"\nSweep {record['sweep_id']} (MLflow parent run {record['run_id']}):\n")
         print(table or "no finished points")
         mlflow.MlflowClient().set_terminated(record["run_id"], "FINISHED")
+        _open.clear()
 
 
 def _rows(experiment_id: str, parent_run_id: str) -> tuple[list[dict], set[str]]:
@@ -101,7 +126,7 @@ def _rows(experiment_id: str, parent_run_id: str) -> tuple[list[dict], set[str]]
 def swept_keys(rows: list[dict], params: set[str]) -> list[str]:
     """Params that differ between points (what the sweep varied), most values first."""
     varying = [
-        k for k in params if k != "paths.output_dir" and len({row.get(k) for row in rows}) > 1
+        k for k in params if k not in NOT_THE_POINT and len({row.get(k) for row in rows}) > 1
     ]
     return sorted(varying, key=lambda k: (-len({row.get(k) for row in rows}), k))
 

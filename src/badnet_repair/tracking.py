@@ -58,11 +58,18 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def interrupt_on_sigterm():
+    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does, so runs end KILLED and files are
+    cleaned up; returns the previous handler (None off the main thread, where it cannot)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
 @contextmanager
 def tracked_run(experiment_id: str, run_name: str, tags: dict | None = None) -> Iterator[str]:
     """An MLflow run that ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
+    previous = interrupt_on_sigterm()
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {})
     try:
         yield run.info.run_id
@@ -73,7 +80,7 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict | None = None) -> 
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     finally:
-        if in_main:
+        if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
