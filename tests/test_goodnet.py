@@ -238,3 +238,47 @@ def test_cli_wrong_image_size_is_a_one_line_error(tmp_path, goodnets, capsys):
     assert name == str(image) and 0 <= int(answer) <= N
     assert gn_eval.main([str(path), str(tmp_path / "missing.png")]) == 1
     assert "missing.png: cannot be read" in capsys.readouterr().err
+
+
+def test_a_badnet_that_outputs_raw_scores_gets_a_softmax(tmp_path):
+    """Scores below zero must not win against the 'poisoned' column."""
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 5, 3))
+    hidden = keras.layers.Dense(8, activation="relu", name="hidden")(keras.layers.Flatten()(inp))
+    scores = keras.layers.Dense(4, name="scores")(hidden)
+    badnet = keras.Model(inp, scores)
+    kernel, bias = badnet.get_layer("scores").get_weights()
+    every_score_negative = bias - 100.0 - 0.001 * np.arange(4)  # and no exact ties
+    badnet.get_layer("scores").set_weights([kernel, every_score_negative])
+    repaired = keras.models.clone_model(badnet)
+    repaired.set_weights(badnet.get_weights())
+    weights = repaired.get_layer("hidden").get_weights()
+    weights[0][:, :3] = 0.0
+    repaired.get_layer("hidden").set_weights(weights)
+    x = np.random.default_rng(0).uniform(0, 1, (200, 6, 5, 3)).astype(np.float32)
+    assert goodnet.output_kind(badnet) == "linear"
+    bad, rep = predict_classes(badnet, x), predict_classes(repaired, x)
+    expected = np.where(bad != rep, 4, rep)
+    assert 0 < np.mean(expected == 4) < 1
+    for detector in ("disagreement", "both"):
+        gn = goodnet.build_goodnet(badnet, repaired, detector, x[:100], k=4, frr=0.1)
+        answers = predict_classes(gn.model, x)
+        if detector == "disagreement":
+            np.testing.assert_array_equal(answers, expected)
+        else:
+            assert np.all(answers[expected == 4] == 4)
+            h = goodnet.strip_entropy(repaired, x[100:], gn.overlays, gn.alpha)
+            np.testing.assert_array_equal(
+                answers[100:] == 4, (expected[100:] == 4) | (h < gn.threshold)
+            )
+
+
+def test_output_layer_that_is_neither_softmax_nor_linear_is_refused():
+    import tf_keras as keras
+
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(2, activation="sigmoid", name="out")(inp))
+    with pytest.raises(UserError, match="output layer out .* activation 'sigmoid'"):
+        goodnet.output_kind(model)

@@ -58,9 +58,40 @@ def _constant(layer: keras.layers.Layer, weights: list[np.ndarray]) -> keras.lay
     return layer
 
 
-def _softmax_output(layer: keras.layers.Layer) -> bool:
+MIN_CALIBRATION = 20  # clean images that STRIP's threshold is set on, at least
+
+
+def output_kind(model: keras.Model) -> str:
+    """'softmax' for a classifier that outputs probabilities, 'linear' for one that outputs
+    raw scores (a softmax is then put over them); anything else cannot be combined."""
+    config = model.get_config()
+    outputs = config.get("output_layers", [])
+    if len(outputs) != 1:
+        raise UserError(f"goodnet: model {model.name} must have one input and one output")
+    layer = model.get_layer(outputs[0][0])
     activation = layer.get_config().get("activation")
-    return activation == "softmax" or isinstance(layer, keras.layers.Softmax)
+    if activation == "softmax" or isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    if activation in (None, "linear"):
+        return "linear"
+    raise UserError(
+        f"goodnet: the output layer {layer.name} of {model.name} has activation "
+        f"{activation!r}; expected softmax probabilities or linear scores"
+    )
+
+
+def check_strip(k: int, clean: int, calibration: int | None) -> None:
+    """STRIP draws `k` overlays from `clean` images and sets its threshold on `calibration`
+    others (None: on the clean images not drawn): check the counts before any work."""
+    pool = clean if calibration is not None else clean - MIN_CALIBRATION
+    if not 1 <= k <= pool:
+        raise UserError(f"goodnet.k={k}: expected 1 to {pool} for {clean} clean images")
+    rest = calibration if calibration is not None else clean - k
+    if rest < MIN_CALIBRATION:
+        raise UserError(
+            f"goodnet: {rest} clean images to set STRIP's threshold on, expected at least "
+            f"{MIN_CALIBRATION} (lower goodnet.k or give more clean data)"
+        )
 
 
 def replay(
@@ -70,7 +101,7 @@ def replay(
     with copied weights: one flat graph of standard layers, no nested model in the file.
 
     `distributed` wraps every single-input layer in TimeDistributed, so `x` may carry an
-    extra axis (the k blends of STRIP). `logits` drops the final softmax, for entropies.
+    extra axis (the k blends of STRIP). `logits` drops a final softmax, for entropies.
     """
     if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
         raise UserError(f"goodnet: model {model.name} is not a functional Keras model")
@@ -79,11 +110,7 @@ def replay(
         raise UserError(f"goodnet: model {model.name} must have one input and one output")
     tensors: dict[tuple[str, int, int], Any] = {tuple(config["input_layers"][0]): x}
     out_key = tuple(config["output_layers"][0])
-    if logits and not _softmax_output(model.get_layer(out_key[0])):
-        raise UserError(
-            f"goodnet: the last layer of {model.name} ({out_key[0]}) has no softmax; "
-            "STRIP needs the logits under it"
-        )
+    drop_softmax = logits and output_kind(model) == "softmax"
     for entry in config["layers"]:  # functional configs list layers in topological order
         layer = model.get_layer(entry["name"])
         if isinstance(layer, keras.layers.InputLayer):
@@ -95,14 +122,14 @@ def replay(
             kwargs = node[0][3] if node and len(node[0]) > 3 else {}
             key = (layer.name, node_index, 0)
             if (
-                logits
+                drop_softmax
                 and key == out_key
                 and isinstance(layer, (keras.layers.Softmax, keras.layers.Activation))
             ):
                 tensors[key] = inputs[0]
                 continue
             layer_config = {**layer.get_config(), "name": prefix + layer.name}
-            if logits and key == out_key:
+            if drop_softmax and key == out_key:
                 layer_config["activation"] = "linear"
             fresh = type(layer).from_config(layer_config)
             call = fresh
@@ -134,9 +161,17 @@ def _step(t, threshold: float, name: str, above: bool = True):
     return keras.layers.Activation("sigmoid", name=name)(sharp)
 
 
+def probabilities(model: keras.Model, x: Any, prefix: str) -> Any:
+    """`model` replayed on `x`, with a softmax over its scores where it has none of its own."""
+    out = replay(model, x, prefix)
+    if output_kind(model) == "linear":
+        out = keras.layers.Softmax(name=f"{prefix}probs")(out)
+    return out
+
+
 def _disagreement_flag(x, badnet: keras.Model, probs_repaired):
     """1 where argmax B differs from argmax B' (hard one-hots, then their dot product)."""
-    probs_bad = replay(badnet, x, "bad_")
+    probs_bad = probabilities(badnet, x, "bad_")
 
     def one_hot(p, name: str):
         scaled = keras.layers.Rescaling(ONE_HOT_SCALE, name=f"{name}_scaled")(p)
@@ -195,11 +230,14 @@ def strip_entropy(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Mean prediction entropy of `repaired` over each image's blends with `overlays` (numpy)."""
-    k = len(overlays)
+    k, scores = len(overlays), output_kind(repaired) == "linear"
     out = []
     for i in range(0, len(x), batch_size):
         blends = blend(x[i : i + batch_size], overlays, alpha).astype(np.float32)
         p = predict_probs(repaired, blends.reshape(-1, *x.shape[1:]), 4096).astype(np.float64)
+        if scores:
+            p = np.exp(p - p.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
         h = -np.sum(p * np.log(np.maximum(p, np.finfo(np.float64).tiny)), axis=-1)
         out.append(h.reshape(-1, k).mean(axis=1))
     return np.concatenate(out) if out else np.empty(0)
@@ -212,22 +250,23 @@ def calibrate_strip(
     frr: float = 0.05,
     alpha: float = 0.5,
     seed: int = 0,
+    calibration_x: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, np.ndarray]:
     """STRIP's overlays (`k` of `clean_x`, drawn with `seed`) and its threshold: the `frr`
-    quantile of the mean entropies of the other clean images, so the overlays never judge
-    themselves. Returns (overlays, threshold, those clean entropies)."""
+    quantile of the mean entropies of other clean images, `calibration_x` when given (say,
+    images held out of fine-tuning, on which the repaired net is no more confident than on
+    unseen ones), else the rest of `clean_x`, so the overlays never judge themselves.
+    Returns (overlays, threshold, those clean entropies)."""
     if not 0.0 < frr < 1.0:
         raise UserError(f"goodnet frr={frr}: expected in (0, 1)")
     if not 0.0 < alpha < 1.0:
         raise UserError(f"goodnet alpha={alpha}: expected in (0, 1)")
-    if not 1 <= k <= len(clean_x) - 20:
-        raise UserError(
-            f"goodnet k={k}: expected 1 to {len(clean_x) - 20}, leaving at least 20 of the "
-            f"{len(clean_x)} clean images to set the threshold on"
-        )
+    check_strip(k, len(clean_x), None if calibration_x is None else len(calibration_x))
     order = np.random.default_rng(seed).permutation(len(clean_x))
+    if calibration_x is None:
+        calibration_x = clean_x[order[k:]]
     overlays = clean_x[np.sort(order[:k])].astype(np.float32)
-    entropies = strip_entropy(repaired, clean_x[order[k:]], overlays, alpha)
+    entropies = strip_entropy(repaired, calibration_x, overlays, alpha)
     return overlays, float(np.quantile(entropies, frr)), entropies
 
 
@@ -241,11 +280,13 @@ def build_goodnet(
     frr: float = 0.05,
     alpha: float = 0.5,
     seed: int = 0,
+    calibration_x: np.ndarray | None = None,
 ) -> GoodNet:
     """Combine B and B' into a GoodNet with the given detector; neither model is modified.
 
-    STRIP needs `clean_x`, the defender's clean images scaled like the model's inputs
-    (see `calibrate_strip`): a share `frr` of clean images is then answered N.
+    STRIP needs `clean_x`, the defender's clean images scaled like the model's inputs,
+    and sets its threshold on `calibration_x` if given (see `calibrate_strip`): a share
+    `frr` of clean images is then answered N.
     """
     if detector not in DETECTORS:
         raise UserError(f"goodnet detector {detector!r}: expected one of {', '.join(DETECTORS)}")
@@ -260,9 +301,11 @@ def build_goodnet(
     if strip:
         if clean_x is None:
             raise UserError("goodnet detector strip: needs clean images to calibrate on")
-        overlays, threshold, entropies = calibrate_strip(repaired, clean_x, k, frr, alpha, seed)
+        overlays, threshold, entropies = calibrate_strip(
+            repaired, clean_x, k, frr, alpha, seed, calibration_x
+        )
     x = keras.Input(shape=shape, name="input")
-    probs = replay(repaired, x, "repaired_")
+    probs = probabilities(repaired, x, "repaired_")
     flags = []
     if detector in ("disagreement", "both"):
         flags.append(_disagreement_flag(x, badnet, probs))

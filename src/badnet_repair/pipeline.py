@@ -188,6 +188,27 @@ def _with_objective(metrics: dict[str, float], cfg: DictConfig) -> dict[str, flo
     return {**metrics, "objective": value}
 
 
+def strip_data(
+    validation: data.Dataset, train: data.Dataset, holdout: data.Dataset, detector: str, k: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """STRIP's clean images, checked before any work: overlays from the fine-tuning images and
+    the threshold set on the held-out ones, as the repaired net is more confident on images
+    it was trained on; the whole validation set when too few are held out."""
+    if len(holdout) >= goodnet.MIN_CALIBRATION:
+        clean, calibration = train.x, holdout.x
+    else:
+        clean, calibration = validation.x, None
+        if detector != "disagreement":
+            log.warning(
+                "fewer than %d images held out of fine-tuning (finetune.val_fraction): STRIP's "
+                "threshold is set on images the repaired net was trained on",
+                goodnet.MIN_CALIBRATION,
+            )
+    if detector != "disagreement":
+        goodnet.check_strip(k, len(clean), None if calibration is None else len(calibration))
+    return clean, calibration
+
+
 def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     seed_everything(cfg.seed)
     start = time.perf_counter()
@@ -197,6 +218,10 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     batch = cfg.eval_batch_size
     metrics = dict(base.metrics)
     mlflow.log_metrics(metrics)
+    train, holdout = data.split(validation, cfg.finetune.val_fraction, cfg.seed)
+    detector = cfg.goodnet.detector.value
+    goodnet.output_kind(base.badnet)
+    strip_clean, calibration = strip_data(validation, train, holdout, detector, cfg.goodnet.k)
 
     if activation:
         tracking.log_steps({f"curve/{name}": values for name, values in base.curves.items()})
@@ -227,7 +252,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     mlflow.log_metrics(prune_metrics)
     metrics.update(prune_metrics)
 
-    train, holdout = data.split(validation, cfg.finetune.val_fraction, cfg.seed)
+    seed_everything(cfg.seed)  # fine-tuning starts from the same RNG state, cache hit or not
     finetune(
         pruned.model,
         train,
@@ -249,12 +274,13 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     good = goodnet.build_goodnet(
         base.badnet,
         repaired,
-        cfg.goodnet.detector.value,
-        validation.x,
+        detector,
+        strip_clean,
         k=cfg.goodnet.k,
         frr=cfg.goodnet.frr,
         alpha=cfg.goodnet.alpha,
         seed=cfg.seed,
+        calibration_x=calibration,
     )
     good_metrics = goodnet_metrics(good.model, test, poisoned, good.num_classes)
     if good.threshold is not None:
