@@ -56,6 +56,9 @@ def entropies(model, x, overlays, alpha):
     """Mean prediction entropy over the blends, straight from the definition."""
     blends = ((1 - alpha) * x[:, None] + alpha * overlays[None]).astype(np.float32)
     p = model.predict(blends.reshape(-1, *x.shape[1:]), verbose=0).astype(np.float64)
+    if goodnet.output_kind(model) == "linear":  # raw scores: probabilities are their softmax
+        p = np.exp(p - p.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
     h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
     return h.reshape(len(x), len(overlays)).mean(axis=1)
 
@@ -75,7 +78,7 @@ def reference(badnet, repaired, x, gn: goodnet.GoodNet):
         h = entropies(repaired, x, gn.overlays, gn.alpha)
         flag |= h < gn.threshold
         near |= np.abs(h - gn.threshold) < 1e-5
-    return np.where(flag, N, answer), near
+    return np.where(flag, gn.num_classes, answer), near
 
 
 @pytest.mark.parametrize("detector", goodnet.DETECTORS)
@@ -240,39 +243,48 @@ def test_cli_wrong_image_size_is_a_one_line_error(tmp_path, goodnets, capsys):
     assert "missing.png: cannot be read" in capsys.readouterr().err
 
 
-def test_a_badnet_that_outputs_raw_scores_gets_a_softmax(tmp_path):
-    """Scores below zero must not win against the 'poisoned' column."""
+def small_pair(head: str = "softmax", shared: bool = False):
+    """A small random BadNet and a 'repaired' copy with some hidden units removed.
+
+    `head="linear"` outputs raw scores, all negative; `shared` calls one Dense layer twice.
+    Layer names (flat, probs, kept, onehot) are ones the GoodNet could have used itself.
+    """
     import tf_keras as keras
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((6, 5, 3))
-    hidden = keras.layers.Dense(8, activation="relu", name="hidden")(keras.layers.Flatten()(inp))
-    scores = keras.layers.Dense(4, name="scores")(hidden)
+    flat = keras.layers.Flatten(name="flat")(inp)
+    hidden = keras.layers.Dense(8, activation="tanh", name="probs")
+    h = hidden(flat)
+    if shared:
+        h = keras.layers.Add(name="kept")([h, hidden(keras.layers.Dense(90, name="mix")(flat))])
+    scores = keras.layers.Dense(4, activation=head, name="onehot")(h)
     badnet = keras.Model(inp, scores)
-    kernel, bias = badnet.get_layer("scores").get_weights()
-    every_score_negative = bias - 100.0 - 0.001 * np.arange(4)  # and no exact ties
-    badnet.get_layer("scores").set_weights([kernel, every_score_negative])
+    if head == "linear":
+        kernel, bias = badnet.get_layer("onehot").get_weights()
+        every_score_negative = bias - 100.0 - 0.001 * np.arange(4)  # and no exact ties
+        badnet.get_layer("onehot").set_weights([kernel, every_score_negative])
     repaired = keras.models.clone_model(badnet)
     repaired.set_weights(badnet.get_weights())
-    weights = repaired.get_layer("hidden").get_weights()
+    weights = repaired.get_layer("probs").get_weights()
     weights[0][:, :3] = 0.0
-    repaired.get_layer("hidden").set_weights(weights)
+    repaired.get_layer("probs").set_weights(weights)
     x = np.random.default_rng(0).uniform(0, 1, (200, 6, 5, 3)).astype(np.float32)
-    assert goodnet.output_kind(badnet) == "linear"
-    bad, rep = predict_classes(badnet, x), predict_classes(repaired, x)
-    expected = np.where(bad != rep, 4, rep)
+    return badnet, repaired, x
+
+
+@pytest.mark.parametrize(
+    ("head", "shared"), [("linear", False), ("softmax", True)], ids=["raw_scores", "shared_layer"]
+)
+@pytest.mark.parametrize("detector", goodnet.DETECTORS)
+def test_small_badnets_of_other_shapes_follow_the_exact_rule(head, shared, detector):
+    badnet, repaired, x = small_pair(head, shared)
+    assert goodnet.output_kind(badnet) == ("linear" if head == "linear" else "softmax")
+    gn = goodnet.build_goodnet(badnet, repaired, detector, x[:100], k=4, frr=0.1)
+    expected, near = reference(badnet, repaired, x[100:], gn)
+    answers = predict_classes(gn.model, x[100:])
+    assert not np.any((answers != expected) & ~near)
     assert 0 < np.mean(expected == 4) < 1
-    for detector in ("disagreement", "both"):
-        gn = goodnet.build_goodnet(badnet, repaired, detector, x[:100], k=4, frr=0.1)
-        answers = predict_classes(gn.model, x)
-        if detector == "disagreement":
-            np.testing.assert_array_equal(answers, expected)
-        else:
-            assert np.all(answers[expected == 4] == 4)
-            h = goodnet.strip_entropy(repaired, x[100:], gn.overlays, gn.alpha)
-            np.testing.assert_array_equal(
-                answers[100:] == 4, (expected[100:] == 4) | (h < gn.threshold)
-            )
 
 
 def test_output_layer_that_is_neither_softmax_nor_linear_is_refused():

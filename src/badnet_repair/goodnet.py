@@ -8,7 +8,8 @@ Detectors:
   prediction entropy of B'. The threshold is the `frr` quantile of clean entropies;
 - `both`: flagged by either.
 
-The GoodNet's output is (batch, N + 1) and its argmax is the answer. It is built from
+The GoodNet's output is (batch, N + 1) and its argmax is the answer. Its own layers are
+named `gn_*`; the copies of B and B' inside it `bad_*`, `repaired_*` and `strip_*`. It is built from
 standard Keras layers only, constants (the clean overlay images, the threshold) held in
 layer weights, so a plain TensorFlow install loads the saved `.h5` without this package
 and without running any code stored in the file. Hard decisions are made of smooth
@@ -117,6 +118,7 @@ def replay(
             continue
         if isinstance(layer, keras.Model):
             raise UserError(f"goodnet: nested model {layer.name} in {model.name} is unsupported")
+        call = None  # one fresh layer per layer, called once per node (shared layers)
         for node_index, node in enumerate(entry["inbound_nodes"]):
             inputs = [tensors[(n[0], n[1], n[2])] for n in node]
             kwargs = node[0][3] if node and len(node[0]) > 3 else {}
@@ -128,27 +130,36 @@ def replay(
             ):
                 tensors[key] = inputs[0]
                 continue
-            layer_config = {**layer.get_config(), "name": prefix + layer.name}
-            if drop_softmax and key == out_key:
-                layer_config["activation"] = "linear"
-            fresh = type(layer).from_config(layer_config)
-            call = fresh
-            if distributed and len(inputs) > 1:
-                if isinstance(layer, keras.layers.Concatenate) and layer.axis >= 0:
-                    call = type(layer).from_config({**layer_config, "axis": layer.axis + 1})
-                    fresh = call
-                elif not isinstance(layer, ELEMENTWISE_MERGES):
-                    raise UserError(
-                        f"goodnet: layer {layer.name} ({type(layer).__name__}) of {model.name} "
-                        "cannot be applied to STRIP's blends"
-                    )
-            elif distributed:
-                call = keras.layers.TimeDistributed(fresh, name=prefix + layer.name)
+            built = call is not None
+            if not built:
+                call = _fresh(
+                    layer, prefix, len(inputs), distributed, drop_softmax and key == out_key
+                )
             out = call(inputs if len(inputs) > 1 else inputs[0], **kwargs)
-            call.set_weights(layer.get_weights())
+            if not built:
+                call.set_weights(layer.get_weights())
             for i, tensor in enumerate(out if isinstance(out, (list, tuple)) else [out]):
                 tensors[(layer.name, node_index, i)] = tensor
     return tensors[out_key]
+
+
+def _fresh(layer, prefix: str, inputs: int, distributed: bool, linear: bool):
+    """A new layer configured like `layer` (named `prefix + name`, its activation dropped if
+    `linear`), wrapped to run over STRIP's blend axis if `distributed`."""
+    config = {**layer.get_config(), "name": prefix + layer.name}
+    if linear:
+        config["activation"] = "linear"
+    if not distributed:
+        return type(layer).from_config(config)
+    if inputs == 1:
+        return keras.layers.TimeDistributed(type(layer).from_config(config), name=config["name"])
+    if isinstance(layer, keras.layers.Concatenate) and layer.axis >= 0:
+        return type(layer).from_config({**config, "axis": layer.axis + 1})
+    if isinstance(layer, ELEMENTWISE_MERGES):
+        return type(layer).from_config(config)
+    raise UserError(
+        f"goodnet: layer {layer.name} ({type(layer).__name__}) cannot be applied to STRIP's blends"
+    )
 
 
 def _step(t, threshold: float, name: str, above: bool = True):
@@ -165,7 +176,7 @@ def probabilities(model: keras.Model, x: Any, prefix: str) -> Any:
     """`model` replayed on `x`, with a softmax over its scores where it has none of its own."""
     out = replay(model, x, prefix)
     if output_kind(model) == "linear":
-        out = keras.layers.Softmax(name=f"{prefix}probs")(out)
+        out = keras.layers.Softmax(name=f"gn_{prefix}probs")(out)
     return out
 
 
@@ -177,36 +188,36 @@ def _disagreement_flag(x, badnet: keras.Model, probs_repaired):
         scaled = keras.layers.Rescaling(ONE_HOT_SCALE, name=f"{name}_scaled")(p)
         return keras.layers.Activation("softmax", name=name)(scaled)
 
-    agree = keras.layers.Dot(axes=1, name="agreement")(
-        [one_hot(probs_bad, "bad_onehot"), one_hot(probs_repaired, "repaired_onehot")]
+    agree = keras.layers.Dot(axes=1, name="gn_agreement")(
+        [one_hot(probs_bad, "gn_bad_onehot"), one_hot(probs_repaired, "gn_repaired_onehot")]
     )
-    return _step(agree, 0.5, "flag_disagreement", above=False)
+    return _step(agree, 0.5, "gn_flag_disagreement", above=False)
 
 
 def _strip_flag(x, repaired: keras.Model, overlays: np.ndarray, alpha: float, threshold: float):
     """1 where the mean entropy of B' over the blends of `x` with `overlays` is below threshold."""
     k, size = len(overlays), int(np.prod(overlays.shape[1:]))
-    flat = keras.layers.Flatten(name="strip_flat")(x)
-    zero_layer = keras.layers.Dense(1, name="strip_zero")
+    flat = keras.layers.Flatten(name="gn_strip_flat")(x)
+    zero_layer = keras.layers.Dense(1, name="gn_strip_zero")
     zero = zero_layer(flat)
     _constant(zero_layer, [np.zeros((size, 1)), np.zeros(1)])
-    stored = keras.layers.Dense(k * size, name="strip_overlays")
+    stored = keras.layers.Dense(k * size, name="gn_strip_overlays")
     images = stored(zero)  # the overlays, pre-scaled by alpha, held in the bias
     _constant(stored, [np.zeros((1, k * size)), alpha * overlays.reshape(-1)])
-    images = keras.layers.Reshape((k, size), name="strip_overlays_k")(images)
-    own = keras.layers.Rescaling(1.0 - alpha, name="strip_input_scaled")(flat)
-    own = keras.layers.RepeatVector(k, name="strip_input_k")(own)
-    blends = keras.layers.Add(name="strip_blend")([own, images])
-    blends = keras.layers.Reshape((k, *overlays.shape[1:]), name="strip_blends")(blends)
+    images = keras.layers.Reshape((k, size), name="gn_strip_overlays_k")(images)
+    own = keras.layers.Rescaling(1.0 - alpha, name="gn_strip_input_scaled")(flat)
+    own = keras.layers.RepeatVector(k, name="gn_strip_input_k")(own)
+    blends = keras.layers.Add(name="gn_strip_blend")([own, images])
+    blends = keras.layers.Reshape((k, *overlays.shape[1:]), name="gn_strip_blends")(blends)
     logits = replay(repaired, blends, "strip_", distributed=True, logits=True)
-    p = keras.layers.Activation("softmax", name="strip_probs")(logits)
-    log_p = keras.layers.Activation("log_softmax", name="strip_log_probs")(logits)
-    p_log_p = keras.layers.Multiply(name="strip_p_log_p")([p, log_p])
-    p_log_p = keras.layers.Reshape((-1,), name="strip_p_log_p_flat")(p_log_p)
-    mean = keras.layers.Dense(1, name="strip_mean_entropy")
+    p = keras.layers.Activation("softmax", name="gn_strip_probs")(logits)
+    log_p = keras.layers.Activation("log_softmax", name="gn_strip_log_probs")(logits)
+    p_log_p = keras.layers.Multiply(name="gn_strip_p_log_p")([p, log_p])
+    p_log_p = keras.layers.Reshape((-1,), name="gn_strip_p_log_p_flat")(p_log_p)
+    mean = keras.layers.Dense(1, name="gn_strip_mean_entropy")
     entropy = mean(p_log_p)
     _constant(mean, [np.full((p_log_p.shape[-1], 1), -1.0 / k), np.zeros(1)])
-    return _step(entropy, threshold, "flag_strip", above=False)
+    return _step(entropy, threshold, "gn_flag_strip", above=False)
 
 
 def predict_probs(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -311,12 +322,12 @@ def build_goodnet(
         flags.append(_disagreement_flag(x, badnet, probs))
     if strip:
         flags.append(_strip_flag(x, repaired, overlays, alpha, threshold))
-    flag = flags[0] if len(flags) == 1 else keras.layers.Maximum(name="flag_either")(flags)
-    keep_layer = keras.layers.Dense(1, name="keep")
+    flag = flags[0] if len(flags) == 1 else keras.layers.Maximum(name="gn_flag_either")(flags)
+    keep_layer = keras.layers.Dense(1, name="gn_keep")
     keep = keep_layer(flag)
     _constant(keep_layer, [np.full((1, 1), -1.0), np.ones(1)])  # 1 - flag
-    answer = keras.layers.Multiply(name="repaired_kept")([probs, keep])
-    out = keras.layers.Concatenate(name="goodnet_output")([answer, flag])
+    answer = keras.layers.Multiply(name="gn_kept")([probs, keep])
+    out = keras.layers.Concatenate(name="gn_output")([answer, flag])
     model = keras.Model(x, out, name=f"goodnet_{detector}")
     model.trainable = False
     return GoodNet(model, detector, n, threshold, overlays, alpha, entropies)
@@ -325,7 +336,7 @@ def build_goodnet(
 def blends_per_input(model: keras.Model) -> int:
     """STRIP's k for a GoodNet that holds overlays, else 0: each input costs k + 2 passes."""
     try:
-        return int(model.get_layer("strip_overlays_k").get_config()["target_shape"][0])
+        return int(model.get_layer("gn_strip_overlays_k").get_config()["target_shape"][0])
     except ValueError:
         return 0
 
