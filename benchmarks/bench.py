@@ -161,7 +161,7 @@ def main() -> None:
     curve.pruning_curve(model, "conv_3", order, {"v": val.__class__("w", val.x[:64], val.y[:64])})
     one, _ = timed(lambda: (evaluate.accuracy(model, val), evaluate.accuracy(model, poi)))
     full, _ = timed(lambda: curve.pruning_curve(model, "conv_3", order, {"v": val, "p": poi}))
-    tail = curve._Tail(model, "conv_3")
+    tail = curve._Tail.build(model, "conv_3")
     order_t = tf.constant(order, tf.int32)
 
     def rerun():
