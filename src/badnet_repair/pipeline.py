@@ -220,7 +220,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     mlflow.log_metrics(metrics)
     train, holdout = data.split(validation, cfg.finetune.val_fraction, cfg.seed)
     detector = cfg.goodnet.detector.value
-    goodnet.output_kind(base.badnet)
+    goodnet.output_kind(base.badnet)  # refuses an output the GoodNet cannot combine, now
     strip_clean, calibration = strip_data(validation, train, holdout, detector, cfg.goodnet.k)
 
     if activation:

@@ -22,7 +22,6 @@ from badnet_repair import files, plots, tracking
 log = logging.getLogger(__name__)
 
 PARENT_FILE = "mlflow_parent_run.json"
-STAGES = ("pruned", "repaired")
 
 
 # Keys that say where outputs go or whether to rerun, not what a point computes.
