@@ -6,6 +6,7 @@ before tf_keras ever sees it.
 """
 
 import json
+import logging
 import warnings
 import zipfile
 from pathlib import Path
@@ -207,8 +208,18 @@ def prunable_layer(model, name: str | None):
 
 
 def save_model(model, path: str | Path) -> Path:
-    """Save a full tf_keras model file (legacy .h5 for the competition, or .keras) atomically."""
+    """Save a full tf_keras model file (legacy .h5 for the competition, or .keras) atomically.
+
+    tf_keras warns that .h5 is legacy, and that an uncompiled model (a GoodNet) has no
+    compiled metrics: neither matters here, so neither is shown.
+    """
+    tf_log = logging.getLogger("tensorflow")
+    level = tf_log.level
     with atomic(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*HDF5 file via `model.save\\(\\)`")
-        model.save(str(tmp))
+        tf_log.setLevel(logging.ERROR)
+        try:
+            model.save(str(tmp))
+        finally:
+            tf_log.setLevel(level)
     return Path(path)
