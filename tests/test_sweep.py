@@ -119,6 +119,7 @@ def test_parent_holds_summary_table_and_plot(swept):
     header, *rows = local.read_text().strip().splitlines()
     assert header.startswith("run,prune.sparsity,badnet/asr/patch")
     assert "repaired/clean_acc" in header and "pruned/asr/patch" in header
+    assert "curve/" not in header and "finetune/" not in header  # series, not results
     assert [r.split(",")[1] for r in rows] == ["0.3", "0.6", "0.9"]
 
 

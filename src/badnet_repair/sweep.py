@@ -130,12 +130,13 @@ def swept_keys(rows: list[dict], params: set[str]) -> list[str]:
     return sorted(varying, key=lambda k: (-len({row.get(k) for row in rows}), k))
 
 
+SERIES = ("finetune/", "curve/")  # logged per step: a run's latest value is not its result
 METRIC_ORDER = ("badnet/", "pruned/", "repaired/", "goodnet/", "prune/", "objective")
 
 
 def _metric_columns(rows: list[dict], params: set[str]) -> list[str]:
     names = {k for row in rows for k in row if k not in params and k != "run"}
-    names = {k for k in names if not k.startswith("finetune/")}
+    names = {k for k in names if not k.startswith(SERIES)}
     rank = {prefix: i for i, prefix in enumerate(METRIC_ORDER)}
     return sorted(
         names,
