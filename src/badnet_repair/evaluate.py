@@ -94,13 +94,22 @@ def goodnet_metrics(
             f"for {num_classes} classes"
         )
     batch = batch_size or batch_size_for(model)
-    answers = predict_classes(model, clean.x, batch)
+    blends = goodnet.blends_per_input(model)
+
+    def answers_on(ds: Dataset) -> np.ndarray:
+        if blends:  # STRIP: k + 2 forward passes per image, minutes at competition scale
+            log.info(
+                "goodnet: answering %d images of %s (%d blends each)", len(ds), ds.name, blends
+            )
+        return predict_classes(model, ds.x, batch)
+
+    answers = answers_on(clean)
     metrics = {
         "goodnet/clean_acc": float(np.mean(answers == clean.y)),
         "goodnet/flag_rate_clean": float(np.mean(answers == num_classes)),
     }
     for trigger, ds in poisoned.items():
-        answers = predict_classes(model, ds.x, batch)
+        answers = answers_on(ds)
         metrics[f"goodnet/asr/{trigger}"] = float(np.mean(answers == ds.y))
         metrics[f"goodnet/detect/{trigger}"] = float(np.mean(answers == num_classes))
     return metrics

@@ -17,6 +17,7 @@ layers: argmax as a softmax of probabilities scaled by 1e9, a step as a sigmoid 
 difference scaled by 1e8; they only differ from the exact rule on float near-ties.
 """
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import numpy as np
 import tf_keras as keras
 
 from badnet_repair import UserError, models
+
+log = logging.getLogger(__name__)
 
 DETECTORS = ("disagreement", "strip", "both")
 ONE_HOT_SCALE = 1e9  # probabilities 1 float32 ulp apart still differ by > 30 after scaling
@@ -277,6 +280,11 @@ def calibrate_strip(
     if calibration_x is None:
         calibration_x = clean_x[order[k:]]
     overlays = clean_x[np.sort(order[:k])].astype(np.float32)
+    log.info(
+        "STRIP: setting the threshold on %d clean images, %d blends each",
+        len(calibration_x),
+        k,
+    )
     entropies = strip_entropy(repaired, calibration_x, overlays, alpha)
     return overlays, float(np.quantile(entropies, frr)), entropies
 
