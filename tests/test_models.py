@@ -54,15 +54,7 @@ def test_not_a_model_file(tmp_path):
 
 def test_lambda_layer_is_refused_without_running_its_code(tmp_path):
     marker = tmp_path / "pwned.txt"
-    payload = eval(
-        f"lambda x: (__import__('pathlib').Path({str(marker)!r}).write_text('ran'), x)[1]"
-    )
-    inp = keras.Input((4,))
-    out = keras.layers.Dense(2)(keras.layers.Lambda(payload, name="innocent")(inp))
-    path = tmp_path / "evil.h5"
-    keras.Model(inp, out).save(str(path))
-    marker.unlink()
-
+    path = lambda_model_file(tmp_path, marker)
     with pytest.raises(UserError, match="layer 'innocent' is a Lambda.*model.allow_unsafe=true"):
         models.load_model(path)
     assert not marker.exists()
