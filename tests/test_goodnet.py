@@ -13,7 +13,7 @@ from badnet_repair import UserError, data, goodnet, models
 from badnet_repair import eval as gn_eval
 from badnet_repair.evaluate import goodnet_metrics, predict_classes
 from badnet_repair.finetune import finetune
-from badnet_repair.pruning import activation_prune, channel_count, rank_channels
+from badnet_repair.pruning import activation_prune, channel_count, copy_model, rank_channels
 
 N = 40
 K = 8
@@ -264,8 +264,7 @@ def small_pair(head: str = "softmax", shared: bool = False):
         kernel, bias = badnet.get_layer("onehot").get_weights()
         every_score_negative = bias - 100.0 - 0.001 * np.arange(4)  # and no exact ties
         badnet.get_layer("onehot").set_weights([kernel, every_score_negative])
-    repaired = keras.models.clone_model(badnet)
-    repaired.set_weights(badnet.get_weights())
+    repaired = copy_model(badnet)
     weights = repaired.get_layer("probs").get_weights()
     weights[0][:, :3] = 0.0
     repaired.get_layer("probs").set_weights(weights)

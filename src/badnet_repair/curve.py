@@ -19,6 +19,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from badnet_repair.data import Dataset
+from badnet_repair.pruning import copy_model
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,7 @@ class _Whole:
     """Accuracy for every k by zeroing channels in a copy of the whole network (any model)."""
 
     def __init__(self, model: keras.Model, layer: str):
-        self.model = keras.models.clone_model(model)
-        self.model.set_weights(model.get_weights())
+        self.model = copy_model(model)
         target = self.model.get_layer(layer)
         self.variables = [target.kernel, *([target.bias] if target.use_bias else [])]
         self.originals = [tf.constant(v.numpy()) for v in self.variables]

@@ -8,13 +8,14 @@ Detectors:
   prediction entropy of B'. The threshold is the `frr` quantile of clean entropies;
 - `both`: flagged by either.
 
-The GoodNet's output is (batch, N + 1) and its argmax is the answer. Its own layers are
-named `gn_*`; the copies of B and B' inside it `bad_*`, `repaired_*` and `strip_*`. It is built from
+The GoodNet's output is (batch, N + 1) and its argmax is the answer. It is built from
 standard Keras layers only, constants (the clean overlay images, the threshold) held in
 layer weights, so a plain TensorFlow install loads the saved `.h5` without this package
-and without running any code stored in the file. Hard decisions are made of smooth
-layers: argmax as a softmax of probabilities scaled by 1e9, a step as a sigmoid of a
-difference scaled by 1e8; they only differ from the exact rule on float near-ties.
+and without running any code stored in the file. Its own layers are named `gn_*`, the
+copies of B and B' inside it `bad_*`, `repaired_*` and `strip_*`, so no name collides.
+Hard decisions are made of smooth layers: argmax as a softmax of probabilities scaled by
+1e9, a step as a sigmoid of a difference scaled by 1e8; they only differ from the exact
+rule on float near-ties.
 """
 
 import logging
