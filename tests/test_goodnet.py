@@ -11,7 +11,13 @@ import tensorflow as tf
 
 from badnet_repair import UserError, data, goodnet, models
 from badnet_repair import eval as gn_eval
-from badnet_repair.evaluate import goodnet_metrics, predict_classes
+from badnet_repair.evaluate import (
+    classify,
+    disagreement_answers,
+    goodnet_metrics,
+    goodnet_scores,
+    predict_classes,
+)
 from badnet_repair.finetune import finetune
 from badnet_repair.pruning import activation_prune, channel_count, copy_model, rank_channels
 
@@ -92,6 +98,21 @@ def test_answers_follow_the_exact_rule(demo_model, repaired, goodnets, sample, d
     assert differ.sum() <= 1  # at most a float near-tie
     assert np.any(expected == N) and np.any(expected != N)  # both kinds of answer are covered
     np.testing.assert_array_equal(predict_classes(gn.model, sample, 64), answers)
+
+
+def test_disagreement_metrics_from_answers_match_the_goodnet(
+    demo_model, repaired, goodnets, demo_data
+):
+    """The pipeline scores the disagreement GoodNet from B's and B''s answers: the same numbers."""
+    _, test, poisoned = demo_data
+    sets = {"patch": poisoned}
+    answers = disagreement_answers(
+        classify(demo_model, test, sets), classify(repaired, test, sets), N
+    )
+    from_answers = goodnet_scores(answers, test, sets, N)
+    assert from_answers == goodnet_metrics(goodnets["disagreement"].model, test, sets, N)
+    assert 0 < from_answers["goodnet/flag_rate_clean"] < 1  # both kinds of answer occur
+    assert 0 < from_answers["goodnet/detect/patch"]
 
 
 def test_strip_threshold_is_set_on_held_out_clean_images(repaired, goodnets, split):

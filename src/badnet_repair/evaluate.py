@@ -3,6 +3,7 @@
 import logging
 import time
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -37,18 +38,42 @@ def accuracy(model, ds: Dataset, batch_size: int = 512) -> float:
     return float(np.mean(predict_classes(model, ds.x, batch_size) == ds.y))
 
 
+@dataclass
+class Answers:
+    """A model's predicted classes on the clean test set and on each poisoned set, kept so
+    that metrics derived from them (the disagreement GoodNet's) need no new forward pass."""
+
+    clean: np.ndarray
+    poisoned: dict[str, np.ndarray]
+    seconds: float = 0.0
+
+
+def classify(model, clean: Dataset, poisoned: dict[str, Dataset], batch_size: int = 512) -> Answers:
+    """Predicted classes of `model` on the clean set and each poisoned set."""
+    start = time.perf_counter()
+    answers = predict_classes(model, clean.x, batch_size)
+    on_poisoned = {t: predict_classes(model, ds.x, batch_size) for t, ds in poisoned.items()}
+    return Answers(answers, on_poisoned, time.perf_counter() - start)
+
+
+def stage_metrics(
+    answers: Answers, clean: Dataset, poisoned: dict[str, Dataset], stage: str
+) -> dict[str, float]:
+    """Metrics named as in the MLflow contract: `<stage>/clean_acc`, `<stage>/asr/<trigger>`."""
+    metrics = {f"{stage}/clean_acc": float(np.mean(answers.clean == clean.y))}
+    for trigger, ds in poisoned.items():
+        metrics[f"{stage}/asr/{trigger}"] = float(np.mean(answers.poisoned[trigger] == ds.y))
+    n = len(clean) + sum(len(ds) for ds in poisoned.values())
+    summary = ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items())
+    log.info("%s: %s (%d images, %.1fs)", stage, summary, n, answers.seconds)
+    return metrics
+
+
 def evaluate(
     model, clean: Dataset, poisoned: dict[str, Dataset], stage: str, batch_size: int = 512
 ) -> dict[str, float]:
-    """Metrics named as in the MLflow contract: `<stage>/clean_acc`, `<stage>/asr/<trigger>`."""
-    start = time.perf_counter()
-    metrics = {f"{stage}/clean_acc": accuracy(model, clean, batch_size)}
-    for trigger, ds in poisoned.items():
-        metrics[f"{stage}/asr/{trigger}"] = accuracy(model, ds, batch_size)
-    n = len(clean) + sum(len(ds) for ds in poisoned.values())
-    summary = ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items())
-    log.info("%s: %s (%d images, %.1fs)", stage, summary, n, time.perf_counter() - start)
-    return metrics
+    """A stage's contract metrics, measured by running `model` on the data sets."""
+    return stage_metrics(classify(model, clean, poisoned, batch_size), clean, poisoned, stage)
 
 
 def objective(metrics: dict[str, float], name: str, asr_ceiling: float) -> float:
@@ -86,8 +111,7 @@ def goodnet_metrics(
     num_classes: int,
     batch_size: int | None = None,
 ) -> dict[str, float]:
-    """Clean accuracy (answering N is wrong), clean flag rate, and per poisoned set the ASR
-    (answered its label) and the detection rate (answered N)."""
+    """The GoodNet's metrics (see `goodnet_scores`), measured by running the GoodNet."""
     if int(model.output_shape[-1]) != num_classes + 1:
         raise UserError(
             f"goodnet: output of {model.output_shape[-1]} answers, expected {num_classes + 1} "
@@ -103,13 +127,33 @@ def goodnet_metrics(
             )
         return predict_classes(model, ds.x, batch)
 
-    answers = answers_on(clean)
+    answers = Answers(answers_on(clean), {t: answers_on(ds) for t, ds in poisoned.items()})
+    return goodnet_scores(answers, clean, poisoned, num_classes)
+
+
+def goodnet_scores(
+    answers: Answers, clean: Dataset, poisoned: dict[str, Dataset], num_classes: int
+) -> dict[str, float]:
+    """Clean accuracy (answering N is wrong), clean flag rate, and per poisoned set the ASR
+    (answered its label) and the detection rate (answered N), from a GoodNet's answers."""
     metrics = {
-        "goodnet/clean_acc": float(np.mean(answers == clean.y)),
-        "goodnet/flag_rate_clean": float(np.mean(answers == num_classes)),
+        "goodnet/clean_acc": float(np.mean(answers.clean == clean.y)),
+        "goodnet/flag_rate_clean": float(np.mean(answers.clean == num_classes)),
     }
     for trigger, ds in poisoned.items():
-        answers = answers_on(ds)
-        metrics[f"goodnet/asr/{trigger}"] = float(np.mean(answers == ds.y))
-        metrics[f"goodnet/detect/{trigger}"] = float(np.mean(answers == num_classes))
+        on_set = answers.poisoned[trigger]
+        metrics[f"goodnet/asr/{trigger}"] = float(np.mean(on_set == ds.y))
+        metrics[f"goodnet/detect/{trigger}"] = float(np.mean(on_set == num_classes))
     return metrics
+
+
+def disagreement_answers(badnet: Answers, repaired: Answers, num_classes: int) -> Answers:
+    """What the `disagreement` GoodNet answers, from B's and B''s own answers: N where they
+    differ, else their class. The saved GoodNet computes the same rule; only inputs on which
+    B or B' is within float rounding of a tie between two classes may be decided otherwise."""
+
+    def rule(bad: np.ndarray, rep: np.ndarray) -> np.ndarray:
+        return np.where(bad == rep, rep, num_classes)
+
+    poisoned = {t: rule(badnet.poisoned[t], a) for t, a in repaired.poisoned.items()}
+    return Answers(rule(badnet.clean, repaired.clean), poisoned)

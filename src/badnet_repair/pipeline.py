@@ -28,7 +28,16 @@ from badnet_repair import (
     tracking,
 )
 from badnet_repair.curve import channels_within, pruning_curve
-from badnet_repair.evaluate import evaluate, goodnet_metrics, objective
+from badnet_repair.evaluate import (
+    Answers,
+    classify,
+    disagreement_answers,
+    evaluate,
+    goodnet_metrics,
+    goodnet_scores,
+    objective,
+    stage_metrics,
+)
 from badnet_repair.finetune import finetune, seed_everything
 from badnet_repair.pruning import activation_prune, channel_count, magnitude_prune, rank_channels
 
@@ -55,6 +64,13 @@ class Baseline:
     metrics: dict[str, float]
     order: np.ndarray | None = None
     curves: dict[str, np.ndarray] | None = None
+    answers: Answers | None = None
+
+    def badnet_answers(self, batch_size: int) -> Answers:
+        """The BadNet's classes on the test sets, computed once per BadNet."""
+        if self.answers is None:
+            self.answers = classify(self.badnet, self.test, self.poisoned, batch_size)
+        return self.answers
 
 
 _baseline: dict[str, Baseline] = {}
@@ -91,9 +107,8 @@ def baseline(cfg: DictConfig, with_curve: bool) -> Baseline:
         if base.curves is not None:
             base.metrics = curve_point(base.curves, 0, "badnet")
         else:
-            base.metrics = evaluate(
-                base.badnet, base.test, base.poisoned, "badnet", cfg.eval_batch_size
-            )
+            answers = base.badnet_answers(cfg.eval_batch_size)
+            base.metrics = stage_metrics(answers, base.test, base.poisoned, "badnet")
     return base
 
 
@@ -264,7 +279,8 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         on_epoch=lambda epoch, values: mlflow.log_metrics(values, step=epoch),
     )
     repaired = pruned.export()
-    final = evaluate(repaired, test, poisoned, "repaired", batch)
+    repaired_answers = classify(repaired, test, poisoned, batch)
+    final = stage_metrics(repaired_answers, test, poisoned, "repaired")
     mlflow.log_metrics(final)
     metrics.update(final)
 
@@ -282,7 +298,13 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         seed=cfg.seed,
         calibration_x=calibration,
     )
-    good_metrics = goodnet_metrics(good.model, test, poisoned, good.num_classes)
+    if good.detector == "disagreement":  # the rule on answers in hand: no forward pass
+        answers = disagreement_answers(
+            base.badnet_answers(batch), repaired_answers, good.num_classes
+        )
+        good_metrics = goodnet_scores(answers, test, poisoned, good.num_classes)
+    else:
+        good_metrics = goodnet_metrics(good.model, test, poisoned, good.num_classes)
     if good.threshold is not None:
         good_metrics["goodnet/strip_threshold"] = good.threshold
     shown = ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in good_metrics.items())
