@@ -220,7 +220,11 @@ def main() -> None:
         finetune(pruned.model, train, holdout, args.sweep_epochs, 1e-3, 32, pruned.callbacks)
         evaluate.evaluate(pruned.model, base.test, base.poisoned, "repaired")
 
-    points_s = sum(timed(lambda s=s: point_floor(s))[0] for s in sparsities)
+    # Zeroed channels cost as much as live ones, so a point's floor does not depend on its
+    # sparsity: three measured points (low, middle, high) stand for the nine.
+    measured = sparsities[::4]
+    points_s = sum(timed(lambda s=s: point_floor(s))[0] for s in measured)
+    points_s *= len(sparsities) / len(measured)
     pipeline._baseline.clear()
 
     def sweep():
@@ -233,7 +237,8 @@ def main() -> None:
     print(
         f"3. 9-point sweep / (9 x fine-tune and evaluation + one baseline): "
         f"{sweep_s / (points_s + base_s):.2f} (target <= 1.1; {sweep_s:.0f}s vs "
-        f"{points_s:.0f}s + {base_s:.0f}s)"
+        f"{points_s:.0f}s + {base_s:.0f}s; points' floor: 9/{len(measured)} x {len(measured)} "
+        "measured)"
     )
 
     # 5. magnitude (tfmot wrapper) against activation fine-tuning, per epoch
@@ -245,7 +250,8 @@ def main() -> None:
             pruned = pruning.activation_prune(base.badnet, base.layer, base.order, 30)
         else:
             pruned = pruning.magnitude_prune(base.badnet, base.layer, 0.5, 100)
-        finetune(pruned.model, train, None, 1, 1e-3, 32, pruned.callbacks)  # warm up
+        warm_up = data.Dataset("warm-up", train.x[:320], train.y[:320])  # traces the step
+        finetune(pruned.model, warm_up, None, 1, 1e-3, 32, pruned.callbacks)
         per_epoch[method], _ = timed(
             lambda p=pruned: finetune(p.model, train, None, 1, 1e-3, 32, p.callbacks)
         )
