@@ -158,7 +158,7 @@ def main() -> None:
     poi = data.load_h5(paths["sunglasses"], (55, 47, 3), 1283, 1 / 255, "p")
     order = pruning.rank_channels(model, "conv_3", val.x)
     evaluate.accuracy(model, val), evaluate.accuracy(model, poi)  # compile once
-    curve.pruning_curve(model, "conv_3", order, {"v": val.__class__("w", val.x[:64], val.y[:64])})
+    curve.pruning_curve(model, "conv_3", order, {"v": data.Dataset("w", val.x[:64], val.y[:64])})
     one, _ = timed(lambda: (evaluate.accuracy(model, val), evaluate.accuracy(model, poi)))
     full, _ = timed(lambda: curve.pruning_curve(model, "conv_3", order, {"v": val, "p": poi}))
     tail = curve._Tail.build(model, "conv_3")

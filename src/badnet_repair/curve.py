@@ -13,6 +13,7 @@ fc_1 feed an Add with the other branch), the whole network per k.
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -75,13 +76,15 @@ class _Tail:
         channels = tf.shape(order)[0]
         keep = tf.ones([channels], out.dtype)
         result = tf.TensorArray(tf.int32, size=channels + 1)
+        unpruned = tf.zeros_like(y)
         for k in tf.range(channels + 1):
             masked = out * keep + self.fill * (1.0 - keep)
             pred = tf.argmax(self.tail(masked, training=False), axis=-1, output_type=tf.int32)
             result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
+            unpruned = tf.where(k == 0, pred, unpruned)
             if k < channels:
                 keep = tf.tensor_scatter_nd_update(keep, [[order[k]]], [0.0])
-        return result.stack()
+        return result.stack(), unpruned
 
 
 class _Whole:
@@ -98,14 +101,16 @@ class _Whole:
         channels = tf.shape(order)[0]
         keep = tf.ones([channels], tf.float32)
         result = tf.TensorArray(tf.int32, size=channels + 1)
+        unpruned = tf.zeros_like(y)
         for k in tf.range(channels + 1):
             for variable, original in zip(self.variables, self.originals, strict=True):
                 variable.assign(original * keep)
             pred = tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int32)
             result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
+            unpruned = tf.where(k == 0, pred, unpruned)
             if k < channels:
                 keep = tf.tensor_scatter_nd_update(keep, [[order[k]]], [0.0])
-        return result.stack()
+        return result.stack(), unpruned
 
 
 class _LinearTail:
@@ -242,16 +247,27 @@ class _LinearTail:
         preacts = self._preactivations(pooled)
         channels = tf.shape(order)[0]
         result = tf.TensorArray(tf.int32, size=channels + 1)
+        unpruned = tf.zeros_like(y)
         for k in tf.range(channels + 1):
             pred = tf.argmax(self._rest(preacts), axis=-1, output_type=tf.int32)
             result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
+            unpruned = tf.where(k == 0, pred, unpruned)
             if k < channels:
                 removed = self._contributions(pooled, order[k])
                 preacts = [z - r for z, r in zip(preacts, removed, strict=True)]
-        return result.stack()
+        return result.stack(), unpruned
 
 
 PATHS = {_LinearTail: "linear-update", _Tail: "tail-rerun", _Whole: "whole-net rerun"}
+
+
+@dataclass
+class PruningCurve:
+    """Per data set: accuracy after removing k = 0..C channels (index k), and the unpruned
+    net's predicted classes, which the k = 0 point computes anyway."""
+
+    accuracy: dict[str, np.ndarray]
+    unpruned: dict[str, np.ndarray]
 
 
 def pruning_curve(
@@ -260,18 +276,22 @@ def pruning_curve(
     order: np.ndarray,
     datasets: dict[str, Dataset],
     batch_size: int = 512,
-) -> dict[str, np.ndarray]:
+) -> PruningCurve:
     """Accuracy on each data set after removing the first k channels of `order`, k = 0..C."""
     start = time.perf_counter()
     evaluator = _LinearTail.build(model, layer) or _Tail.build(model, layer) or _Whole(model, layer)
     order_t = tf.constant(np.asarray(order), tf.int32)
-    curves = {}
+    curves, unpruned = {}, {}
     for name, ds in datasets.items():
         total = np.zeros(len(order) + 1, np.int64)
+        classes = []
         for i in range(0, len(ds), batch_size):
             y = tf.constant(ds.y[i : i + batch_size], tf.int32)
-            total += evaluator.counts(ds.x[i : i + batch_size], y, order_t).numpy()
+            counts, pred = evaluator.counts(ds.x[i : i + batch_size], y, order_t)
+            total += counts.numpy()
+            classes.append(pred.numpy())
         curves[name] = total / len(ds)
+        unpruned[name] = np.concatenate(classes) if classes else np.empty(0, np.int32)
     log.info(
         "pruning curve of %s: %d points on %d images (%s path, %.1fs)",
         layer,
@@ -280,7 +300,7 @@ def pruning_curve(
         PATHS[type(evaluator)],
         time.perf_counter() - start,
     )
-    return curves
+    return PruningCurve(curves, unpruned)
 
 
 def channels_within(val_curve: np.ndarray, max_drop: float) -> int:

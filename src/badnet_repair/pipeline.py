@@ -102,7 +102,12 @@ def baseline(cfg: DictConfig, with_curve: bool) -> Baseline:
         base.order = rank_channels(base.badnet, base.layer, base.validation.x, cfg.eval_batch_size)
         sets = {"val_acc": base.validation, "clean_acc": base.test}
         sets.update({f"asr/{t}": ds for t, ds in base.poisoned.items()})
-        base.curves = pruning_curve(base.badnet, base.layer, base.order, sets, cfg.eval_batch_size)
+        curve = pruning_curve(base.badnet, base.layer, base.order, sets, cfg.eval_batch_size)
+        base.curves = curve.accuracy
+        base.answers = Answers(  # the BadNet's classes, from the curve's k = 0 point
+            curve.unpruned["clean_acc"],
+            {t: curve.unpruned[f"asr/{t}"] for t in base.poisoned},
+        )
     if not base.metrics:
         if base.curves is not None:
             base.metrics = curve_point(base.curves, 0, "badnet")
