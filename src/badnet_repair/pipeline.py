@@ -208,27 +208,6 @@ def _with_objective(metrics: dict[str, float], cfg: DictConfig) -> dict[str, flo
     return {**metrics, "objective": value}
 
 
-def strip_data(
-    validation: data.Dataset, train: data.Dataset, holdout: data.Dataset, detector: str, k: int
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """STRIP's clean images, checked before any work: overlays from the fine-tuning images and
-    the threshold set on the held-out ones, as the repaired net is more confident on images
-    it was trained on; the whole validation set when too few are held out."""
-    if len(holdout) >= goodnet.MIN_CALIBRATION:
-        clean, calibration = train.x, holdout.x
-    else:
-        clean, calibration = validation.x, None
-        if detector != "disagreement":
-            log.warning(
-                "fewer than %d images held out of fine-tuning (finetune.val_fraction): STRIP's "
-                "threshold is set on images the repaired net was trained on",
-                goodnet.MIN_CALIBRATION,
-            )
-    if detector != "disagreement":
-        goodnet.check_strip(k, len(clean), None if calibration is None else len(calibration))
-    return clean, calibration
-
-
 def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     seed_everything(cfg.seed)
     start = time.perf_counter()
@@ -241,7 +220,8 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     train, holdout = data.split(validation, cfg.finetune.val_fraction, cfg.seed)
     detector = cfg.goodnet.detector.value
     goodnet.output_kind(base.badnet)  # refuses an output the GoodNet cannot combine, now
-    strip_clean, calibration = strip_data(validation, train, holdout, detector, cfg.goodnet.k)
+    if detector != "disagreement":
+        goodnet.check_strip(cfg.goodnet.k, len(validation))
 
     if activation:
         tracking.log_steps({f"curve/{name}": values for name, values in base.curves.items()})
@@ -296,12 +276,11 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         base.badnet,
         repaired,
         detector,
-        strip_clean,
+        validation.x,
         k=cfg.goodnet.k,
         frr=cfg.goodnet.frr,
         alpha=cfg.goodnet.alpha,
         seed=cfg.seed,
-        calibration_x=calibration,
     )
     if good.detector == "disagreement":  # the rule on answers in hand: no forward pass
         answers = disagreement_answers(
