@@ -16,19 +16,18 @@ def stage_plot(metrics: dict[str, float], triggers: list[str], title: str):
     goodnet, and the GoodNet's detection and clean flag (false-rejection) rates."""
     series = ["clean_acc", *[f"asr/{t}" for t in triggers]]
     series += ["flag_rate_clean", *[f"detect/{t}" for t in triggers]]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(series)
     for i, name in enumerate(series):
         values = [metrics.get(f"{stage}/{name}", float("nan")) for stage in STAGES]
         xs = [s + (i - (len(series) - 1) / 2) * width for s in range(len(STAGES))]
-        label = name.replace("asr/", "ASR ").replace("detect/", "detected ").replace("_", " ")
-        bars = ax.bar(xs, values, width, label=label)
+        bars = ax.bar(xs, values, width, label=_label(name))
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(range(len(STAGES)), STAGES)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("fraction")
     ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig
 
@@ -37,10 +36,8 @@ def curve_plot(curves: dict[str, Sequence[float]], chosen: int, title: str):
     """Accuracy and ASR against channels pruned, in activation order, with the chosen k."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in curves.items():
-        label = name.replace("asr/", "ASR ").replace("_acc", " acc").replace("_", " ")
-        ax.plot(
-            range(len(values)), values, label=label, lw=1.5, ls="--" if name == "val_acc" else "-"
-        )
+        style = "--" if name == "val_acc" else "-"
+        ax.plot(range(len(values)), values, label=_label(name), lw=1.5, ls=style)
     ax.axvline(chosen, color="grey", ls=":", lw=1)
     ax.annotate(f"pruned: {chosen}", (chosen, 0.02), fontsize=8, color="grey")
     ax.set_xlabel("channels pruned (least active on clean data first)")
@@ -58,39 +55,61 @@ def close(figure) -> None:
 
 def sweep_plot(rows: list[dict], x_key: str, group_keys: list[str]):
     """The fine-pruning figure: clean accuracy and ASR per trigger against the swept value,
-    after pruning (dashed) and after fine-tuning (solid); the BadNet's levels dotted."""
+    after pruning (dashed) and after fine-tuning (solid), the BadNet's levels dotted; and
+    beside it the GoodNet's clean accuracy, clean flag rate and detection rate per trigger."""
     triggers = sorted(
         {k.split("/", 2)[2] for row in rows for k in row if k.startswith("repaired/asr/")}
     )
     series = ["clean_acc", *[f"asr/{t}" for t in triggers]]
+    good = ["clean_acc", "flag_rate_clean", *[f"detect/{t}" for t in triggers]]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row.get(k) for k in group_keys), []).append(row)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, gx) = plt.subplots(1, 2, figsize=(13, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for g, (group, members) in enumerate(groups.items()):
         suffix = ", ".join(f"{k}={v}" for k, v in zip(group_keys, group, strict=True))
+        suffix = f" ({suffix})" if suffix else ""
         numeric = not any(math.isnan(as_number(m.get(x_key))) for m in members)
         members = sorted(members, key=lambda m: float(m[x_key]) if numeric else str(m[x_key]))
         xs = [float(m[x_key]) if numeric else str(m[x_key]) for m in members]
         for i, name in enumerate(series):
             color = colors[(i + g * len(series)) % len(colors)]
-            label = name.replace("asr/", "ASR ").replace("clean_acc", "clean acc")
+            label = _label(name)
             for stage, style in (("pruned", "--"), ("repaired", "-")):
                 ys = [m.get(f"{stage}/{name}", float("nan")) for m in members]
-                shown = f"{label} {stage}" + (f" ({suffix})" if suffix else "")
-                ax.plot(xs, ys, style, marker="o", color=color, label=shown)
+                ax.plot(xs, ys, style, marker="o", color=color, label=f"{label} {stage}{suffix}")
             if g == 0:
                 ax.axhline(
                     members[0].get(f"badnet/{name}", float("nan")), color=color, ls=":", lw=1
                 )
-    ax.set_xlabel(x_key)
-    ax.set_ylabel("fraction (dotted: BadNet)")
-    ax.set_ylim(-0.02, 1.05)
-    ax.set_title("sweep: pruned (dashed) and fine-tuned (solid)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        for i, name in enumerate(good):
+            ys = [m.get(f"goodnet/{name}", float("nan")) for m in members]
+            color = colors[(i + g * len(good)) % len(colors)]
+            gx.plot(xs, ys, "-", marker="s", color=color, label=f"{_label(name)}{suffix}")
+    for axes, title in (
+        (ax, "pruned (dashed) and fine-tuned (solid); BadNet dotted"),
+        (gx, "GoodNet: answers N (poisoned) on clean / poisoned inputs"),
+    ):
+        axes.set_xlabel(x_key)
+        axes.set_ylabel("fraction")
+        axes.set_ylim(-0.02, 1.05)
+        axes.set_title(title, fontsize=10)
+        axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig
+
+
+def _label(name: str) -> str:
+    for old, new in (
+        ("asr/", "ASR "),
+        ("detect/", "detected "),
+        ("clean_acc", "clean acc"),
+        ("val_acc", "validation acc"),
+        ("flag_rate_clean", "clean flagged"),
+    ):
+        name = name.replace(old, new)
+    return name
 
 
 def as_number(value) -> float:
