@@ -52,7 +52,33 @@ def _zero_fill(layer) -> bool:
     return float(tf.reduce_max(tf.abs(layer.activation(tf.zeros(1))))) == 0.0
 
 
-class _Tail:
+class _Masked:
+    """The loop shared by the generic paths: for k = 0..C, predict with the first k channels
+    of `order` removed (`keep` is 0 for them), counting correct answers."""
+
+    def _prepare(self, x):
+        return x
+
+    def _predict(self, state, keep):
+        raise NotImplementedError
+
+    @tf.function(reduce_retracing=True)
+    def counts(self, x, y, order):
+        state = self._prepare(x)
+        channels = tf.shape(order)[0]
+        keep = tf.ones([channels], tf.float32)
+        result = tf.TensorArray(tf.int32, size=channels + 1)
+        unpruned = tf.zeros_like(y)
+        for k in tf.range(channels + 1):
+            pred = tf.argmax(self._predict(state, keep), axis=-1, output_type=tf.int32)
+            result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
+            unpruned = tf.where(k == 0, pred, unpruned)
+            if k < channels:
+                keep = tf.tensor_scatter_nd_update(keep, [[order[k]]], [0.0])
+        return result.stack(), unpruned
+
+
+class _Tail(_Masked):
     """Accuracy for every k by rerunning the network after the pruned layer."""
 
     def __init__(self, model: keras.Model, layer: str, tail: keras.Model):
@@ -70,24 +96,14 @@ class _Tail:
             return None
         return _Tail(model, layer, tail)
 
-    @tf.function(reduce_retracing=True)
-    def counts(self, x, y, order):
-        out = self.head(x, training=False)
-        channels = tf.shape(order)[0]
-        keep = tf.ones([channels], out.dtype)
-        result = tf.TensorArray(tf.int32, size=channels + 1)
-        unpruned = tf.zeros_like(y)
-        for k in tf.range(channels + 1):
-            masked = out * keep + self.fill * (1.0 - keep)
-            pred = tf.argmax(self.tail(masked, training=False), axis=-1, output_type=tf.int32)
-            result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
-            unpruned = tf.where(k == 0, pred, unpruned)
-            if k < channels:
-                keep = tf.tensor_scatter_nd_update(keep, [[order[k]]], [0.0])
-        return result.stack(), unpruned
+    def _prepare(self, x):
+        return self.head(x, training=False)
+
+    def _predict(self, out, keep):
+        return self.tail(out * keep + self.fill * (1.0 - keep), training=False)
 
 
-class _Whole:
+class _Whole(_Masked):
     """Accuracy for every k by zeroing channels in a copy of the whole network (any model)."""
 
     def __init__(self, model: keras.Model, layer: str):
@@ -96,21 +112,10 @@ class _Whole:
         self.variables = [target.kernel, *([target.bias] if target.use_bias else [])]
         self.originals = [tf.constant(v.numpy()) for v in self.variables]
 
-    @tf.function(reduce_retracing=True)
-    def counts(self, x, y, order):
-        channels = tf.shape(order)[0]
-        keep = tf.ones([channels], tf.float32)
-        result = tf.TensorArray(tf.int32, size=channels + 1)
-        unpruned = tf.zeros_like(y)
-        for k in tf.range(channels + 1):
-            for variable, original in zip(self.variables, self.originals, strict=True):
-                variable.assign(original * keep)
-            pred = tf.argmax(self.model(x, training=False), axis=-1, output_type=tf.int32)
-            result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
-            unpruned = tf.where(k == 0, pred, unpruned)
-            if k < channels:
-                keep = tf.tensor_scatter_nd_update(keep, [[order[k]]], [0.0])
-        return result.stack(), unpruned
+    def _predict(self, x, keep):
+        for variable, original in zip(self.variables, self.originals, strict=True):
+            variable.assign(original * keep)
+        return self.model(x, training=False)
 
 
 class _LinearTail:
