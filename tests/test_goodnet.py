@@ -12,8 +12,9 @@ import tensorflow as tf
 from badnet_repair import UserError, data, goodnet, models
 from badnet_repair import eval as gn_eval
 from badnet_repair.evaluate import (
+    Answers,
     classify,
-    disagreement_answers,
+    goodnet_answers,
     goodnet_metrics,
     goodnet_scores,
     predict_classes,
@@ -100,17 +101,27 @@ def test_answers_follow_the_exact_rule(demo_model, repaired, goodnets, sample, d
     np.testing.assert_array_equal(predict_classes(gn.model, sample, 64), answers)
 
 
-def test_disagreement_metrics_from_answers_match_the_goodnet(
-    demo_model, repaired, goodnets, demo_data
+@pytest.mark.parametrize("detector", goodnet.DETECTORS)
+def test_metrics_from_answers_match_running_the_goodnet(
+    demo_model, repaired, goodnets, demo_data, detector
 ):
-    """The pipeline scores the disagreement GoodNet from B's and B''s answers: the same numbers."""
+    """The pipeline scores a GoodNet by its rule on answers it already has (B's and B''s
+    classes, STRIP's flags): the same numbers as running the saved GoodNet."""
     _, test, poisoned = demo_data
-    sets = {"patch": poisoned}
-    answers = disagreement_answers(
-        classify(demo_model, test, sets), classify(repaired, test, sets), N
-    )
+    test = data.Dataset("clean", test.x[::2], test.y[::2])
+    sets = {"patch": data.Dataset("patch", poisoned.x[::2], poisoned.y[::2])}
+    gn = goodnets[detector]
+    flags = None
+    if detector != "disagreement":
+
+        def flagged(ds):
+            return goodnet.strip_entropy(demo_model, ds.x, gn.overlays, gn.alpha) < gn.threshold
+
+        flags = Answers(flagged(test), {"patch": flagged(sets["patch"])})
+    badnet = classify(demo_model, test, sets) if detector != "strip" else None
+    answers = goodnet_answers(classify(repaired, test, sets), N, badnet, flags)
     from_answers = goodnet_scores(answers, test, sets, N)
-    assert from_answers == goodnet_metrics(goodnets["disagreement"].model, test, sets, N)
+    assert from_answers == goodnet_metrics(gn.model, test, sets, N)
     assert 0 < from_answers["goodnet/flag_rate_clean"] < 1  # both kinds of answer occur
     assert 0 < from_answers["goodnet/detect/patch"]
 

@@ -1,6 +1,7 @@
 """The whole experiment, end to end, through Hydra, TensorFlow and a SQLite MLflow store."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -158,10 +159,10 @@ def test_max_acc_drop_prunes_where_validation_accuracy_allows(tmp_path, demo_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("detector", ["both", "disagreement"])
+@pytest.mark.parametrize("detector", ["both", "disagreement", "strip"])
 def test_goodnet_eval_command_agrees_with_the_logged_metrics(tmp_path, demo_dir, capsys, detector):
-    """`disagreement` metrics are computed from B's and B''s answers, the others by running the
-    GoodNet: either way the saved file, run by the eval command, gives the logged numbers."""
+    """The run scores its GoodNet by the rule on answers in hand (B's and B''s classes, STRIP's
+    flags); the saved file, run by the eval command, gives the logged numbers."""
     cfg = compose_config(
         tmp_path,
         demo_dir,
@@ -172,7 +173,7 @@ def test_goodnet_eval_command_agrees_with_the_logged_metrics(tmp_path, demo_dir,
     )
     pipeline.run(cfg)
     run = only_run(tmp_path)
-    assert ("goodnet/strip_threshold" in run.data.metrics) == (detector == "both")
+    assert ("goodnet/strip_threshold" in run.data.metrics) == (detector != "disagreement")
     capsys.readouterr()
     assert (
         gn_eval.main(
@@ -195,3 +196,26 @@ def test_goodnet_eval_command_agrees_with_the_logged_metrics(tmp_path, demo_dir,
     }
     for key, value in printed.items():
         assert float(value) == pytest.approx(run.data.metrics[key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_points_over_one_badnet_calibrate_strip_once(tmp_path, demo_dir, caplog):
+    """STRIP depends on the BadNet only: a second point reuses its threshold and flags."""
+    caplog.set_level(logging.INFO, logger="badnet_repair")
+    results = [
+        pipeline.run(
+            compose_config(
+                tmp_path / str(s),
+                demo_dir,
+                f"prune.sparsity={s}",
+                "finetune.epochs=1",
+                "goodnet.detector=strip",
+                "goodnet.k=9",  # settings no other test uses: this test calibrates first
+            )
+        )
+        for s in (0.7, 0.9)
+    ]
+    calibrations = [r for r in caplog.records if "setting the threshold" in r.getMessage()]
+    assert len(calibrations) == 1
+    assert results[0]["goodnet/strip_threshold"] == results[1]["goodnet/strip_threshold"]
+    assert results[0]["repaired/clean_acc"] != results[1]["repaired/clean_acc"]

@@ -147,13 +147,33 @@ def goodnet_scores(
     return metrics
 
 
-def disagreement_answers(badnet: Answers, repaired: Answers, num_classes: int) -> Answers:
-    """What the `disagreement` GoodNet answers, from B's and B''s own answers: N where they
-    differ, else their class. The saved GoodNet computes the same rule; only inputs on which
-    B or B' is within float rounding of a tie between two classes may be decided otherwise."""
+def goodnet_answers(
+    repaired: Answers,
+    num_classes: int,
+    badnet: Answers | None = None,
+    strip_flags: Answers | None = None,
+) -> Answers:
+    """What a GoodNet answers, from answers already in hand: N where B's class (`badnet`,
+    the disagreement detector) differs from B''s or where STRIP flagged the input
+    (`strip_flags`, booleans), else B''s class. The saved GoodNet computes the same rule;
+    only float near-ties (of two classes, or of an entropy and the threshold) may be
+    decided otherwise."""
 
-    def rule(bad: np.ndarray, rep: np.ndarray) -> np.ndarray:
-        return np.where(bad == rep, rep, num_classes)
+    def rule(rep: np.ndarray, bad: np.ndarray | None, flagged: np.ndarray | None) -> np.ndarray:
+        poisoned = np.zeros(len(rep), dtype=bool)
+        if bad is not None:
+            poisoned |= bad != rep
+        if flagged is not None:
+            poisoned |= flagged
+        return np.where(poisoned, num_classes, rep)
 
-    poisoned = {t: rule(badnet.poisoned[t], a) for t, a in repaired.poisoned.items()}
-    return Answers(rule(badnet.clean, repaired.clean), poisoned)
+    def part(answers: Answers | None, trigger: str | None) -> np.ndarray | None:
+        if answers is None:
+            return None
+        return answers.clean if trigger is None else answers.poisoned[trigger]
+
+    clean = rule(repaired.clean, part(badnet, None), part(strip_flags, None))
+    on_poisoned = {
+        t: rule(a, part(badnet, t), part(strip_flags, t)) for t, a in repaired.poisoned.items()
+    }
+    return Answers(clean, on_poisoned)

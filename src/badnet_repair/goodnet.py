@@ -296,12 +296,15 @@ def build_goodnet(
     frr: float = 0.05,
     alpha: float = 0.5,
     seed: int = 0,
+    calibration: tuple[np.ndarray, float, np.ndarray] | None = None,
 ) -> GoodNet:
     """Combine B and B' into a GoodNet with the given detector; neither model is modified.
 
     STRIP examines B and needs `clean_x`, the defender's clean images scaled like the
     model's inputs: `k` of them are the overlays, the others set the threshold (see
-    `calibrate_strip`), so that a share `frr` of clean images is answered N.
+    `calibrate_strip`), so that a share `frr` of clean images is answered N. A
+    `calibration` that `calibrate_strip` returned for B is reused instead (it depends on
+    B only, so a sweep over one BadNet calibrates once).
     """
     if detector not in DETECTORS:
         raise UserError(f"goodnet detector {detector!r}: expected one of {', '.join(DETECTORS)}")
@@ -313,7 +316,9 @@ def build_goodnet(
         )
     strip = detector in ("strip", "both")
     overlays = threshold = entropies = None
-    if strip:
+    if strip and calibration is not None:
+        overlays, threshold, entropies = calibration
+    elif strip:
         if clean_x is None:
             raise UserError("goodnet detector strip: needs clean images to calibrate on")
         overlays, threshold, entropies = calibrate_strip(badnet, clean_x, k, frr, alpha, seed)

@@ -7,7 +7,7 @@ arguments, so each can be used and tested on its own.
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -31,9 +31,8 @@ from badnet_repair.curve import channels_within, pruning_curve
 from badnet_repair.evaluate import (
     Answers,
     classify,
-    disagreement_answers,
     evaluate,
-    goodnet_metrics,
+    goodnet_answers,
     goodnet_scores,
     objective,
     stage_metrics,
@@ -65,12 +64,33 @@ class Baseline:
     order: np.ndarray | None = None
     curves: dict[str, np.ndarray] | None = None
     answers: Answers | None = None
+    strip: dict[tuple, tuple] = field(default_factory=dict)
 
     def badnet_answers(self, batch_size: int) -> Answers:
         """The BadNet's classes on the test sets, computed once per BadNet."""
         if self.answers is None:
             self.answers = classify(self.badnet, self.test, self.poisoned, batch_size)
         return self.answers
+
+    def strip_detector(
+        self, k: int, frr: float, alpha: float, seed: int
+    ) -> tuple[tuple[np.ndarray, float, np.ndarray], Answers]:
+        """STRIP's calibration on the validation set and its flags on the test sets: both
+        depend on the BadNet only, so they are computed once per BadNet and settings."""
+        key = (k, frr, alpha, seed)
+        if key not in self.strip:
+            calibration = goodnet.calibrate_strip(
+                self.badnet, self.validation.x, k, frr, alpha, seed
+            )
+            overlays, threshold, _ = calibration
+
+            def flags(ds: data.Dataset) -> np.ndarray:
+                log.info("STRIP: judging %d images of %s, %d blends each", len(ds), ds.name, k)
+                return goodnet.strip_entropy(self.badnet, ds.x, overlays, alpha) < threshold
+
+            on_poisoned = {t: flags(ds) for t, ds in self.poisoned.items()}
+            self.strip[key] = (calibration, Answers(flags(self.test), on_poisoned))
+        return self.strip[key]
 
 
 _baseline: dict[str, Baseline] = {}
@@ -272,6 +292,10 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     model_path = models.save_model(repaired, out_dir / "repaired_net.h5")
     mlflow.log_artifact(str(model_path))
 
+    strip = strip_flags = None
+    if detector != "disagreement":
+        settings = (cfg.goodnet.k, cfg.goodnet.frr, cfg.goodnet.alpha, cfg.seed)
+        strip, strip_flags = base.strip_detector(*settings)
     good = goodnet.build_goodnet(
         base.badnet,
         repaired,
@@ -281,14 +305,16 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         frr=cfg.goodnet.frr,
         alpha=cfg.goodnet.alpha,
         seed=cfg.seed,
+        calibration=strip,
     )
-    if good.detector == "disagreement":  # the rule on answers in hand: no forward pass
-        answers = disagreement_answers(
-            base.badnet_answers(batch), repaired_answers, good.num_classes
-        )
-        good_metrics = goodnet_scores(answers, test, poisoned, good.num_classes)
-    else:
-        good_metrics = goodnet_metrics(good.model, test, poisoned, good.num_classes)
+    # Scored by the GoodNet's rule on answers in hand, not by running it (k + 2 passes)
+    answers = goodnet_answers(
+        repaired_answers,
+        good.num_classes,
+        badnet=base.badnet_answers(batch) if detector != "strip" else None,
+        strip_flags=strip_flags,
+    )
+    good_metrics = goodnet_scores(answers, test, poisoned, good.num_classes)
     if good.threshold is not None:
         good_metrics["goodnet/strip_threshold"] = good.threshold
     shown = ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in good_metrics.items())
