@@ -40,12 +40,17 @@ def accuracy(model, ds: Dataset, batch_size: int = 512) -> float:
 
 @dataclass
 class Answers:
-    """A model's predicted classes on the clean test set and on each poisoned set, kept so
-    that metrics derived from them (the disagreement GoodNet's) need no new forward pass."""
+    """A model's predicted classes on the clean test set and on each poisoned set (or a
+    detector's flags on them), kept so that metrics derived from them (the GoodNet's) need
+    no new forward pass."""
 
     clean: np.ndarray
     poisoned: dict[str, np.ndarray]
     seconds: float = 0.0
+
+    def of(self, trigger: str | None) -> np.ndarray:
+        """Those on one poisoned set, or on the clean set for None."""
+        return self.clean if trigger is None else self.poisoned[trigger]
 
 
 def classify(model, clean: Dataset, poisoned: dict[str, Dataset], batch_size: int = 512) -> Answers:
@@ -159,21 +164,13 @@ def goodnet_answers(
     only float near-ties (of two classes, or of an entropy and the threshold) may be
     decided otherwise."""
 
-    def rule(rep: np.ndarray, bad: np.ndarray | None, flagged: np.ndarray | None) -> np.ndarray:
-        poisoned = np.zeros(len(rep), dtype=bool)
-        if bad is not None:
-            poisoned |= bad != rep
-        if flagged is not None:
-            poisoned |= flagged
-        return np.where(poisoned, num_classes, rep)
+    def rule(trigger: str | None) -> np.ndarray:
+        answer = repaired.of(trigger)
+        flagged = np.zeros(len(answer), dtype=bool)
+        if badnet is not None:
+            flagged |= badnet.of(trigger) != answer
+        if strip_flags is not None:
+            flagged |= strip_flags.of(trigger)
+        return np.where(flagged, num_classes, answer)
 
-    def part(answers: Answers | None, trigger: str | None) -> np.ndarray | None:
-        if answers is None:
-            return None
-        return answers.clean if trigger is None else answers.poisoned[trigger]
-
-    clean = rule(repaired.clean, part(badnet, None), part(strip_flags, None))
-    on_poisoned = {
-        t: rule(a, part(badnet, t), part(strip_flags, t)) for t, a in repaired.poisoned.items()
-    }
-    return Answers(clean, on_poisoned)
+    return Answers(rule(None), {t: rule(t) for t in repaired.poisoned})
