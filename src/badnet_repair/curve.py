@@ -52,33 +52,40 @@ def _zero_fill(layer) -> bool:
     return float(tf.reduce_max(tf.abs(layer.activation(tf.zeros(1))))) == 0.0
 
 
-class _Masked:
-    """The loop shared by the generic paths: for k = 0..C, predict with the first k channels
-    of `order` removed (`keep` is 0 for them), counting correct answers."""
+class _Evaluator:
+    """The loop every path shares: for k = 0..C, predict and count correct answers, then
+    remove channel `order[k]`. A path says how a batch starts, how it is predicted and how
+    a channel is removed; by default a mask `keep` (0 for removed channels) is the state."""
 
     def _prepare(self, x):
         return x
 
-    def _predict(self, state, keep):
+    def _start(self, x, channels):
+        return self._prepare(x), tf.ones([channels], tf.float32)
+
+    def _predict(self, state):
         raise NotImplementedError
+
+    def _remove(self, state, channel):
+        prepared, keep = state
+        return prepared, tf.tensor_scatter_nd_update(keep, [[channel]], [0.0])
 
     @tf.function(reduce_retracing=True)
     def counts(self, x, y, order):
-        state = self._prepare(x)
         channels = tf.shape(order)[0]
-        keep = tf.ones([channels], tf.float32)
+        state = self._start(x, channels)
         result = tf.TensorArray(tf.int32, size=channels + 1)
         unpruned = tf.zeros_like(y)
         for k in tf.range(channels + 1):
-            pred = tf.argmax(self._predict(state, keep), axis=-1, output_type=tf.int32)
+            pred = tf.argmax(self._predict(state), axis=-1, output_type=tf.int32)
             result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
             unpruned = tf.where(k == 0, pred, unpruned)
             if k < channels:
-                keep = tf.tensor_scatter_nd_update(keep, [[order[k]]], [0.0])
+                state = self._remove(state, order[k])
         return result.stack(), unpruned
 
 
-class _Tail(_Masked):
+class _Tail(_Evaluator):
     """Accuracy for every k by rerunning the network after the pruned layer."""
 
     def __init__(self, model: keras.Model, layer: str, tail: keras.Model):
@@ -99,11 +106,12 @@ class _Tail(_Masked):
     def _prepare(self, x):
         return self.head(x, training=False)
 
-    def _predict(self, out, keep):
+    def _predict(self, state):
+        out, keep = state
         return self.tail(out * keep + self.fill * (1.0 - keep), training=False)
 
 
-class _Whole(_Masked):
+class _Whole(_Evaluator):
     """Accuracy for every k by zeroing channels in a copy of the whole network (any model)."""
 
     def __init__(self, model: keras.Model, layer: str):
@@ -112,13 +120,14 @@ class _Whole(_Masked):
         self.variables = [target.kernel, *([target.bias] if target.use_bias else [])]
         self.originals = [tf.constant(v.numpy()) for v in self.variables]
 
-    def _predict(self, x, keep):
+    def _predict(self, state):
+        x, keep = state
         for variable, original in zip(self.variables, self.originals, strict=True):
             variable.assign(original * keep)
         return self.model(x, training=False)
 
 
-class _LinearTail:
+class _LinearTail(_Evaluator):
     """Accuracy for every k by updating the first linear layers after the pruned one."""
 
     def __init__(
@@ -246,21 +255,17 @@ class _LinearTail:
             values[name] = self.model.get_layer(name)(sources if len(sources) > 1 else sources[0])
         return values[self.rest[-1]]
 
-    @tf.function(reduce_retracing=True)
-    def counts(self, x, y, order):
+    def _start(self, x, channels):
         pooled = self.head(x, training=False)
-        preacts = self._preactivations(pooled)
-        channels = tf.shape(order)[0]
-        result = tf.TensorArray(tf.int32, size=channels + 1)
-        unpruned = tf.zeros_like(y)
-        for k in tf.range(channels + 1):
-            pred = tf.argmax(self._rest(preacts), axis=-1, output_type=tf.int32)
-            result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
-            unpruned = tf.where(k == 0, pred, unpruned)
-            if k < channels:
-                removed = self._contributions(pooled, order[k])
-                preacts = [z - r for z, r in zip(preacts, removed, strict=True)]
-        return result.stack(), unpruned
+        return pooled, self._preactivations(pooled)
+
+    def _predict(self, state):
+        return self._rest(state[1])
+
+    def _remove(self, state, channel):
+        pooled, preacts = state
+        removed = self._contributions(pooled, channel)
+        return pooled, [z - r for z, r in zip(preacts, removed, strict=True)]
 
 
 PATHS = {_LinearTail: "linear-update", _Tail: "tail-rerun", _Whole: "whole-net rerun"}
