@@ -297,15 +297,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         settings = (cfg.goodnet.k, cfg.goodnet.frr, cfg.goodnet.alpha, cfg.seed)
         strip, strip_flags = base.strip_detector(*settings)
     good = goodnet.build_goodnet(
-        base.badnet,
-        repaired,
-        detector,
-        validation.x,
-        k=cfg.goodnet.k,
-        frr=cfg.goodnet.frr,
-        alpha=cfg.goodnet.alpha,
-        seed=cfg.seed,
-        calibration=strip,
+        base.badnet, repaired, detector, alpha=cfg.goodnet.alpha, calibration=strip
     )
     # Scored by the GoodNet's rule on answers in hand, not by running it (k + 2 passes)
     answers = goodnet_answers(
