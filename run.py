@@ -31,9 +31,15 @@ def main(cfg: DictConfig) -> float:
 def cli() -> None:
     """Ctrl-C and SIGTERM exit 130 at any moment, and a sweep that stops early ends its
     MLflow parent run (the runs themselves end FAILED or KILLED in `tracking`)."""
+    from hydra._internal.utils import get_args_parser
+
     from badnet_repair import sweep, tracking
 
     tracking.interrupt_on_sigterm()
+    try:
+        config.check_overrides(get_args_parser().parse_args().overrides)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     try:
         main()
     except BaseException as e:

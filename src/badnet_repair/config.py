@@ -1,22 +1,45 @@
 """Structured config schema: Hydra checks types against it, `validate` checks ranges.
+A default lives in one place: the config file that sets the section.
 
-Every key here is a parameter of one pipeline stage; see the README's config tree.
+The pipeline's own sections (paths, model, data, goodnet, tracking, sweep) are typed
+here. Each repair types the sections it reads (`prune`, `finetune`, ...) in its own
+module (see `badnet_repair.repairs`); those sections exist only when that repair is
+chosen, so `python run.py repair=NAME --cfg job` shows exactly what it reads.
+
+A key's allowed range is written once, beside its type (`ranged`), and checked for
+every section by `validate` before any work.
 """
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, IntegerNode, OmegaConf, StringNode
 
 from badnet_repair import UserError
 
 
-class PruneMethod(Enum):
-    activation = "activation"
-    magnitude = "magnitude"
+def ranged(default: Any, allowed: str, **kwargs: Any) -> Any:
+    """A dataclass field whose value must lie in `allowed`: "[0, 1)", "(0, 1]", ">= 1", "> 0"."""
+    return field(default=default, metadata={"range": allowed}, **kwargs)
+
+
+_BOUND = re.compile(r"^([\[(])\s*(\S+),\s*(\S+)\s*([\])])$")
+
+
+def in_range(value: float, allowed: str) -> bool:
+    """Whether `value` lies in the range written as in `ranged`."""
+    if interval := _BOUND.match(allowed):
+        low_open, low, high, high_open = interval.groups()
+        low_ok = value > float(low) if low_open == "(" else value >= float(low)
+        high_ok = value < float(high) if high_open == ")" else value <= float(high)
+        return low_ok and high_ok
+    op, bound = allowed.split()
+    return {">=": value >= float(bound), ">": value > float(bound)}[op]
 
 
 class Detector(Enum):
@@ -32,10 +55,10 @@ class Objective(Enum):
 
 @dataclass
 class PathsConfig:
-    root: str = "${project_root:}"
-    data: str = "${paths.root}/data"
-    csaw: str = "${paths.data}/csaw"
-    output_dir: str = "${hydra:runtime.output_dir}"
+    root: str = MISSING
+    data: str = MISSING
+    csaw: str = MISSING
+    output_dir: str = MISSING
 
 
 @dataclass
@@ -53,60 +76,42 @@ class DataConfig:
     clean_validation: str = MISSING
     clean_test: str = MISSING
     poisoned: dict[str, str] = field(default_factory=dict)
-    scale: float = 1.0 / 255.0
+    scale: float = ranged(1.0 / 255.0, "> 0")
+    holdout: float = ranged(0.1, "[0, 1)")  # the only section without a file of defaults
     source: str | None = None
 
 
 @dataclass
-class PruneConfig:
-    method: PruneMethod = PruneMethod.activation
-    sparsity: float = 0.5
-    max_acc_drop: float | None = None
-    frequency: int = 100
-
-
-@dataclass
-class FinetuneConfig:
-    epochs: int = 5
-    lr: float = 1e-3
-    batch_size: int = 32
-    val_fraction: float = 0.1
-
-
-@dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///${paths.root}/mlruns/mlflow.db"
-    artifact_root: str = "${paths.root}/mlruns/artifacts"
-    experiment: str = "${model.name}"
+    uri: str = MISSING
+    artifact_root: str = MISSING
+    experiment: str = MISSING
 
 
 @dataclass
 class GoodnetConfig:
-    detector: Detector = Detector.disagreement
-    frr: float = 0.05
-    k: int = 32
-    alpha: float = 0.5
+    detector: Detector = MISSING
+    frr: float = ranged(MISSING, "(0, 1)")
+    k: int = ranged(MISSING, ">= 1")
+    alpha: float = ranged(MISSING, "(0, 1)")
 
 
 @dataclass
 class SweepConfig:
-    resume: bool = True
-    objective: Objective = Objective.clean_acc_under_asr
-    asr_ceiling: float = 0.05
+    resume: bool = MISSING
+    objective: Objective = MISSING
+    asr_ceiling: float = ranged(MISSING, "[0, 1]")
 
 
-@dataclass
-class Config:
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    goodnet: GoodnetConfig = field(default_factory=GoodnetConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    seed: int = 0
-    eval_batch_size: int = 512
+PIPELINE_SECTIONS = {
+    "paths": PathsConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "goodnet": GoodnetConfig,
+    "tracking": TrackingConfig,
+    "sweep": SweepConfig,
+}
+ROOT_KEYS = {"seed": "[0, 4294967295]", "eval_batch_size": ">= 1"}
 
 
 def project_root() -> str:
@@ -118,14 +123,47 @@ def project_root() -> str:
 
 
 def register() -> None:
-    """Register the schema and the `project_root` resolver with Hydra (idempotent)."""
+    """Register the schemas and the `project_root` resolver with Hydra (idempotent).
+
+    The root is a plain node holding typed sections, so that each repair's config can
+    add the sections it reads (typed by `schema/repair/<name>`).
+    """
+    from badnet_repair import repairs
+
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", project_root)
-    ConfigStore.instance().store(name="schema", node=Config)
+    store = ConfigStore.instance()
+    root = {
+        **PIPELINE_SECTIONS,
+        "repair": StringNode(MISSING),
+        "seed": IntegerNode(MISSING),
+        "eval_batch_size": IntegerNode(MISSING),
+    }
+    store.store(name="schema", node=OmegaConf.create(root))
+    for name in repairs.names():
+        store.store(
+            group="schema/repair", name=name, node=repairs.settings(name), package="_global_"
+        )
+
+
+def _check_section(name: str, node: DictConfig) -> None:
+    """Range checks (`ranged`) and a section's own `check` method, if it has one."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    for spec in dataclasses.fields(schema):
+        allowed = spec.metadata.get("range")
+        value = node.get(spec.name)
+        if allowed and value is not None and not in_range(value, allowed):
+            expected = f"in {allowed}" if allowed[0] in "[(" else allowed
+            raise UserError(f"config key {name}.{spec.name}={value!r}: expected {expected}")
+    if hasattr(schema, "check"):
+        OmegaConf.to_object(node).check()
 
 
 def validate(cfg: DictConfig) -> None:
     """Check values the type system cannot, before any work starts."""
+    from badnet_repair import demo, repairs
     from badnet_repair.models import ARCHITECTURES
 
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -134,29 +172,20 @@ def validate(cfg: DictConfig) -> None:
             f"config key{'s' if len(missing) > 1 else ''} {', '.join(missing)}: required, "
             f"set on the command line (e.g. {missing[0]}=...)"
         )
-    checks: list[tuple[str, Any, bool, str]] = [
-        ("prune.sparsity", cfg.prune.sparsity, 0.0 <= cfg.prune.sparsity < 1.0, "in [0, 1)"),
-        ("prune.frequency", cfg.prune.frequency, cfg.prune.frequency >= 1, ">= 1"),
-        ("finetune.epochs", cfg.finetune.epochs, cfg.finetune.epochs >= 0, ">= 0"),
-        ("finetune.lr", cfg.finetune.lr, cfg.finetune.lr > 0, "> 0"),
-        ("finetune.batch_size", cfg.finetune.batch_size, cfg.finetune.batch_size >= 1, ">= 1"),
-        (
-            "finetune.val_fraction",
-            cfg.finetune.val_fraction,
-            0.0 <= cfg.finetune.val_fraction < 1.0,
-            "in [0, 1)",
-        ),
-        ("data.scale", cfg.data.scale, cfg.data.scale > 0, "> 0"),
-        ("goodnet.frr", cfg.goodnet.frr, 0.0 < cfg.goodnet.frr < 1.0, "in (0, 1)"),
-        ("goodnet.alpha", cfg.goodnet.alpha, 0.0 < cfg.goodnet.alpha < 1.0, "in (0, 1)"),
-        ("goodnet.k", cfg.goodnet.k, cfg.goodnet.k >= 1, ">= 1"),
-        (
-            "sweep.asr_ceiling",
-            cfg.sweep.asr_ceiling,
-            0.0 <= cfg.sweep.asr_ceiling <= 1.0,
-            "in [0, 1]",
-        ),
-        ("eval_batch_size", cfg.eval_batch_size, cfg.eval_batch_size >= 1, ">= 1"),
+    for key, allowed in ROOT_KEYS.items():
+        if not in_range(cfg[key], allowed):
+            raise UserError(f"config key {key}={cfg[key]!r}: expected {allowed}")
+    if cfg.get("repair") not in repairs.names():
+        raise UserError(
+            f"config key repair={cfg.get('repair')!r}: expected one of {', '.join(repairs.names())}"
+        )
+    known = {s for name in repairs.names() for s in repairs.sections(name)}
+    for section in set(cfg) - set(PIPELINE_SECTIONS) - set(ROOT_KEYS) - {"repair"} - known:
+        raise UserError(f"config section {section}: unknown (no repair reads it)")
+    for name, node in cfg.items():
+        if isinstance(node, DictConfig):
+            _check_section(str(name), node)
+    checks = [
         (
             "model.architecture",
             cfg.model.architecture,
@@ -166,21 +195,10 @@ def validate(cfg: DictConfig) -> None:
         (
             "model.builder",
             cfg.model.builder,
-            cfg.model.builder in (None, "demo"),
-            "demo or null",
+            cfg.model.builder in (None, *demo.BUILDERS),
+            f"{' or '.join(demo.BUILDERS)} or null",
         ),
     ]
-    drop = cfg.prune.max_acc_drop
-    if drop is not None:
-        checks.append(("prune.max_acc_drop", drop, 0.0 <= drop < 1.0, "in [0, 1) or null"))
-        checks.append(
-            (
-                "prune.max_acc_drop",
-                drop,
-                cfg.prune.method == PruneMethod.activation,
-                "null with prune.method=magnitude (the rule reads the activation curve)",
-            )
-        )
     for key, value, ok, expected in checks:
         if not ok:
             raise UserError(f"config key {key}={value!r}: expected {expected}")
@@ -188,4 +206,78 @@ def validate(cfg: DictConfig) -> None:
         if not str(name).replace("_", "").replace("-", "").isalnum():
             raise UserError(
                 f"config key data.poisoned.{name}: trigger names may hold letters, digits, _ and -"
+            )
+
+
+def _repair_choices(overrides: list) -> list[str]:
+    """The repairs a command runs: its `repair=` override, else the composed config's
+    choice and any repairs its sweeper sweeps (an experiment may set both)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from badnet_repair import repairs
+
+    def values(override) -> list[str]:
+        if override.is_glob():
+            return repairs.names()
+        if override.is_sweep_override():
+            return list(override.sweep_string_iterator())
+        return [str(override.value())]
+
+    given = [o for o in overrides if o.key_or_group == "repair"]
+    if given:
+        return values(given[-1])
+    kept = [
+        o.input_line for o in overrides if not o.is_sweep_override() and "." not in o.key_or_group
+    ]
+    with initialize_config_dir(config_dir=f"{project_root()}/conf", version_base="1.3"):
+        cfg = compose("config", overrides=kept, return_hydra_config=True)
+    chosen = [str(cfg.repair)]
+    swept = OmegaConf.select(cfg, "hydra.sweeper.params.repair")
+    if swept is not None:
+        chosen += values(OverridesParser.create().parse_override(f"repair={swept}"))
+    return chosen
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """One clear line, before Hydra composes, for overrides no run could honour: a key of a
+    section that the chosen repair does not read (Hydra's own error takes several lines and
+    suggests adding the key, which the repair would then ignore), or the old `prune` group."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from badnet_repair import repairs
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # noqa: BLE001 - Hydra reports a malformed override itself
+        return
+    for o in parsed:
+        if o.key_or_group == "prune":
+            raise UserError(
+                f"{o.input_line}: the prune group is now the repair group: "
+                "repair=fine_pruning (activation ranking) or repair=magnitude"
+            )
+    readers: dict[str, list[str]] = {}
+    for name in repairs.names():
+        for section in repairs.sections(name):
+            readers.setdefault(section, []).append(name)
+    keys = [
+        o
+        for o in parsed
+        if o.key_or_group.split(".")[0] in readers and not (o.is_force_add() or o.is_delete())
+    ]
+    if not keys:
+        return
+    try:
+        chosen = _repair_choices(parsed)
+    except Exception:  # noqa: BLE001 - composition errors are Hydra's to report
+        return
+    for o in keys:
+        section = o.key_or_group.split(".")[0]
+        unread = [r for r in dict.fromkeys(chosen) if section not in repairs.sections(r)]
+        if unread:
+            raise UserError(
+                f"config key {o.key_or_group}: not read by repair={','.join(unread)} "
+                f"(read by {', '.join(readers[section])}); in a sweep over repairs, "
+                f"++{o.key_or_group}=... sets it where it is read"
             )

@@ -13,7 +13,6 @@ fc_1 feed an Add with the other branch), the whole network per k.
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -75,14 +74,12 @@ class _Evaluator:
         channels = tf.shape(order)[0]
         state = self._start(x, channels)
         result = tf.TensorArray(tf.int32, size=channels + 1)
-        unpruned = tf.zeros_like(y)
         for k in tf.range(channels + 1):
             pred = tf.argmax(self._predict(state), axis=-1, output_type=tf.int32)
             result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
-            unpruned = tf.where(k == 0, pred, unpruned)
             if k < channels:
                 state = self._remove(state, order[k])
-        return result.stack(), unpruned
+        return result.stack()
 
 
 class _Tail(_Evaluator):
@@ -271,37 +268,25 @@ class _LinearTail(_Evaluator):
 PATHS = {_LinearTail: "linear-update", _Tail: "tail-rerun", _Whole: "whole-net rerun"}
 
 
-@dataclass
-class PruningCurve:
-    """Per data set: accuracy after removing k = 0..C channels (index k), and the unpruned
-    net's predicted classes, which the k = 0 point computes anyway."""
-
-    accuracy: dict[str, np.ndarray]
-    unpruned: dict[str, np.ndarray]
-
-
 def pruning_curve(
     model: keras.Model,
     layer: str,
     order: np.ndarray,
     datasets: dict[str, Dataset],
     batch_size: int = 512,
-) -> PruningCurve:
-    """Accuracy on each data set after removing the first k channels of `order`, k = 0..C."""
+) -> dict[str, np.ndarray]:
+    """Accuracy on each data set after removing the first k channels of `order`, k = 0..C
+    (index k)."""
     start = time.perf_counter()
     evaluator = _LinearTail.build(model, layer) or _Tail.build(model, layer) or _Whole(model, layer)
     order_t = tf.constant(np.asarray(order), tf.int32)
-    curves, unpruned = {}, {}
+    curves = {}
     for name, ds in datasets.items():
         total = np.zeros(len(order) + 1, np.int64)
-        classes = []
         for i in range(0, len(ds), batch_size):
             y = tf.constant(ds.y[i : i + batch_size], tf.int32)
-            counts, pred = evaluator.counts(ds.x[i : i + batch_size], y, order_t)
-            total += counts.numpy()
-            classes.append(pred.numpy())
+            total += evaluator.counts(ds.x[i : i + batch_size], y, order_t).numpy()
         curves[name] = total / len(ds)
-        unpruned[name] = np.concatenate(classes) if classes else np.empty(0, np.int32)
     log.info(
         "pruning curve of %s: %d points on %d images (%s path, %.1fs)",
         layer,
@@ -310,7 +295,7 @@ def pruning_curve(
         PATHS[type(evaluator)],
         time.perf_counter() - start,
     )
-    return PruningCurve(curves, unpruned)
+    return curves
 
 
 def channels_within(val_curve: np.ndarray, max_drop: float) -> int:

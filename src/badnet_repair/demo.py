@@ -19,11 +19,12 @@ import tensorflow as tf
 
 from badnet_repair.data import Dataset, save_h5
 from badnet_repair.evaluate import accuracy
-from badnet_repair.finetune import finetune, seed_everything
 from badnet_repair.models import build_deepid, save_model
+from badnet_repair.training import finetune, seed_everything
 
 log = logging.getLogger(__name__)
 
+BUILDERS = ("demo",)  # model.builder values: BadNets this module builds on first use
 IMAGE_SHAPE = (55, 47, 3)
 NUM_CLASSES = 40
 TARGET = 7

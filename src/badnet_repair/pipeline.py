@@ -1,4 +1,5 @@
-"""The fine-pruning experiment: load, evaluate, prune, evaluate, fine-tune, evaluate, log.
+"""The experiment: load and score the BadNet, repair it, score the repair, build and score
+the GoodNet, save and log.
 
 This module is the only one that reads the config; every stage it calls takes plain
 arguments, so each can be used and tested on its own.
@@ -24,21 +25,13 @@ from badnet_repair import (
     goodnet,
     models,
     plots,
+    repairs,
     sweep,
     tracking,
 )
-from badnet_repair.curve import channels_within, pruning_curve
-from badnet_repair.evaluate import (
-    Answers,
-    classify,
-    evaluate,
-    goodnet_answers,
-    goodnet_scores,
-    objective,
-    stage_metrics,
-)
-from badnet_repair.finetune import finetune, seed_everything
-from badnet_repair.pruning import activation_prune, channel_count, magnitude_prune, rank_channels
+from badnet_repair.evaluate import Answers, goodnet_answers, goodnet_scores, objective
+from badnet_repair.report import Report
+from badnet_repair.training import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +46,24 @@ def require_inputs(model_file: str, data_files: list[str], source: str | None) -
 
 @dataclass
 class Baseline:
-    """What every point of a sweep over one BadNet shares: computed once per process."""
+    """What every run over one BadNet and its data shares: computed once per process."""
 
     badnet: keras.Model
     validation: data.Dataset
     test: data.Dataset
     poisoned: dict[str, data.Dataset]
     layer: str
-    metrics: dict[str, float]
-    order: np.ndarray | None = None
-    curves: dict[str, np.ndarray] | None = None
-    answers: Answers | None = None
+    answers: Answers  # the BadNet's classes on the evaluation sets
+    memo: dict = field(default_factory=dict)  # what repairs share (`Case.shared`)
+    splits: dict = field(default_factory=dict)
     strip: dict[tuple, tuple] = field(default_factory=dict)
 
-    def badnet_answers(self, batch_size: int) -> Answers:
-        """The BadNet's classes on the test sets, computed once per BadNet."""
-        if self.answers is None:
-            self.answers = classify(self.badnet, self.test, self.poisoned, batch_size)
-        return self.answers
+    def clean(self, holdout: float, seed: int) -> repairs.CleanData:
+        """The defender's data: the validation set, and its seeded split."""
+        if (holdout, seed) not in self.splits:
+            train, held = data.split(self.validation, holdout, seed)
+            self.splits[(holdout, seed)] = repairs.CleanData(self.validation, train, held)
+        return self.splits[(holdout, seed)]
 
     def strip_detector(
         self, k: int, frr: float, alpha: float, seed: int
@@ -96,9 +89,9 @@ class Baseline:
 _baseline: dict[str, Baseline] = {}
 
 
-def baseline(cfg: DictConfig, with_curve: bool) -> Baseline:
-    """Load and evaluate the BadNet, rank channels and trace the pruning curve, reusing the
-    last result while the model and data files' contents and the settings are unchanged."""
+def baseline(cfg: DictConfig) -> Baseline:
+    """Load the BadNet and its data and classify the evaluation sets, reusing the last
+    result while the model and data files' contents and the settings are unchanged."""
     paths = [cfg.model.file, cfg.data.clean_validation, cfg.data.clean_test]
     paths += list(cfg.data.poisoned.values())
     key = json.dumps(
@@ -110,42 +103,15 @@ def baseline(cfg: DictConfig, with_curve: bool) -> Baseline:
             cfg.data.scale,
         ]
     )
-    if key not in _baseline:
-        _baseline.clear()  # hold one BadNet's data at a time
-        badnet, validation, test, poisoned = load_inputs(cfg)
-        layer = models.prunable_layer(badnet, cfg.model.layer).name
-        _baseline[key] = Baseline(badnet, validation, test, poisoned, layer, {})
-    else:
+    if key in _baseline:
         log.info("reusing the loaded BadNet, its data and baseline metrics (same files)")
-    base = _baseline[key]
-    if with_curve and base.curves is None:
-        base.order = rank_channels(base.badnet, base.layer, base.validation.x, cfg.eval_batch_size)
-        sets = {"val_acc": base.validation, "clean_acc": base.test}
-        sets.update({f"asr/{t}": ds for t, ds in base.poisoned.items()})
-        curve = pruning_curve(base.badnet, base.layer, base.order, sets, cfg.eval_batch_size)
-        base.curves = curve.accuracy
-        base.answers = Answers(  # the BadNet's classes, from the curve's k = 0 point
-            curve.unpruned["clean_acc"],
-            {t: curve.unpruned[f"asr/{t}"] for t in base.poisoned},
-        )
-    if not base.metrics:
-        if base.curves is not None:
-            base.metrics = curve_point(base.curves, 0, "badnet")
-        else:
-            answers = base.badnet_answers(cfg.eval_batch_size)
-            base.metrics = stage_metrics(answers, base.test, base.poisoned, "badnet")
-    return base
-
-
-def curve_point(curves: dict[str, np.ndarray], k: int, stage: str) -> dict[str, float]:
-    """A stage's metrics read off the pruning curve: the net with the first k channels
-    removed is exactly what the curve evaluated at k, so it need not be evaluated again."""
-    metrics = {
-        f"{stage}/{name}": float(values[k]) for name, values in curves.items() if name != "val_acc"
-    }
-    shown = ", ".join(f"{key.split('/', 1)[1]}={v:.4f}" for key, v in metrics.items())
-    log.info("%s: %s (from the pruning curve, %d channels removed)", stage, shown, k)
-    return metrics
+        return _baseline[key]
+    _baseline.clear()  # hold one BadNet's data at a time
+    badnet, validation, test, poisoned = load_inputs(cfg)
+    layer = models.prunable_layer(badnet, cfg.model.layer).name
+    answers = Report(test, poisoned, cfg.eval_batch_size).answers(badnet)
+    _baseline[key] = Baseline(badnet, validation, test, poisoned, layer, answers)
+    return _baseline[key]
 
 
 def load_inputs(cfg: DictConfig):
@@ -183,12 +149,14 @@ def load_inputs(cfg: DictConfig):
 def run(
     cfg: DictConfig, run_name: str | None = None, parent_run_id: str | None = None
 ) -> dict[str, float]:
-    """Carry out one fine-pruning experiment and track it; return its metrics.
+    """Carry out one experiment and track it; return its metrics.
 
     Within a sweep (`parent_run_id` given) the run is logged as the parent's child, and
     with `sweep.resume` a point whose config already has a FINISHED run is skipped.
     """
     config.validate(cfg)
+    for section in repairs.unread(cfg):
+        log.warning("config section %s: not read by repair=%s (ignored)", section, cfg.repair)
     if cfg.model.builder is None:
         require_inputs(
             cfg.model.file,
@@ -199,9 +167,9 @@ def run(
     experiment_id = tracking.prepare(
         cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root
     )
-    run_name = run_name or f"{cfg.model.name}-{cfg.prune.method.value}-{cfg.prune.sparsity:g}"
+    run_name = run_name or f"{cfg.model.name} {repairs.describe(cfg)}"
     fingerprint = sweep.config_hash(cfg)
-    tags = {"config_hash": fingerprint}
+    tags = {"config_hash": fingerprint, "repair": cfg.repair}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
         done = sweep.finished_children(experiment_id, parent_run_id, fingerprint)
@@ -231,67 +199,49 @@ def _with_objective(metrics: dict[str, float], cfg: DictConfig) -> dict[str, flo
 def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     seed_everything(cfg.seed)
     start = time.perf_counter()
-    activation = cfg.prune.method == config.PruneMethod.activation
-    base = baseline(cfg, with_curve=activation)
-    validation, test, poisoned, layer = base.validation, base.test, base.poisoned, base.layer
-    batch = cfg.eval_batch_size
-    metrics = dict(base.metrics)
-    mlflow.log_metrics(metrics)
-    train, holdout = data.split(validation, cfg.finetune.val_fraction, cfg.seed)
-    detector = cfg.goodnet.detector.value
+    base = baseline(cfg)
+    report = Report(base.test, base.poisoned, cfg.eval_batch_size)
+    report.stage("badnet", answers=base.answers)
     goodnet.output_kind(base.badnet)  # refuses an output the GoodNet cannot combine, now
-    if detector != "disagreement":
-        goodnet.check_strip(cfg.goodnet.k, len(validation))
+    if cfg.goodnet.detector.value != "disagreement":
+        goodnet.check_strip(cfg.goodnet.k, len(base.validation))
 
-    if activation:
-        tracking.log_steps({f"curve/{name}": values for name, values in base.curves.items()})
-        if cfg.prune.max_acc_drop is None:
-            k = channel_count(cfg.prune.sparsity, len(base.order))
-        else:
-            k = channels_within(base.curves["val_acc"], cfg.prune.max_acc_drop)
-            log.info(
-                "max_acc_drop=%g: %d channels keep validation accuracy within %.1f points",
-                cfg.prune.max_acc_drop,
-                k,
-                100 * cfg.prune.max_acc_drop,
-            )
-        pruned = activation_prune(base.badnet, layer, base.order, k)
-        figure = plots.curve_plot(base.curves, k, f"{cfg.model.name}: pruning curve of {layer}")
-        mlflow.log_figure(figure, "curve.png")
-        plots.close(figure)
-    else:
-        pruned = magnitude_prune(base.badnet, layer, cfg.prune.sparsity, cfg.prune.frequency)
-    prune_metrics = {
-        "prune/channels_pruned": len(pruned.channels_pruned),
-        "prune/sparsity": pruned.sparsity,
-    }
-    if activation:
-        prune_metrics.update(curve_point(base.curves, k, "pruned"))
-    else:
-        prune_metrics.update(evaluate(pruned.export(), test, poisoned, "pruned", batch))
-    mlflow.log_metrics(prune_metrics)
-    metrics.update(prune_metrics)
-
-    seed_everything(cfg.seed)  # fine-tuning starts from the same RNG state, cache hit or not
-    finetune(
-        pruned.model,
-        train,
-        holdout,
-        epochs=cfg.finetune.epochs,
-        lr=cfg.finetune.lr,
-        batch_size=cfg.finetune.batch_size,
-        callbacks=pruned.callbacks,
-        on_epoch=lambda epoch, values: mlflow.log_metrics(values, step=epoch),
+    clean = base.clean(cfg.data.holdout, cfg.seed)
+    case = repairs.Case(
+        base.badnet, base.layer, clean, report, cfg.seed, cfg.eval_batch_size, base.memo
     )
-    repaired = pruned.export()
-    repaired_answers = classify(repaired, test, poisoned, batch)
-    final = stage_metrics(repaired_answers, test, poisoned, "repaired")
-    mlflow.log_metrics(final)
-    metrics.update(final)
-
+    seed_everything(cfg.seed)  # the repair starts from the same RNG state, cache hit or not
+    repair_start = time.perf_counter()
+    repaired = repairs.run(cfg, case)
+    mlflow.log_metric("time/repair_s", time.perf_counter() - repair_start)
+    repaired_answers = report.answers(repaired)
+    report.stage("repaired", answers=repaired_answers)
     model_path = models.save_model(repaired, out_dir / "repaired_net.h5")
     mlflow.log_artifact(str(model_path))
 
+    _goodnet(cfg, base, repaired, repaired_answers, report, out_dir)
+    summary = {"metrics": report.metrics, **report.notes}
+    mlflow.log_artifact(
+        str(files.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2)))
+    )
+    title = f"{cfg.model.name}: {repairs.describe(cfg)}"
+    figure = plots.stage_plot(report.metrics, report.stages, report.triggers, title)
+    report.figure(figure, "stages.png")
+    mlflow.set_tag("series", ",".join(sorted(report.series)))
+    log.info("done in %.0fs; repaired model: %s", time.perf_counter() - start, model_path)
+    return report.metrics
+
+
+def _goodnet(
+    cfg: DictConfig,
+    base: Baseline,
+    repaired: keras.Model,
+    repaired_answers: Answers,
+    report: Report,
+    out_dir: Path,
+) -> None:
+    """Build the GoodNet, score it by its rule on the answers in hand, save it."""
+    detector = cfg.goodnet.detector.value
     strip = strip_flags = None
     if detector != "disagreement":
         settings = (cfg.goodnet.k, cfg.goodnet.frr, cfg.goodnet.alpha, cfg.seed)
@@ -303,29 +253,12 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     answers = goodnet_answers(
         repaired_answers,
         good.num_classes,
-        badnet=base.badnet_answers(batch) if detector != "strip" else None,
+        badnet=base.answers if detector != "strip" else None,
         strip_flags=strip_flags,
     )
-    good_metrics = goodnet_scores(answers, test, poisoned, good.num_classes)
+    scores = goodnet_scores(answers, base.test, base.poisoned, good.num_classes)
     if good.threshold is not None:
-        good_metrics["goodnet/strip_threshold"] = good.threshold
-    shown = ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in good_metrics.items())
-    log.info("goodnet (%s): %s", good.detector, shown)
-    mlflow.log_metrics(good_metrics)
-    metrics.update(good_metrics)
+        scores["goodnet/strip_threshold"] = good.threshold
+    values = {key.split("/", 1)[1]: value for key, value in scores.items()}
+    report.stage_from("goodnet", values, f"{detector}, by its rule on the answers in hand")
     mlflow.log_artifact(str(goodnet.save_goodnet(good.model, out_dir / "goodnet.h5")))
-    summary = {"metrics": metrics, "layer": layer, "pruned_channels": pruned.channels_pruned}
-    mlflow.log_artifact(
-        str(files.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2)))
-    )
-    figure = plots.stage_plot(
-        metrics,
-        list(poisoned),
-        f"{cfg.model.name}: {cfg.prune.method.value} "
-        f"pruning of {layer} at {cfg.prune.sparsity:g}, "
-        f"{cfg.finetune.epochs} epochs",
-    )
-    mlflow.log_figure(figure, "stages.png")
-    plots.close(figure)
-    log.info("done in %.0fs; repaired model: %s", time.perf_counter() - start, model_path)
-    return metrics

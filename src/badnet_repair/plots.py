@@ -8,22 +8,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STAGES = ("badnet", "pruned", "repaired", "goodnet")
+FIXED_STAGES = ("badnet", "repaired", "goodnet")  # every run's; a repair may add its own
 
 
-def stage_plot(metrics: dict[str, float], triggers: list[str], title: str):
-    """Grouped bars: clean accuracy and ASR per trigger for badnet / pruned / repaired /
-    goodnet, and the GoodNet's detection and clean flag (false-rejection) rates."""
+def stage_plot(metrics: dict[str, float], stages: list[str], triggers: list[str], title: str):
+    """Grouped bars: clean accuracy and ASR per trigger at each stage (the BadNet, the
+    repair's own stages, the repaired net, the GoodNet), and the GoodNet's detection and
+    clean flag (false-rejection) rates."""
     series = ["clean_acc", *[f"asr/{t}" for t in triggers]]
     series += ["flag_rate_clean", *[f"detect/{t}" for t in triggers]]
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(series)
     for i, name in enumerate(series):
-        values = [metrics.get(f"{stage}/{name}", float("nan")) for stage in STAGES]
-        xs = [s + (i - (len(series) - 1) / 2) * width for s in range(len(STAGES))]
+        values = [metrics.get(f"{stage}/{name}", float("nan")) for stage in stages]
+        xs = [s + (i - (len(series) - 1) / 2) * width for s in range(len(stages))]
         bars = ax.bar(xs, values, width, label=_label(name))
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(range(len(STAGES)), STAGES)
+    ax.set_xticks(range(len(stages)), stages)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("fraction")
     ax.set_title(title)
@@ -53,13 +54,20 @@ def close(figure) -> None:
     plt.close(figure)
 
 
+def intermediate_stages(rows: list[dict]) -> list[str]:
+    """Stages that repairs add between the BadNet and the repaired net (`pruned`, ...)."""
+    found = {k.split("/")[0] for row in rows for k in row if k.endswith("/clean_acc")}
+    return sorted(found - set(FIXED_STAGES))
+
+
 def sweep_plot(rows: list[dict], x_key: str, group_keys: list[str]):
-    """The fine-pruning figure: clean accuracy and ASR per trigger against the swept value,
-    after pruning (dashed) and after fine-tuning (solid), the BadNet's levels dotted; and
-    beside it the GoodNet's clean accuracy, clean flag rate and detection rate per trigger."""
+    """Clean accuracy and ASR per trigger against the swept value, after the repair (solid)
+    and at its intermediate stages (dashed), the BadNet's levels dotted; and beside it the
+    GoodNet's clean accuracy, clean flag rate and detection rate per trigger."""
     triggers = sorted(
         {k.split("/", 2)[2] for row in rows for k in row if k.startswith("repaired/asr/")}
     )
+    styles = [(stage, "--") for stage in intermediate_stages(rows)] + [("repaired", "-")]
     series = ["clean_acc", *[f"asr/{t}" for t in triggers]]
     good = ["clean_acc", "flag_rate_clean", *[f"detect/{t}" for t in triggers]]
     groups: dict[tuple, list[dict]] = {}
@@ -76,7 +84,7 @@ def sweep_plot(rows: list[dict], x_key: str, group_keys: list[str]):
         for i, name in enumerate(series):
             color = colors[(i + g * len(series)) % len(colors)]
             label = _label(name)
-            for stage, style in (("pruned", "--"), ("repaired", "-")):
+            for stage, style in styles:
                 ys = [m.get(f"{stage}/{name}", float("nan")) for m in members]
                 ax.plot(xs, ys, style, marker="o", color=color, label=f"{label} {stage}{suffix}")
             if g == 0:
@@ -88,7 +96,7 @@ def sweep_plot(rows: list[dict], x_key: str, group_keys: list[str]):
             color = colors[(i + g * len(good)) % len(colors)]
             gx.plot(xs, ys, "-", marker="s", color=color, label=f"{_label(name)}{suffix}")
     for axes, title in (
-        (ax, "pruned (dashed) and fine-tuned (solid); BadNet dotted"),
+        (ax, "repaired (solid), intermediate stages (dashed); BadNet dotted"),
         (gx, "GoodNet: answers N (poisoned) on clean / poisoned inputs"),
     ):
         axes.set_xlabel(x_key)

@@ -27,11 +27,11 @@ class Pruned:
     channels_pruned: list[int]
     sparsity: float
     callbacks: list = field(default_factory=list)
-    strip: Callable[[keras.Model], keras.Model] | None = None
+    unwrap: Callable[[keras.Model], keras.Model] | None = None
 
     def export(self) -> keras.Model:
-        """The pruned net as a plain tf_keras model (pruning wrappers removed)."""
-        return self.strip(self.model) if self.strip else self.model
+        """The pruned net as a plain tf_keras model (tfmot's pruning wrappers removed)."""
+        return self.unwrap(self.model) if self.unwrap else self.model
 
 
 def copy_model(model: keras.Model) -> keras.Model:
@@ -125,10 +125,10 @@ def magnitude_prune(model: keras.Model, layer: str, sparsity: float, frequency: 
         w.pruning_step.assign(0)
         w.pruning_obj.conditional_mask_update()
         w.pruning_obj.weight_mask_op()
-    stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
+    unwrapped = tfmot.sparsity.keras.strip_pruning(wrapped)
     kernels = [w.layer.kernel.numpy() for w in wrappers if hasattr(w.layer, "kernel")]
     achieved = float(sum((k == 0).sum() for k in kernels) / sum(k.size for k in kernels))
-    channels = zeroed_channels(stripped.get_layer(layer))
+    channels = zeroed_channels(unwrapped.get_layer(layer))
     log.info(
         "magnitude pruning: %d kernels at %.1f%% weight sparsity; %d channels of %s all zero",
         len(kernels),
@@ -142,5 +142,5 @@ def magnitude_prune(model: keras.Model, layer: str, sparsity: float, frequency: 
         channels_pruned=channels,
         sparsity=achieved,
         callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
-        strip=tfmot.sparsity.keras.strip_pruning,
+        unwrap=tfmot.sparsity.keras.strip_pruning,
     )

@@ -109,8 +109,10 @@ class MlflowSweep(Callback):
         _open.clear()
 
 
-def _rows(experiment_id: str, parent_run_id: str) -> tuple[list[dict], set[str]]:
-    """One row per sweep point (the newest FINISHED child per config), and the param names."""
+def _rows(experiment_id: str, parent_run_id: str) -> tuple[list[dict], set[str], set[str]]:
+    """One row per sweep point (the newest FINISHED child per config), the param names,
+    and the series logged per step, whose last value is not a result (each run lists its
+    series in the tag `series`)."""
     latest = {
         run.data.tags.get("config_hash"): run
         for run in finished_children(experiment_id, parent_run_id)
@@ -119,7 +121,8 @@ def _rows(experiment_id: str, parent_run_id: str) -> tuple[list[dict], set[str]]
         {"run": run.info.run_name, **run.data.params, **run.data.metrics} for run in latest.values()
     ]
     params = {k for run in latest.values() for k in run.data.params}
-    return rows, params
+    series = {s for run in latest.values() for s in run.data.tags.get("series", "").split(",")}
+    return rows, params, series
 
 
 def swept_keys(rows: list[dict], params: set[str]) -> list[str]:
@@ -130,27 +133,27 @@ def swept_keys(rows: list[dict], params: set[str]) -> list[str]:
     return sorted(varying, key=lambda k: (-len({row.get(k) for row in rows}), k))
 
 
-SERIES = ("finetune/", "curve/")  # logged per step: a run's latest value is not its result
-METRIC_ORDER = ("badnet/", "pruned/", "repaired/", "goodnet/", "prune/", "objective")
+def _metric_columns(rows: list[dict], not_results: set[str]) -> list[str]:
+    """Results in reading order: the BadNet's, the repairs' own stages, the repaired net's,
+    the GoodNet's, the rest (a repair's own figures, times), the objective."""
+    names = {k for row in rows for k in row if k not in not_results and k != "run"}
+    middle = plots.intermediate_stages(rows)
 
+    def rank(name: str) -> tuple[int, str]:
+        stage = name.split("/")[0]
+        order = {"badnet": 0, "repaired": 2, "goodnet": 3, "objective": 5}
+        return (order.get(stage, 1 if stage in middle else 4), name)
 
-def _metric_columns(rows: list[dict], params: set[str]) -> list[str]:
-    names = {k for row in rows for k in row if k not in params and k != "run"}
-    names = {k for k in names if not k.startswith(SERIES)}
-    rank = {prefix: i for i, prefix in enumerate(METRIC_ORDER)}
-    return sorted(
-        names,
-        key=lambda k: (next((rank[p] for p in METRIC_ORDER if k.startswith(p)), len(rank)), k),
-    )
+    return sorted(names, key=rank)
 
 
 def summarise(experiment_id: str, parent_run_id: str) -> str:
     """Log the sweep table (CSV, markdown) and curve plot to the parent; return the markdown."""
-    rows, params = _rows(experiment_id, parent_run_id)
+    rows, params, series = _rows(experiment_id, parent_run_id)
     if not rows:
         return ""
     keys = swept_keys(rows, params)
-    metrics = _metric_columns(rows, params)
+    metrics = _metric_columns(rows, params | series)
     columns = ["run", *keys, *metrics]
     rows.sort(key=lambda row: tuple((plots.as_number(row.get(k)), str(row.get(k))) for k in keys))
 

@@ -1,7 +1,7 @@
-"""Use and measure a saved GoodNet: answers for image files, and metrics on data sets.
+"""A saved GoodNet's answers: one class per image file, or its rates on data sets.
 
-    python -m badnet_repair.eval GOODNET IMAGE...           # one class per image
-    python -m badnet_repair.eval GOODNET --clean FILE --poisoned NAME=FILE ...
+    python -m badnet_repair.answer GOODNET IMAGE...           # one class per image
+    python -m badnet_repair.answer GOODNET --clean FILE --poisoned NAME=FILE ...
 
 A GoodNet for N classes answers N for an input it judges poisoned.
 """
@@ -52,7 +52,7 @@ def _poisoned_arg(value: str) -> tuple[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m badnet_repair.eval",
+        prog="python -m badnet_repair.answer",
         description="Answers of a GoodNet for images (N = poisoned), or its metrics on data sets.",
     )
     parser.add_argument("goodnet", type=Path, help="GoodNet model file (.h5)")

@@ -1,16 +1,28 @@
-"""Fine-tuning on the defender's clean data, after pruning."""
+"""Training on the defender's clean data: the fine-tuning most repairs end with."""
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
+from omegaconf import MISSING
 
+from badnet_repair.config import ranged
 from badnet_repair.data import Dataset
 from badnet_repair.evaluate import accuracy
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Finetune:
+    """finetune.*: Adam on the clean training split, `epochs` passes over it."""
+
+    epochs: int = ranged(MISSING, ">= 0")
+    lr: float = ranged(MISSING, "> 0")
+    batch_size: int = ranged(MISSING, ">= 1")
 
 
 def seed_everything(seed: int) -> None:
@@ -45,10 +57,9 @@ def finetune(
     callbacks: list | None = None,
     on_epoch: Callable[[int, dict], None] = lambda epoch, values: None,
 ) -> keras.Model:
-    """Train `model` in place with Adam on `train`; `callbacks` keep the pruning in force.
-
-    The demo BadNet is trained by the same function, from scratch.
-    """
+    """Train `model` in place with Adam on `train`; `callbacks` keep a pruning in force.
+    `holdout` accuracy is reported per epoch. The demo BadNets are trained by the same
+    function, from scratch."""
     if epochs == 0:
         return model
     model.compile(

@@ -1,0 +1,124 @@
+"""Repairs: one module per repair behind one interface, chosen with `repair=NAME`.
+
+A repair is the module `badnet_repair/repairs/NAME.py` and the config
+`conf/repair/NAME.yaml`; nothing else names it. The module defines:
+
+- `Settings`, a `RepairSettings` dataclass whose fields are the config sections the
+  repair reads (`prune`, `finetune`, ...), each a dataclass of typed keys (ranges
+  with `config.ranged`, anything else in an optional `check` method);
+- `repair(case, **sections) -> keras.Model`, one parameter per section: the repaired
+  net as a plain tf_keras model, the BadNet itself left untouched;
+- `describe(**sections) -> str`: its settings in a few words, for run names and titles.
+
+A repair sees the BadNet and the defender's clean validation data (`case.clean`);
+every choice it makes reads that data only. It records what it measured through
+`case.report`, which can also score an intermediate model on the evaluation sets
+that the repair itself never sees.
+"""
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from types import ModuleType
+from typing import Any
+
+import tf_keras as keras
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from badnet_repair import training
+from badnet_repair.data import Dataset
+from badnet_repair.report import Report
+
+
+@dataclass
+class RepairSettings:
+    """The base of every repair's `Settings`: `repair` is the repair's name."""
+
+    repair: str = MISSING
+
+
+@dataclass
+class CleanData:
+    """The defender's clean validation images: whole, and split into `train` (to learn
+    from) and `holdout` (to choose with: how much, how strong, when to stop)."""
+
+    validation: Dataset
+    train: Dataset
+    holdout: Dataset
+
+
+@dataclass
+class Case:
+    """What a repair works on and where it records what it measured."""
+
+    badnet: keras.Model
+    layer: str  # model.layer: the layer that single-layer repairs work on
+    clean: CleanData
+    report: Report
+    seed: int
+    batch_size: int  # for forward passes (eval_batch_size)
+    memo: dict = field(default_factory=dict)
+
+    def shared(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """`compute()` once per BadNet and data in this process: the points of a sweep
+        over one BadNet share it. `key` names everything else it depends on."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
+
+    # `repairs.finetune` is a repair module: the training function is `training.finetune`
+    def finetune(
+        self, model: keras.Model, settings: training.Finetune, callbacks: list = ()
+    ) -> None:
+        """Fine-tune `model` in place on the clean training split, reporting each epoch's
+        loss and held-out accuracy; `callbacks` keep a pruning in force."""
+        training.finetune(
+            model,
+            self.clean.train,
+            self.clean.holdout,
+            epochs=settings.epochs,
+            lr=settings.lr,
+            batch_size=settings.batch_size,
+            callbacks=list(callbacks),
+            on_epoch=self.report.step,
+        )
+
+
+def names() -> list[str]:
+    """Every repair, by module name."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def settings(name: str) -> type:
+    return module(name).Settings
+
+
+def sections(name: str) -> list[str]:
+    """The config sections a repair reads."""
+    return [f.name for f in fields(settings(name)) if f.name != "repair"]
+
+
+def unread(cfg: DictConfig) -> list[str]:
+    """Other repairs' sections present in `cfg` (forced in with `++` for a sweep over
+    repairs): the chosen repair ignores them."""
+    mine = set(sections(cfg.repair))
+    return sorted({s for name in names() for s in sections(name) if s in cfg and s not in mine})
+
+
+def _arguments(cfg: DictConfig) -> dict[str, Any]:
+    return {section: OmegaConf.to_object(cfg[section]) for section in sections(cfg.repair)}
+
+
+def describe(cfg: DictConfig) -> str:
+    """The chosen repair and its settings in a few words: `fine_pruning (sparsity 0.5, ...)`."""
+    return f"{cfg.repair} ({module(cfg.repair).describe(**_arguments(cfg))})"
+
+
+def run(cfg: DictConfig, case: Case) -> keras.Model:
+    """Carry out the repair `cfg.repair` with its settings from `cfg`."""
+    return module(cfg.repair).repair(case, **_arguments(cfg))

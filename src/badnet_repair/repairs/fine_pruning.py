@@ -1,0 +1,81 @@
+"""Fine-pruning (Liu, Dolan-Gavitt, Garg 2018): zero the channels of `model.layer` that
+clean images leave least active (a backdoor tends to hide in them), then fine-tune on
+clean data with those channels held at zero.
+
+Every run traces the pruning curve, accuracy after removing k = 0..C channels in
+activation order, in about four forward passes (see `curve`): on the clean validation
+data it chooses k (`prune.max_acc_drop`, the paper's stopping rule); on the evaluation
+sets it is logged for the record (`curve/*`, `curve.png`) and gives the `pruned` stage.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from omegaconf import MISSING
+
+from badnet_repair import plots
+from badnet_repair.config import ranged
+from badnet_repair.curve import channels_within, pruning_curve
+from badnet_repair.data import Dataset
+from badnet_repair.pruning import activation_prune, channel_count, rank_channels
+from badnet_repair.repairs import Case, RepairSettings
+from badnet_repair.training import Finetune
+
+
+@dataclass
+class Prune:
+    """prune.*: `sparsity`, the share of the layer's channels to zero; or, when set,
+    `max_acc_drop`: the most channels whose clean validation accuracy stays within that
+    much of the BadNet's."""
+
+    sparsity: float = ranged(MISSING, "[0, 1)")
+    max_acc_drop: float | None = ranged(MISSING, "[0, 1)")
+
+
+@dataclass
+class Settings(RepairSettings):
+    prune: Prune = MISSING
+    finetune: Finetune = MISSING
+
+
+def describe(prune: Prune, finetune: Finetune) -> str:
+    if prune.max_acc_drop is not None:
+        amount = f"max_acc_drop {prune.max_acc_drop:g}"
+    else:
+        amount = f"sparsity {prune.sparsity:g}"
+    return f"{amount}, {finetune.epochs} epochs"
+
+
+def repair(case: Case, prune: Prune, finetune: Finetune):
+    badnet, layer, clean = case.badnet, case.layer, case.clean
+    order = case.shared(
+        "activation order",
+        lambda: rank_channels(badnet, layer, clean.validation.x, case.batch_size),
+    )
+
+    def accuracy_curve(ds: Dataset) -> np.ndarray:
+        return pruning_curve(badnet, layer, order, {ds.name: ds}, case.batch_size)[ds.name]
+
+    curves = case.shared(
+        "pruning curve",
+        lambda: {
+            "val_acc": accuracy_curve(clean.validation),
+            **case.report.score_each(accuracy_curve),
+        },
+    )
+    case.report.curves({f"curve/{name}": values for name, values in curves.items()})
+    if prune.max_acc_drop is None:
+        k = channel_count(prune.sparsity, len(order))
+        rule = f"sparsity {prune.sparsity:g}"
+    else:
+        k = channels_within(curves["val_acc"], prune.max_acc_drop)
+        rule = f"validation accuracy within {100 * prune.max_acc_drop:g} points"
+    pruned = activation_prune(badnet, layer, order, k)
+    case.report.log({"prune/channels_pruned": k, "prune/sparsity": pruned.sparsity})
+    case.report.note(layer=layer, pruned_channels=pruned.channels_pruned)
+    at_k = {name: values[k] for name, values in curves.items() if name != "val_acc"}
+    case.report.stage_from("pruned", at_k, f"from the pruning curve, {k} channels removed")
+    title = f"pruning curve of {layer}: {k} of {len(order)} channels ({rule})"
+    case.report.figure(plots.curve_plot(curves, k, title), "curve.png")
+    case.finetune(pruned.model, finetune, pruned.callbacks)
+    return pruned.model
