@@ -151,6 +151,7 @@ def main() -> None:
 
     import badnet_repair  # noqa: F401
     from badnet_repair import curve, data, evaluate, models, pipeline, pruning
+    from badnet_repair.training import finetune
 
     folder = Path(tempfile.mkdtemp())
     paths = write_stand_ins(folder, args.scale)
@@ -214,14 +215,20 @@ def main() -> None:
     sparsities = [round(0.1 * i, 1) for i in range(1, 10)]
     cfg = compose(paths, root, f"finetune.epochs={args.sweep_epochs}")
     pipeline._baseline.clear()
-    base_s, _ = timed(lambda: pipeline.baseline(cfg, with_curve=True))
-    base = pipeline._baseline[next(iter(pipeline._baseline))]
+
+    def shared_work():
+        """What the points share: loading, the BadNet's scores, the ranking and the curve."""
+        base = pipeline.baseline(cfg)
+        order = pruning.rank_channels(base.badnet, base.layer, base.validation.x)
+        sets = {"v": base.validation, "t": base.test, **base.poisoned}
+        curve.pruning_curve(base.badnet, base.layer, order, sets)
+        return base, order
+
+    base_s, (base, order) = timed(shared_work)
     train, holdout = data.split(base.validation, 0.1, 0)
 
     def point_floor(s):
-        from badnet_repair.finetune import finetune
-
-        pruned = pruning.activation_prune(base.badnet, base.layer, base.order, int(s * 60))
+        pruned = pruning.activation_prune(base.badnet, base.layer, order, int(s * 60))
         finetune(pruned.model, train, holdout, args.sweep_epochs, 1e-3, 32, pruned.callbacks)
         evaluate.evaluate(pruned.model, base.test, base.poisoned, "repaired")
 
@@ -247,12 +254,10 @@ def main() -> None:
     )
 
     # 5. magnitude (tfmot wrapper) against activation fine-tuning, per epoch
-    from badnet_repair.finetune import finetune
-
     per_epoch = {}
     for method in ("activation", "magnitude"):
         if method == "activation":
-            pruned = pruning.activation_prune(base.badnet, base.layer, base.order, 30)
+            pruned = pruning.activation_prune(base.badnet, base.layer, order, 30)
         else:
             pruned = pruning.magnitude_prune(base.badnet, base.layer, 0.5, 100)
         warm_up = data.Dataset("warm-up", train.x[:320], train.y[:320])  # traces the step

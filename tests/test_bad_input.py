@@ -98,7 +98,7 @@ CASES = [
         r"prune.sparsity=-0.2: expected in \[0, 1\)",
     ),
     ("negative epochs", None, ["finetune.epochs=-1"], "finetune.epochs=-1: expected >= 0"),
-    ("unknown method", None, ["prune.method=random"], "compose"),
+    ("unknown repair", None, ["repair=oracle"], "compose"),
     ("unknown detector", None, ["goodnet.detector=oracle"], "compose"),
     ("frr out of range", None, ["goodnet.frr=1.5"], r"goodnet.frr=1.5: expected in \(0, 1\)"),
     ("layer missing", None, ["model.layer=conv_9"], "model.layer='conv_9': no such layer"),

@@ -2,15 +2,16 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from badnet_repair import UserError, config, sweep
+from badnet_repair import UserError, config, repairs, sweep
 
 from conftest import ROOT, compose_config
 
 
 def test_every_config_choice_composes_and_validates(tmp_path, demo_dir):
-    for group in ("prune", "finetune", "tracking", "model", "paths"):
+    for group in ("repair", "goodnet", "tracking", "sweep", "model", "paths"):
         for choice in sorted(Path(ROOT, "conf", group).glob("*.yaml")):
             cfg = compose_config(tmp_path, demo_dir, f"{group}={choice.stem}")
             if choice.stem == "custom":
@@ -18,13 +19,29 @@ def test_every_config_choice_composes_and_validates(tmp_path, demo_dir):
                     config.validate(cfg)
                 continue
             config.validate(cfg)
-            assert cfg.tracking.uri.startswith("sqlite:////") or "://" in cfg.tracking.uri
+            assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+            if group == "model":
+                assert cfg.model.name == choice.stem
+
+
+def test_each_repair_config_holds_exactly_the_sections_it_reads(tmp_path, demo_dir):
+    """`run.py repair=NAME --cfg job` shows the pipeline's sections and the repair's own."""
+    choices = sorted(p.stem for p in Path(ROOT, "conf", "repair").glob("*.yaml"))
+    assert choices == repairs.names()
+    for name in choices:
+        cfg = compose_config(tmp_path, demo_dir, f"repair={name}")
+        assert cfg.repair == name
+        own = set(cfg) - set(config.PIPELINE_SECTIONS) - set(config.ROOT_KEYS) - {"repair"}
+        assert own == set(repairs.sections(name))
+        for section in own:  # typed by the repair's schema, every key set by its file
+            assert OmegaConf.get_type(cfg[section]) is not dict
+            assert not OmegaConf.missing_keys(cfg[section])
 
 
 def test_default_config_is_the_demo_with_an_absolute_store(tmp_path, demo_dir):
     cfg = compose_config(tmp_path, demo_dir)
     assert cfg.model.name == "demo" and cfg.model.layer == "conv_3"
-    assert cfg.prune.method == config.PruneMethod.activation and cfg.prune.sparsity == 0.5
+    assert cfg.repair == "fine_pruning" and cfg.prune.sparsity == 0.5
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     assert cfg.tracking.experiment == "demo"
     assert set(cfg.data.poisoned) == {"patch"}
@@ -43,7 +60,9 @@ def test_project_root_does_not_depend_on_the_working_directory(monkeypatch, tmp_
         ("finetune.epochs=-1", "finetune.epochs"),
         ("finetune.lr=0", "finetune.lr"),
         ("finetune.batch_size=0", "finetune.batch_size"),
-        ("finetune.val_fraction=1", "finetune.val_fraction"),
+        ("data.holdout=1", "data.holdout"),
+        ("seed=-1", "seed"),
+        ("eval_batch_size=0", "eval_batch_size"),
         ("model.builder=other", "model.builder"),
     ],
 )
@@ -54,7 +73,8 @@ def test_out_of_range_values_name_their_key(tmp_path, demo_dir, override, key):
 
 
 @pytest.mark.parametrize(
-    "override", ["prune.method=random", "finetune.epochs=three", "prune.sparsity=half"]
+    "override",
+    ["prune.method=random", "finetune.epochs=three", "prune.sparsity=half", "seed=abc", "repair=x"],
 )
 def test_wrong_types_fail_at_composition(tmp_path, demo_dir, override):
     with pytest.raises((ConfigCompositionException, ValidationError)):

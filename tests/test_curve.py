@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from badnet_repair import curve, files, pruning
-from badnet_repair.evaluate import accuracy, predict_classes
+from badnet_repair.evaluate import accuracy
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def ranked(demo_model, demo_data):
     curves = curve.pruning_curve(
         demo_model, "conv_3", order, {"val": validation, "asr": poisoned}, batch_size=300
     )
-    return order, curves.accuracy
+    return order, curves
 
 
 def test_demo_deepid_takes_the_linear_update_path(demo_model):
@@ -41,7 +41,7 @@ def test_tail_rerun_path_agrees_with_linear_path(demo_model, demo_data, ranked):
     validation = demo_data[0]
     order, curves = ranked
     generic = curve._Tail.build(demo_model, "conv_3")
-    counts, _ = generic.counts(
+    counts = generic.counts(
         validation.x, tf.constant(validation.y, tf.int32), tf.constant(order, tf.int32)
     )
     counts = counts.numpy()
@@ -52,7 +52,7 @@ def test_curve_on_a_layer_without_the_linear_pattern(demo_model, demo_data):
     validation = demo_data[0]
     sample = type(validation)("v", validation.x[:200], validation.y[:200])
     order = pruning.rank_channels(demo_model, "conv_2", sample.x)
-    got = curve.pruning_curve(demo_model, "conv_2", order, {"v": sample}).accuracy["v"]
+    got = curve.pruning_curve(demo_model, "conv_2", order, {"v": sample})["v"]
     for k in (0, 20, 40):
         pruned = pruning.activation_prune(demo_model, "conv_2", order, k).model
         assert got[k] == accuracy(pruned, sample)
@@ -85,18 +85,8 @@ def test_curve_where_the_rest_of_the_net_reads_the_other_branch(
     assert curve._LinearTail.build(demo_model, layer) is None
     assert curve._Tail.build(demo_model, layer) is None
     order = pruning.rank_channels(demo_model, layer, sample.x)
-    got = curve.pruning_curve(demo_model, layer, order, {"v": sample}).accuracy["v"]
+    got = curve.pruning_curve(demo_model, layer, order, {"v": sample})["v"]
     assert len(got) == len(order) + 1
     for k in k_values:
         pruned = pruning.activation_prune(demo_model, layer, order, k).model
         assert got[k] == accuracy(pruned, sample)
-
-
-@pytest.mark.parametrize("layer", ["conv_3", "conv_2", "conv_4"])  # linear, tail, whole net
-def test_curve_keeps_the_unpruned_nets_classes(demo_model, demo_data, layer):
-    """The pipeline scores the disagreement GoodNet with these: they must be B's own answers."""
-    validation = demo_data[0]
-    sample = type(validation)("v", validation.x[:250], validation.y[:250])
-    order = pruning.rank_channels(demo_model, layer, sample.x)
-    result = curve.pruning_curve(demo_model, layer, order, {"v": sample}, batch_size=100)
-    np.testing.assert_array_equal(result.unpruned["v"], predict_classes(demo_model, sample.x))

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from badnet_repair import UserError, data, goodnet, models
-from badnet_repair import eval as gn_eval
+from badnet_repair import UserError, answer, data, goodnet, models
 from badnet_repair.evaluate import (
     Answers,
     classify,
@@ -19,8 +18,8 @@ from badnet_repair.evaluate import (
     goodnet_scores,
     predict_classes,
 )
-from badnet_repair.finetune import finetune
 from badnet_repair.pruning import activation_prune, channel_count, copy_model, rank_channels
+from badnet_repair.training import finetune
 
 N = 40
 K = 8
@@ -229,11 +228,11 @@ def test_cli_answers_image_files(tmp_path, goodnets, demo_data, capsys):
     pngs = [write_png(tmp_path / f"img{i}.png", p) for i, p in enumerate(pixels)]
     jpeg = tmp_path / "face.jpg"
     jpeg.write_bytes(tf.io.encode_jpeg(pixels[0], quality=95).numpy())
-    assert gn_eval.main([str(path), *map(str, pngs), str(jpeg)]) == 0
+    assert answer.main([str(path), *map(str, pngs), str(jpeg)]) == 0
     lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
     assert [name for name, _ in lines] == [*map(str, pngs), str(jpeg)]
     expected = predict_classes(model, pixels.astype(np.float32) * np.float32(1 / 255))
-    assert [int(answer) for _, answer in lines[:-1]] == expected.tolist()
+    assert [int(given) for _, given in lines[:-1]] == expected.tolist()
     assert 0 <= int(lines[-1][1]) <= N
 
 
@@ -248,7 +247,7 @@ def test_cli_metrics_on_data_files_match_the_metrics_function(
         files[name] = tmp_path / f"{name}.h5"
         data.save_h5(files[name], ds.x[::16].transpose(0, 3, 1, 2) * 255, ds.y[::16])
     argv = [str(path), "--clean", str(files["clean"]), "--poisoned", f"patch={files['patch']}"]
-    assert gn_eval.main(argv) == 0
+    assert answer.main(argv) == 0
     printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
 
     def load(name):
@@ -264,7 +263,7 @@ def test_cli_wrong_image_size_is_a_one_line_error(tmp_path, goodnets, capsys):
     path = goodnet.save_goodnet(goodnets["disagreement"].model, tmp_path / "goodnet.h5")
     image = write_png(tmp_path / "big.png", np.full((60, 50, 3), 128, dtype=np.uint8))
     done = subprocess.run(
-        [sys.executable, "-m", "badnet_repair.eval", str(path), str(image)],
+        [sys.executable, "-m", "badnet_repair.answer", str(path), str(image)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -276,10 +275,10 @@ def test_cli_wrong_image_size_is_a_one_line_error(tmp_path, goodnets, capsys):
         f"error: image {image}: 60x50 pixels, expected 55x47 (height x width); "
         "pass --resize to resize it"
     ]
-    assert gn_eval.main([str(path), str(image), "--resize"]) == 0
-    name, answer = capsys.readouterr().out.strip().split("\t")
-    assert name == str(image) and 0 <= int(answer) <= N
-    assert gn_eval.main([str(path), str(tmp_path / "missing.png")]) == 1
+    assert answer.main([str(path), str(image), "--resize"]) == 0
+    name, given = capsys.readouterr().out.strip().split("\t")
+    assert name == str(image) and 0 <= int(given) <= N
+    assert answer.main([str(path), str(tmp_path / "missing.png")]) == 1
     assert "missing.png: cannot be read" in capsys.readouterr().err
 
 

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from mlflow.entities import RunStatus
 
-from badnet_repair import eval as gn_eval
-from badnet_repair import models, pipeline, pruning
+from badnet_repair import answer, models, pipeline, pruning
 
 from conftest import ROOT, compose_config
 
@@ -47,7 +46,7 @@ def test_activation_run_logs_the_contract_and_saves_a_pruned_model(tmp_path, dem
     assert run.data.metrics["prune/channels_pruned"] == 30
     assert run.data.params["prune.sparsity"] == "0.5"
     assert run.data.params["model.name"] == "demo"
-    assert run.data.params["prune.method"] == "activation"
+    assert run.data.params["repair"] == "fine_pruning"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "finetune/val_acc")
     assert [m.step for m in history] == [1, 2]
     for name in ("curve/val_acc", "curve/clean_acc", "curve/asr/patch"):
@@ -78,7 +77,7 @@ def test_activation_run_logs_the_contract_and_saves_a_pruned_model(tmp_path, dem
 @pytest.mark.slow
 def test_magnitude_run_finishes_with_every_metric(tmp_path, demo_dir):
     cfg = compose_config(
-        tmp_path, demo_dir, "prune=magnitude", "prune.sparsity=0.8", "finetune.epochs=1"
+        tmp_path, demo_dir, "repair=magnitude", "prune.sparsity=0.8", "finetune.epochs=1"
     )
     pipeline.run(cfg)
     run = only_run(tmp_path)
@@ -176,7 +175,7 @@ def test_goodnet_eval_command_agrees_with_the_logged_metrics(tmp_path, demo_dir,
     assert ("goodnet/strip_threshold" in run.data.metrics) == (detector != "disagreement")
     capsys.readouterr()
     assert (
-        gn_eval.main(
+        answer.main(
             [
                 str(tmp_path / "out" / "goodnet.h5"),
                 "--clean",

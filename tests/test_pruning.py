@@ -3,7 +3,7 @@ import pytest
 import tf_keras as keras
 
 from badnet_repair import data, pruning
-from badnet_repair.finetune import finetune
+from badnet_repair.training import finetune
 
 
 def test_activation_pruning_zeroes_the_least_active_channels(demo_model, demo_data):

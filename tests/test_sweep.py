@@ -186,7 +186,7 @@ def test_mlflow_server_serves_the_sweep_over_rest(swept):
     for child in finished:
         params = {p["key"]: p["value"] for p in child["data"]["params"]}
         metrics = {m["key"] for m in child["data"]["metrics"]}
-        assert params["prune.method"] == "activation" and "prune.sparsity" in params
+        assert params["repair"] == "fine_pruning" and "prune.sparsity" in params
         assert {"badnet/clean_acc", "repaired/asr/patch", "finetune/loss"} <= metrics
 
 

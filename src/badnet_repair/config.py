@@ -55,6 +55,8 @@ class Objective(Enum):
 
 @dataclass
 class PathsConfig:
+    """paths.*: every file location derives from `root`, so runs behave alike anywhere."""
+
     root: str = MISSING
     data: str = MISSING
     csaw: str = MISSING
@@ -63,6 +65,8 @@ class PathsConfig:
 
 @dataclass
 class ModelConfig:
+    """model.*: the BadNet file, how to load it, the layer single-layer repairs work on."""
+
     name: str = MISSING
     file: str = MISSING
     architecture: str | None = None
@@ -73,6 +77,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """data.*: the clean validation (the defender's), clean test and poisoned sets."""
+
     clean_validation: str = MISSING
     clean_test: str = MISSING
     poisoned: dict[str, str] = field(default_factory=dict)
@@ -83,6 +89,8 @@ class DataConfig:
 
 @dataclass
 class TrackingConfig:
+    """tracking.*: the MLflow store and experiment."""
+
     uri: str = MISSING
     artifact_root: str = MISSING
     experiment: str = MISSING
@@ -90,6 +98,8 @@ class TrackingConfig:
 
 @dataclass
 class GoodnetConfig:
+    """goodnet.*: the detector that makes the GoodNet answer N, and its settings."""
+
     detector: Detector = MISSING
     frr: float = ranged(MISSING, "(0, 1)")
     k: int = ranged(MISSING, ">= 1")
@@ -98,6 +108,8 @@ class GoodnetConfig:
 
 @dataclass
 class SweepConfig:
+    """sweep.*: resuming sweeps, and what a sweeper maximises."""
+
     resume: bool = MISSING
     objective: Objective = MISSING
     asr_ceiling: float = ranged(MISSING, "[0, 1]")
@@ -214,12 +226,13 @@ def _repair_choices(overrides: list) -> list[str]:
     choice and any repairs its sweeper sweeps (an experiment may set both)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
 
     from badnet_repair import repairs
 
     def values(override) -> list[str]:
-        if override.is_glob():
-            return repairs.names()
+        if isinstance(override.value(), Glob):
+            return override.value().filter(repairs.names())
         if override.is_sweep_override():
             return list(override.sweep_string_iterator())
         return [str(override.value())]
