@@ -88,15 +88,6 @@ class DataConfig:
 
 
 @dataclass
-class TrackingConfig:
-    """tracking.*: the MLflow store and experiment."""
-
-    uri: str = MISSING
-    artifact_root: str = MISSING
-    experiment: str = MISSING
-
-
-@dataclass
 class GoodnetConfig:
     """goodnet.*: the detector that makes the GoodNet answer N, and its settings."""
 
@@ -113,6 +104,15 @@ class SweepConfig:
     resume: bool = MISSING
     objective: Objective = MISSING
     asr_ceiling: float = ranged(MISSING, "[0, 1]")
+
+
+@dataclass
+class TrackingConfig:
+    """tracking.*: the MLflow store and experiment."""
+
+    uri: str = MISSING
+    artifact_root: str = MISSING
+    experiment: str = MISSING
 
 
 PIPELINE_SECTIONS = {
