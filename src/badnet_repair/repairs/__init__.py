@@ -17,8 +17,9 @@ that the repair itself never sees.
 """
 
 import importlib
+import logging
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from types import ModuleType
 from typing import Any
@@ -28,7 +29,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from badnet_repair import training
 from badnet_repair.data import Dataset
+from badnet_repair.evaluate import accuracy
 from badnet_repair.report import Report
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -66,6 +70,13 @@ class Case:
         if key not in self.memo:
             self.memo[key] = compute()
         return self.memo[key]
+
+    def badnet_holdout_accuracy(self) -> float:
+        """The BadNet's accuracy on the clean held-out images: what budgets count from."""
+        return self.shared(
+            "badnet holdout accuracy",
+            lambda: accuracy(self.badnet, self.clean.holdout, self.batch_size),
+        )
 
     # `repairs.finetune` is a repair module: the training function is `training.finetune`
     def finetune(
@@ -122,3 +133,33 @@ def describe(cfg: DictConfig) -> str:
 def run(cfg: DictConfig, case: Case) -> keras.Model:
     """Carry out the repair `cfg.repair` with its settings from `cfg`."""
     return module(cfg.repair).repair(case, **_arguments(cfg))
+
+
+def strongest_within(
+    case: Case,
+    candidates: Sequence[Any],
+    holdout_accuracy: Callable[[Any], float],
+    max_acc_drop: float,
+    what: str,
+) -> Any:
+    """The rule that sets a repair's strength from clean data alone: try `candidates`
+    from weakest to strongest and keep the strongest whose accuracy on the clean held-out
+    images stays within `max_acc_drop` of the BadNet's, stopping at the first that falls
+    below (the weakest when none stays within). Each trial is logged as `what`."""
+    floor = case.badnet_holdout_accuracy() - max_acc_drop
+    chosen = candidates[0]
+    for candidate in candidates:
+        acc = holdout_accuracy(candidate)
+        within = acc >= floor - 1e-12
+        log.info(
+            "%s %s: held-out clean accuracy %.4f (%s %.4f)",
+            what,
+            candidate,
+            acc,
+            "within the budget, floor" if within else "below the floor",
+            floor,
+        )
+        if not within:
+            break
+        chosen = candidate
+    return chosen
