@@ -19,6 +19,14 @@ TINY = {
     "fine_pruning": ["finetune.epochs=1"],
     "magnitude": ["finetune.epochs=1"],
     "finetune": ["finetune.epochs=1"],
+    "neural_cleanse": [
+        "neural_cleanse.screen_rounds=1",
+        "neural_cleanse.candidates=2",
+        "neural_cleanse.references=4",
+        "neural_cleanse.rounds=2",
+        "neural_cleanse.round_batches=2",
+        "finetune.epochs=1",
+    ],
 }
 SHARED_METRICS = {
     "badnet/clean_acc",

@@ -7,8 +7,8 @@ anomaly index (distance below the median of the masks' L1 norms, in units of the
 median absolute deviation) finds it.
 
 Many classes are optimised at once: each of `slots` classes owns one row of the mask and
-pattern variables, every mini-batch is stamped with every row's trigger and goes through
-the model in one pass, and a class that finishes hands its row to the next in the queue.
+pattern variables and draws its own mini-batches; all rows' stamped batches go through the
+model in one pass, and a class that finishes hands its row to the next in the queue.
 The mask-size weight follows the paper's schedule per class (raised after `patience`
 rounds of success, lowered after `patience` rounds of failure); a round is `round_batches`
 mini-batches. Reusable beyond the repair: `attack_success` of a reversed trigger on
@@ -127,8 +127,9 @@ def logits_of(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
 class _State:
     """One class's bookkeeping between rounds (numpy: a few numbers per class)."""
 
-    def __init__(self, target: int, schedule: Schedule):
+    def __init__(self, target: int, schedule: Schedule, seed: int):
         self.target, self.rounds = target, 0
+        self.images = np.random.default_rng([seed, target, 1])  # its own mini-batches
         self.cost = 0.0 if schedule.wait else schedule.init_cost
         self.up = self.down = self.streak = self.stale = 0
         self.raised = self.lowered = False
@@ -170,7 +171,6 @@ def search(
     shape = tuple(int(d) for d in x.shape[1:])
     slots = max(1, min(slots, len(classes)))
     engine = _Engine(logits_of(model), shape, slots, float(x.min()), float(x.max()), schedule)
-    rng = np.random.default_rng(seed)
     queue, found = list(classes), {}
     states: list[_State | None] = [None] * slots
     for i in range(slots):
@@ -183,8 +183,8 @@ def search(
         costs = np.array([states[i].cost for i in live], np.float32)
         success, ce = np.zeros(len(live)), np.zeros(len(live))
         for _ in range(schedule.round_batches):
-            batch = x[rng.integers(0, len(x), schedule.batch_size)]
-            hits, losses = engine.step(batch, idx, targets, costs)
+            draws = [states[i].images.integers(0, len(x), schedule.batch_size) for i in live]
+            hits, losses = engine.step(x[np.stack(draws)], idx, targets, costs)
             success, ce = success + hits.numpy(), ce + losses.numpy()
         success, ce = success / schedule.round_batches, ce / schedule.round_batches
         masks, patterns = engine.values(idx)
@@ -238,18 +238,18 @@ class _Engine:
 
         @tf.function(
             input_signature=[
-                tf.TensorSpec((None, h, w, c), tf.float32),
+                tf.TensorSpec((None, None, h, w, c), tf.float32),
                 tf.TensorSpec((None,), tf.int32),
                 tf.TensorSpec((None,), tf.int32),
                 tf.TensorSpec((None,), tf.float32),
             ]
         )
         def step(batch, idx, targets, costs):
-            n = tf.shape(batch)[0]
+            n = tf.shape(batch)[1]
             with tf.GradientTape() as tape:
                 rows = tf.gather(self.mask, idx), tf.gather(self.pattern, idx)
                 mask, pattern = self._squash(*rows)
-                stamped = (1.0 - mask[:, None]) * batch[None] + (mask * pattern)[:, None]
+                stamped = (1.0 - mask[:, None]) * batch + (mask * pattern)[:, None]
                 labels = tf.repeat(targets, n)
                 scores = logits(tf.reshape(stamped, (-1, h, w, c)))
                 ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, scores)
@@ -288,7 +288,7 @@ class _Engine:
         for m in self.moments:
             m[row].assign(tf.zeros(m.shape[1:]))
         self.t[row].assign(0.0)
-        return _State(target, self.schedule)
+        return _State(target, self.schedule, seed)
 
     def values(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mask, pattern = self._squash(tf.gather(self.mask, idx), tf.gather(self.pattern, idx))

@@ -98,10 +98,15 @@ class Scan:
     triggers: dict[int, ts.Trigger]  # the fully optimised classes
     norms: np.ndarray  # every class's norm at the full level (NaN: pre-screened out)
     index: np.ndarray  # anomaly index (NaN: pre-screened out)
-    flagged: list[int]  # by anomaly index, highest first
     table: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     population: list[int] = field(default_factory=list)  # whose norms set median and MAD
+
+    def flagged(self, threshold: float) -> list[int]:
+        """Classes with a successful trigger and an anomaly index above `threshold`,
+        highest first."""
+        found = [c for c, t in self.triggers.items() if t.valid and self.index[c] > threshold]
+        return sorted(found, key=lambda c: -self.index[c])
 
 
 def scan(model, x: np.ndarray, y: np.ndarray, nc: NeuralCleanse, seed: int) -> Scan:
@@ -141,30 +146,30 @@ def scan(model, x: np.ndarray, y: np.ndarray, nc: NeuralCleanse, seed: int) -> S
     norms, index = np.full(n, np.nan), np.full(n, np.nan)
     norms[full_classes] = [full[c].norm for c in full_classes]
     index[full_classes] = ts.anomaly_index(norms[full_classes], norms[population])
-    flagged = [c for c in full_classes if full[c].valid and index[c] > nc.anomaly_threshold]
-    flagged.sort(key=lambda c: -index[c])
     for c in full_classes:
         rows[c].update(norm=round(full[c].norm, 2), success=full[c].success, rounds=full[c].rounds)
-        rows[c].update(anomaly_index=round(float(index[c]), 3), flagged=c in flagged)
+        rows[c]["anomaly_index"] = round(float(index[c]), 3)
         rows[c].setdefault("stage", "candidate")
-    return Scan(full, norms, index, flagged, [rows[c] for c in range(n)], seconds, population)
+    return Scan(full, norms, index, [rows[c] for c in range(n)], seconds, population)
 
 
 def repair(case: Case, neural_cleanse: NeuralCleanse, finetune: Finetune):
     nc, badnet, clean = neural_cleanse, case.badnet, case.clean
-    result = case.shared(  # sweep points that differ only in the unlearning share it
-        ("neural_cleanse scan", astuple(replace(nc, fraction=0.0))),
+    search = replace(nc, anomaly_threshold=1.0, fraction=1.0)  # what the scan depends on
+    result = case.shared(  # sweep points over the threshold and unlearning share it
+        ("neural_cleanse scan", astuple(search)),
         lambda: scan(badnet, clean.train.x, clean.train.y, nc, case.seed),
     )
-    _report(case, nc, result)
+    flagged = result.flagged(nc.anomaly_threshold)
+    _report(case, nc, result, flagged)
     model = copy_model(badnet)
     start = time.perf_counter()
-    if result.flagged:
-        triggers = [result.triggers[c] for c in result.flagged]
+    if flagged:
+        triggers = [result.triggers[c] for c in flagged]
         data = _unlearning_set(clean.train, triggers, nc.fraction, case.seed)
         log.info(
             "unlearning the triggers of class(es) %s: %d clean images + %d stamped",
-            ", ".join(map(str, result.flagged)),
+            ", ".join(map(str, flagged)),
             len(clean.train),
             len(data) - len(clean.train),
         )
@@ -182,7 +187,7 @@ def repair(case: Case, neural_cleanse: NeuralCleanse, finetune: Finetune):
         f"neural_cleanse/trigger_asr_after/{c}": ts.attack_success(
             model, result.triggers[c], clean.holdout.x, clean.holdout.y
         )
-        for c in result.flagged
+        for c in flagged
     }
     case.report.log(after)
     return model
@@ -212,21 +217,20 @@ def _unlearning_set(train: Dataset, triggers: list[ts.Trigger], fraction: float,
     return Dataset("unlearning", np.concatenate(xs), np.concatenate(ys))
 
 
-def _report(case: Case, nc: NeuralCleanse, result: Scan) -> None:
+def _report(case: Case, nc: NeuralCleanse, result: Scan, flagged: list[int]) -> None:
     """Metrics, tags, notes, the per-class table and the pictures."""
     holdout, report = case.clean.holdout, case.report
     stages = [row.get("stage") for row in result.table]
     asr = {
-        c: ts.attack_success(case.badnet, result.triggers[c], holdout.x, holdout.y)
-        for c in result.flagged
+        c: ts.attack_success(case.badnet, result.triggers[c], holdout.x, holdout.y) for c in flagged
     }
     full_index = {c: float(result.index[c]) for c in result.triggers}
     top = max(full_index.values())
     report.log(
         {
             "neural_cleanse/anomaly_index": top,
-            "neural_cleanse/flagged": len(result.flagged),
-            "neural_cleanse/unlearned": float(bool(result.flagged)),
+            "neural_cleanse/flagged": len(flagged),
+            "neural_cleanse/unlearned": float(bool(flagged)),
             "neural_cleanse/classes_prescreened_out": stages.count("pre-screened out"),
             "neural_cleanse/classes_screened_out": stages.count("screened out"),
             "neural_cleanse/classes_optimised": len(result.triggers),
@@ -235,30 +239,32 @@ def _report(case: Case, nc: NeuralCleanse, result: Scan) -> None:
             **{f"neural_cleanse/trigger_asr/{c}": v for c, v in asr.items()},
         }
     )
-    flagged = ",".join(map(str, result.flagged)) or "none"
-    outcome = "unlearned" if result.flagged else "no class flagged: fine-tuned without unlearning"
-    report.tags({"neural_cleanse.flagged": flagged, "neural_cleanse.outcome": outcome})
+    named = ",".join(map(str, flagged)) or "none"
+    outcome = "unlearned" if flagged else "no class flagged: fine-tuned without unlearning"
+    report.tags({"neural_cleanse.flagged": named, "neural_cleanse.outcome": outcome})
     report.note(
         neural_cleanse={
-            "flagged": result.flagged,
+            "flagged": flagged,
             "outcome": outcome,
             "anomaly_index": {str(c): round(v, 3) for c, v in full_index.items()},
             "norms": {str(c): round(t.norm, 2) for c, t in result.triggers.items()},
             "trigger_asr": {str(c): v for c, v in asr.items()},
         }
     )
-    report.text(_csv(result.table), "neural_cleanse_classes.csv")
+    table = [{**r, "flagged": r["class"] in flagged} if "norm" in r else r for r in result.table]
+    report.text(_csv(table), "neural_cleanse_classes.csv")
     log.info(
         "Neural Cleanse: anomaly index %.2f at most; flagged: %s; %s",
         top,
-        flagged,
+        named,
         ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()),
     )
     ranked = sorted(full_index, key=lambda c: -full_index[c])
-    shown = result.flagged + [c for c in ranked if c not in result.flagged][:SHOWN]
+    shown = flagged + [c for c in ranked if c not in flagged][:SHOWN]
     low, high = float(holdout.x.min()), float(holdout.x.max())
-    report.figure(_trigger_figure(result, shown, holdout, low, high), "triggers.png")
-    report.figure(_anomaly_figure(result, ranked, nc.anomaly_threshold), "anomaly_index.png")
+    report.figure(_trigger_figure(result, flagged, shown, holdout, low, high), "triggers.png")
+    figure = _anomaly_figure(result, flagged, ranked, nc.anomaly_threshold)
+    report.figure(figure, "anomaly_index.png")
 
 
 def _csv(rows: list[dict]) -> str:
@@ -268,7 +274,9 @@ def _csv(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _trigger_figure(result: Scan, shown: list[int], holdout: Dataset, low: float, high: float):
+def _trigger_figure(
+    result: Scan, flagged: list[int], shown: list[int], holdout: Dataset, low: float, high: float
+):
     """Per class: the mask, the pattern, the trigger on grey and on a clean image."""
     fig, axes = plt.subplots(len(shown), 4, figsize=(8.5, 2.4 * len(shown)), squeeze=False)
     for row, c in zip(axes, shown, strict=True):
@@ -290,7 +298,7 @@ def _trigger_figure(result: Scan, shown: list[int], holdout: Dataset, low: float
             ax.set_title(title, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-        status = "FLAGGED" if c in result.flagged else "not flagged"
+        status = "FLAGGED" if c in flagged else "not flagged"
         row[0].set_ylabel(
             f"class {c}\nnorm {trigger.norm:.1f}\nindex {result.index[c]:.2f}\n{status}",
             fontsize=8,
@@ -300,17 +308,18 @@ def _trigger_figure(result: Scan, shown: list[int], holdout: Dataset, low: float
     return fig
 
 
-def _anomaly_figure(result: Scan, ranked: list[int], threshold: float):
+def _anomaly_figure(result: Scan, flagged: list[int], ranked: list[int], threshold: float):
     """The anomaly index of every fully optimised class, the threshold dashed."""
     fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(ranked) + 2), 3.5))
     values = [result.index[c] for c in ranked]
-    colors = ["tab:red" if c in result.flagged else "tab:blue" for c in ranked]
-    ax.bar(range(len(ranked)), values, color=colors)
+    colors = ["tab:red" if c in flagged else "tab:blue" for c in ranked]
+    hatches = ["//" if c in result.population else "" for c in ranked]
+    ax.bar(range(len(ranked)), values, color=colors, hatch=hatches, edgecolor="white")
     ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set_xticks(range(len(ranked)), [str(c) for c in ranked], fontsize=7, rotation=90)
-    ax.set_xlabel("class (fully optimised: candidates and references)")
+    ax.set_xlabel("class (fully optimised; hatched: references, whose norms set median and MAD)")
     ax.set_ylabel("anomaly index (small-mask side)")
-    ax.set_title(f"Neural Cleanse: flagged {', '.join(map(str, result.flagged)) or 'none'}")
+    ax.set_title(f"Neural Cleanse: flagged {', '.join(map(str, flagged)) or 'none'}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
