@@ -24,8 +24,8 @@ from badnet_repair.training import Finetune
 @dataclass
 class Prune:
     """prune.*: `sparsity`, the share of the layer's channels to zero; or, when set,
-    `max_acc_drop`: the most channels whose clean validation accuracy stays within that
-    much of the BadNet's."""
+    `max_acc_drop`: remove channels in order until clean validation accuracy would first
+    fall more than that below the BadNet's (the paper's stopping rule)."""
 
     sparsity: float = ranged(MISSING, "[0, 1)")
     max_acc_drop: float | None = ranged(MISSING, "[0, 1)")
