@@ -180,8 +180,8 @@ def run(
                 done[-1].info.run_id,
             )
             return _with_objective(dict(done[-1].data.metrics), cfg)
-    if cfg.model.builder == "demo":
-        demo.ensure(Path(cfg.model.file).parent, seed=cfg.seed)
+    if cfg.model.builder:
+        demo.ensure(Path(cfg.model.file).parent, cfg.model.builder)
     with tracking.tracked_run(experiment_id, run_name, tags) as run_id:
         log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)
         mlflow.log_params(tracking.flatten(cfg))
