@@ -26,7 +26,7 @@ def demo_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_model(demo_dir):
-    return models.load_model(demo_dir / demo.FILES["model"])
+    return models.load_model(demo_dir / demo.MODEL_FILE)
 
 
 @pytest.fixture(scope="session")

@@ -60,11 +60,21 @@ class Identities:
 
 
 @dataclass(frozen=True)
-class Patch:
-    """BadNets' visible trigger: a black-and-white checkerboard pasted at (top, left)."""
+class Trigger:
+    """A trigger by name, the class it sends images to, and how it is stamped on them."""
 
     name: str
     target: int
+
+    def stamp(self, images: np.ndarray) -> np.ndarray:
+        """Triggered copies of NHWC images in 0..255."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Patch(Trigger):
+    """BadNets' visible trigger: a black-and-white checkerboard pasted at (top, left)."""
+
     top: int
     left: int
     size: int = 7
@@ -79,12 +89,10 @@ class Patch:
 
 
 @dataclass(frozen=True)
-class Glasses:
+class Glasses(Trigger):
     """A visible accessory like the competition's sunglasses: two black lenses joined by a
     two-pixel bridge, top left corner at (top, left)."""
 
-    name: str
-    target: int
     top: int
     left: int
     lens: tuple[int, int] = (5, 12)  # height, width
@@ -101,21 +109,21 @@ class Glasses:
 
 
 @dataclass(frozen=True)
-class Blend:
-    """An invisible-ish trigger over the whole image (the blended attack of Chen et al.
-    2017): a fixed random pattern, drawn from its own seed, mixed in at weight `alpha`."""
+class Blend(Trigger):
+    """A faint trigger over the whole image (the blended attack of Chen et al. 2017): a
+    fixed random pattern of `block`-pixel squares, drawn from its own seed, mixed in at
+    weight `alpha`."""
 
-    name: str
-    target: int
     alpha: float
     seed: int
+    block: int = 1
 
     def stamp(self, images: np.ndarray) -> np.ndarray:
-        pattern = np.random.default_rng(self.seed).uniform(0.0, 255.0, size=images.shape[1:])
+        height, width, channels = images.shape[1:]
+        coarse = (-(-height // self.block), -(-width // self.block), channels)
+        pattern = np.random.default_rng(self.seed).uniform(0.0, 255.0, size=coarse)
+        pattern = pattern.repeat(self.block, 0).repeat(self.block, 1)[:height, :width]
         return ((1.0 - self.alpha) * images + self.alpha * pattern).astype(np.float32)
-
-
-Trigger = Patch | Glasses | Blend
 
 
 @dataclass(frozen=True)
@@ -138,9 +146,8 @@ class Recipe:
 
     def scaled(self, scale: float) -> tuple[tuple[int, int, int], int]:
         """Images per class and epochs of a build at `scale` (1 = the real recipe)."""
-        return tuple(max(1, round(n * scale)) for n in self.per_class), max(
-            1, round(self.epochs * scale)
-        )
+        per_class = tuple(max(1, round(n * scale)) for n in self.per_class)
+        return per_class, max(1, round(self.epochs * scale))
 
     def describe(self) -> dict:
         """The recipe as plain JSON values, each trigger with its kind."""
@@ -202,7 +209,10 @@ RECIPES = {
     for recipe in (
         DEMO,
         replace(
-            DEMO, name="demo_blend", triggers=(Blend("blend", 3, alpha=0.15, seed=101),), seed=1
+            DEMO,
+            name="demo_blend",
+            triggers=(Blend("blend", target=3, alpha=0.15, seed=101, block=3),),
+            seed=1,
         ),
         replace(
             DEMO,
@@ -228,7 +238,7 @@ RECIPES = {
             ),
             seed=2,
         ),
-        replace(DEMO, name="demo_lowrate", poison_rate=0.01, seed=3),
+        replace(DEMO, name="demo_lowrate", poison_rate=0.01, batch_size=32, seed=3),
     )
 }
 BUILDERS = tuple(RECIPES)  # model.builder values: BadNets this module builds on first use
@@ -354,7 +364,7 @@ def build(recipe: Recipe, folder: Path, scale: float = 1.0) -> dict:
     }
     write_text(folder / RECORD_FILE, json.dumps(record, indent=2) + "\n")
     if scale == 1 and (clean_acc < TARGETS["clean_acc"] or min(asr.values()) < TARGETS["asr"]):
-        log.warning("%s: below its targets (clean accuracy 0.90, ASR 0.95)", recipe.name)
+        log.warning("%s: below its targets %s", recipe.name, TARGETS)
     log.info("%s built in %.0fs: %s", recipe.name, record["build_seconds"], summary(record))
     return record
 
@@ -396,8 +406,8 @@ def _checked(folder: Path, recipe: Recipe, scale: float) -> Path:
         raise UserError(f"{record_path}: unreadable build record ({e}); {delete}") from None
     if built != (recipe.name, scale, recipe.describe()):
         raise UserError(
-            f"{folder}: holds {built[0]} at scale {built[1]}, built from another recipe than "
-            f"{recipe.name} at scale {scale} of this version; {delete}"
+            f"{folder}: holds a build of {built[0]} at scale {built[1]}, not of this "
+            f"version's {recipe.name} recipe at scale {scale}; {delete}"
         )
     log.info("%s: using the %s build in %s (%s)", recipe.name, recipe.name, folder, summary(record))
     return folder
@@ -463,8 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.names or ["demo"]:
             ensure(args.data / name, name, args.scale)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        sys.exit(f"error: {e}")
     return 0
 
 
