@@ -7,12 +7,26 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
-from badnet_repair import config, data, demo, models
+from badnet_repair import config, data, demo, models, pipeline
 
 ROOT = config.project_root()
 SHARED = Path(ROOT).parent / "shared" / "csaw-hackml-2020"
 
 config.register()
+
+# Tiny settings per repair for end-to-end tests; a repair without an entry runs at its defaults.
+TINY = {
+    "fine_pruning": ["finetune.epochs=1"],
+    "magnitude": ["finetune.epochs=1"],
+    "finetune": ["finetune.epochs=1"],
+}
+
+
+@pytest.fixture(autouse=True)
+def no_cached_badnet():
+    """Every test starts with no BadNet cached in this process (sweep points share one),
+    so that no result depends on which tests ran before it."""
+    pipeline._baseline.clear()
 
 
 @pytest.fixture(scope="session")

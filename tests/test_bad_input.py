@@ -90,6 +90,19 @@ CASES = [
     ),
     ("empty data set", "empty", ["+data.poisoned.x={bad}"], "holds no images"),
     ("NaN pixels", "nan", ["data.clean_test={bad}"], "NaN or infinite pixels"),
+    (
+        "pixels already in 0..1",
+        "unit",
+        ["data.clean_test={bad}"],
+        r"pixels already span 0\.\.0\.9\d*, and data.scale=0.00392157 would scale them "
+        "again: set data.scale=1",
+    ),
+    (
+        "output layer pruned",
+        None,
+        ["model.layer=output"],
+        "model.layer='output': the output layer cannot be pruned",
+    ),
     ("sparsity 1", None, ["prune.sparsity=1.0"], r"prune.sparsity=1.0: expected in \[0, 1\)"),
     (
         "sparsity negative",
@@ -130,6 +143,7 @@ def write_bad(kind, path):
         "fraction": lambda: h5_file(path, data=demo_images(), label=np.full(8, 0.5)),
         "empty": lambda: h5_file(path, data=demo_images()[:0], label=np.zeros(0)),
         "nan": lambda: h5_file(path, data=np.full((8, 3, 55, 47), np.nan), label=np.zeros(8)),
+        "unit": lambda: h5_file(path, data=demo_images() / 255.0, label=np.zeros(8)),
     }
     writers[kind]()
 
@@ -168,6 +182,15 @@ def test_bad_input_is_one_clear_line(
         mlflow.set_tracking_uri(f"sqlite:///{store}")
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
         assert all(run.info.status != "RUNNING" for run in runs)
+
+
+def test_a_missing_data_path_for_the_demo_is_one_line_before_any_work(tmp_path, demo_dir):
+    """The demo's files are built on first use; a data path the build does not make must
+    exist already, and is checked before the build and before any run starts."""
+    cfg = compose_config(tmp_path, demo_dir, f"data.clean_test={tmp_path}/absent.h5")
+    with pytest.raises(UserError, match=f"^missing input files: {tmp_path}/absent.h5$"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_poisoned_set_with_several_targets_warns_with_counts(tmp_path, caplog, demo_dir):

@@ -1,4 +1,4 @@
-"""The zoo of demo BadNets. Every recipe is built tiny (scale TINY: a few images per class,
+"""The zoo of demo BadNets. Every recipe is built tiny (scale TINY_SCALE: a few images per class,
 one epoch) twice, in this process and by the command in another; the full-scale demo is
 the session's `demo_dir`."""
 
@@ -20,7 +20,7 @@ from badnet_repair.evaluate import accuracy
 
 from conftest import compose_config
 
-TINY = 0.02
+TINY_SCALE = 0.02
 
 
 def command(data_dir: Path, scale: float, *names: str) -> list[str]:
@@ -52,9 +52,9 @@ def zoo(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
     """Two tiny builds of every recipe: here, and by `python -m badnet_repair.demo`."""
     root = tmp_path_factory.mktemp("zoo")
     other = subprocess.Popen(
-        command(root / "b", TINY, *demo.BUILDERS), stderr=subprocess.PIPE, text=True
+        command(root / "b", TINY_SCALE, *demo.BUILDERS), stderr=subprocess.PIPE, text=True
     )
-    here = {name: demo.ensure(root / "a" / name, name, TINY) for name in demo.BUILDERS}
+    here = {name: demo.ensure(root / "a" / name, name, TINY_SCALE) for name in demo.BUILDERS}
     _, err = other.communicate(timeout=600)
     assert other.returncode == 0, err
     return here, {name: root / "b" / name for name in demo.BUILDERS}
@@ -121,7 +121,7 @@ def test_every_build_records_what_was_built(zoo):
         assert (record["recipe"], record["build_seed"], record["scale"]) == (
             name,
             recipe.seed,
-            TINY,
+            TINY_SCALE,
         )
         assert record["declaration"] == recipe.describe()
         assert set(record["asr"]) == {t.name for t in recipe.triggers}
@@ -153,9 +153,9 @@ def test_a_folder_holding_another_build_is_refused(zoo):
     ):
         demo.ensure(zoo[0]["demo"], "demo")
     with pytest.raises(UserError, match="holds a build of demo_bn .* demo_multi recipe"):
-        demo.ensure(zoo[0]["demo_bn"], "demo_multi", TINY)
+        demo.ensure(zoo[0]["demo_bn"], "demo_multi", TINY_SCALE)
     with pytest.raises(UserError, match="expected one of demo, demo_blend"):
-        demo.ensure(zoo[0]["demo"], "demo_nope", TINY)
+        demo.ensure(zoo[0]["demo"], "demo_nope", TINY_SCALE)
 
 
 def test_an_interrupted_build_is_never_taken_for_a_complete_one(tmp_path):

@@ -12,14 +12,8 @@ import pytest
 
 from badnet_repair import models, pipeline, repairs
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, TINY, compose_config
 
-# Tiny settings per repair; a repair without an entry runs at its defaults.
-TINY = {
-    "fine_pruning": ["finetune.epochs=1"],
-    "magnitude": ["finetune.epochs=1"],
-    "finetune": ["finetune.epochs=1"],
-}
 SHARED_METRICS = {
     "badnet/clean_acc",
     "badnet/asr/patch",

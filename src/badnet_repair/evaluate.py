@@ -18,10 +18,13 @@ _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _argmax_fn(model):
-    """One compiled argmax-of-forward-pass per model, reused across calls and data sets."""
+    """One compiled argmax-of-forward-pass per model, reused across calls and data sets.
+    The function holds its model weakly, so the cache never keeps a model alive (a sweep
+    evaluates a new repaired net per point)."""
     if model not in _compiled:
+        held = weakref.ref(model)
         _compiled[model] = tf.function(
-            lambda b: tf.argmax(model(b, training=False), axis=-1), reduce_retracing=True
+            lambda b: tf.argmax(held()(b, training=False), axis=-1), reduce_retracing=True
         )
     return _compiled[model]
 

@@ -36,14 +36,6 @@ log = logging.getLogger(__name__)
 DETECTORS = ("disagreement", "strip", "both")
 ONE_HOT_SCALE = 1e9  # probabilities 1 float32 ulp apart still differ by > 30 after scaling
 STEP_SCALE = 1e8  # any nonzero float32 difference of entropies saturates the sigmoid
-ELEMENTWISE_MERGES = (
-    keras.layers.Add,
-    keras.layers.Subtract,
-    keras.layers.Multiply,
-    keras.layers.Average,
-    keras.layers.Maximum,
-    keras.layers.Minimum,
-)
 
 
 @dataclass
@@ -69,23 +61,15 @@ def _constant(layer: keras.layers.Layer, weights: list[np.ndarray]) -> keras.lay
 MIN_CALIBRATION = 20  # clean images that STRIP's threshold is set on, at least
 
 
-def output_kind(model: keras.Model) -> str:
-    """'softmax' for a classifier that outputs probabilities, 'linear' for one that outputs
-    raw scores (a softmax is then put over them); anything else cannot be combined."""
-    config = model.get_config()
-    outputs = config.get("output_layers", [])
-    if len(outputs) != 1:
-        raise UserError(f"goodnet: model {model.name} must have one input and one output")
-    layer = model.get_layer(outputs[0][0])
-    activation = layer.get_config().get("activation")
-    if activation == "softmax" or isinstance(layer, keras.layers.Softmax):
-        return "softmax"
-    if activation in (None, "linear"):
-        return "linear"
-    raise UserError(
-        f"goodnet: the output layer {layer.name} of {model.name} has activation "
-        f"{activation!r}; expected softmax probabilities or linear scores"
-    )
+def check(badnet: keras.Model, detector: str, k: int, clean: int) -> None:
+    """Refuse, before any work, a BadNet the GoodNet could not be built from: an output
+    that is neither probabilities nor raw scores, too few clean images for STRIP, or a
+    layer that cannot run over STRIP's blends (a trial build with placeholder settings)."""
+    models.output_kind(badnet)
+    if detector in ("strip", "both"):
+        check_strip(k, clean)
+        placeholder = np.zeros((1, *models.input_shape(badnet)), np.float32)
+        build_goodnet(badnet, badnet, detector, calibration=(placeholder, 0.0, None))
 
 
 def check_strip(k: int, clean: int) -> None:
@@ -97,73 +81,6 @@ def check_strip(k: int, clean: int) -> None:
             f"goodnet.k={k}: expected 1 to {pool} for {clean} clean images "
             f"(the threshold needs {MIN_CALIBRATION} others)"
         )
-
-
-def replay(
-    model: keras.Model, x: Any, prefix: str, *, distributed: bool = False, logits: bool = False
-) -> Any:
-    """Rebuild `model`'s layer graph on tensor `x` from fresh layers named `prefix + name`,
-    with copied weights: one flat graph of standard layers, no nested model in the file.
-
-    `distributed` wraps every single-input layer in TimeDistributed, so `x` may carry an
-    extra axis (the k blends of STRIP). `logits` drops a final softmax, for entropies.
-    """
-    if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
-        raise UserError(f"goodnet: model {model.name} is not a functional Keras model")
-    config = model.get_config()
-    if len(config.get("input_layers", [])) != 1 or len(config.get("output_layers", [])) != 1:
-        raise UserError(f"goodnet: model {model.name} must have one input and one output")
-    tensors: dict[tuple[str, int, int], Any] = {tuple(config["input_layers"][0]): x}
-    out_key = tuple(config["output_layers"][0])
-    drop_softmax = logits and output_kind(model) == "softmax"
-    for entry in config["layers"]:  # functional configs list layers in topological order
-        layer = model.get_layer(entry["name"])
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        if isinstance(layer, keras.Model):
-            raise UserError(f"goodnet: nested model {layer.name} in {model.name} is unsupported")
-        call = None  # one fresh layer per layer, called once per node (shared layers)
-        for node_index, node in enumerate(entry["inbound_nodes"]):
-            inputs = [tensors[(n[0], n[1], n[2])] for n in node]
-            kwargs = node[0][3] if node and len(node[0]) > 3 else {}
-            key = (layer.name, node_index, 0)
-            if (
-                drop_softmax
-                and key == out_key
-                and isinstance(layer, (keras.layers.Softmax, keras.layers.Activation))
-            ):
-                tensors[key] = inputs[0]
-                continue
-            built = call is not None
-            if not built:
-                call = _fresh(
-                    layer, prefix, len(inputs), distributed, drop_softmax and key == out_key
-                )
-            out = call(inputs if len(inputs) > 1 else inputs[0], **kwargs)
-            if not built:
-                call.set_weights(layer.get_weights())
-            for i, tensor in enumerate(out if isinstance(out, (list, tuple)) else [out]):
-                tensors[(layer.name, node_index, i)] = tensor
-    return tensors[out_key]
-
-
-def _fresh(layer, prefix: str, inputs: int, distributed: bool, linear: bool):
-    """A new layer configured like `layer` (named `prefix + name`, its activation dropped if
-    `linear`), wrapped to run over STRIP's blend axis if `distributed`."""
-    config = {**layer.get_config(), "name": prefix + layer.name}
-    if linear:
-        config["activation"] = "linear"
-    if not distributed:
-        return type(layer).from_config(config)
-    if inputs == 1:
-        return keras.layers.TimeDistributed(type(layer).from_config(config), name=config["name"])
-    if isinstance(layer, keras.layers.Concatenate) and layer.axis >= 0:
-        return type(layer).from_config({**config, "axis": layer.axis + 1})
-    if isinstance(layer, ELEMENTWISE_MERGES):
-        return type(layer).from_config(config)
-    raise UserError(
-        f"goodnet: layer {layer.name} ({type(layer).__name__}) cannot be applied to STRIP's blends"
-    )
 
 
 def _step(t, threshold: float, name: str, above: bool = True):
@@ -178,8 +95,8 @@ def _step(t, threshold: float, name: str, above: bool = True):
 
 def probabilities(model: keras.Model, x: Any, prefix: str) -> Any:
     """`model` replayed on `x`, with a softmax over its scores where it has none of its own."""
-    out = replay(model, x, prefix)
-    if output_kind(model) == "linear":
+    out = models.replay(model, x, prefix)
+    if models.output_kind(model) == "linear":
         out = keras.layers.Softmax(name=f"gn_{prefix}probs")(out)
     return out
 
@@ -213,7 +130,7 @@ def _strip_flag(x, badnet: keras.Model, overlays: np.ndarray, alpha: float, thre
     own = keras.layers.RepeatVector(k, name="gn_strip_input_k")(own)
     blends = keras.layers.Add(name="gn_strip_blend")([own, images])
     blends = keras.layers.Reshape((k, *overlays.shape[1:]), name="gn_strip_blends")(blends)
-    logits = replay(badnet, blends, "strip_", distributed=True, logits=True)
+    logits = models.replay(badnet, blends, "strip_", distributed=True, logits=True)
     p = keras.layers.Activation("softmax", name="gn_strip_probs")(logits)
     log_p = keras.layers.Activation("log_softmax", name="gn_strip_log_probs")(logits)
     p_log_p = keras.layers.Multiply(name="gn_strip_p_log_p")([p, log_p])
@@ -245,7 +162,7 @@ def strip_entropy(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Mean prediction entropy of `model` over each image's blends with `overlays` (numpy)."""
-    k, scores = len(overlays), output_kind(model) == "linear"
+    k, scores = len(overlays), models.output_kind(model) == "linear"
     out = []
     for i in range(0, len(x), batch_size):
         blends = blend(x[i : i + batch_size], overlays, alpha).astype(np.float32)

@@ -36,12 +36,12 @@ from badnet_repair.training import seed_everything
 log = logging.getLogger(__name__)
 
 
-def require_inputs(model_file: str, data_files: list[str], source: str | None) -> None:
-    """Stop before any work when input files are missing, naming each and where to get it."""
-    missing = [f for f in [model_file, *data_files] if not Path(f).is_file()]
+def require_inputs(paths: list[str], where: str | None) -> None:
+    """Stop before any work when input files are missing, naming each and where they
+    come from."""
+    missing = [f for f in paths if not Path(f).is_file()]
     if missing:
-        where = f"; published at {source}" if source else ""
-        raise UserError(f"missing input files: {', '.join(missing)}{where}")
+        raise UserError(f"missing input files: {', '.join(missing)}{f'; {where}' if where else ''}")
 
 
 @dataclass
@@ -116,7 +116,8 @@ def baseline(cfg: DictConfig) -> Baseline:
 
 def load_inputs(cfg: DictConfig):
     """The BadNet and its data sets, checked against each other."""
-    model = models.load_model(cfg.model.file, cfg.model.architecture, cfg.model.allow_unsafe)
+    loaded = models.load_model(cfg.model.file, cfg.model.architecture, cfg.model.allow_unsafe)
+    model = models.normalize(loaded)
     shape, n = models.input_shape(model), models.num_classes(model)
 
     def load(path: str, name: str) -> data.Dataset:
@@ -157,12 +158,11 @@ def run(
     config.validate(cfg)
     for section in repairs.unread(cfg):
         log.warning("config section %s: not read by repair=%s (ignored)", section, cfg.repair)
-    if cfg.model.builder is None:
-        require_inputs(
-            cfg.model.file,
-            [cfg.data.clean_validation, cfg.data.clean_test, *cfg.data.poisoned.values()],
-            cfg.data.source,
-        )
+    inputs = [cfg.model.file, cfg.data.clean_validation, cfg.data.clean_test]
+    inputs += list(cfg.data.poisoned.values())
+    built = Path(cfg.model.file).parent if cfg.model.builder else None
+    source = f"published at {cfg.data.source}" if cfg.data.source else None
+    require_inputs([f for f in inputs if Path(f).parent != built], source)
     out_dir = files.writable_dir(cfg.paths.output_dir, "paths.output_dir")
     experiment_id = tracking.prepare(
         cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root
@@ -180,8 +180,9 @@ def run(
                 done[-1].info.run_id,
             )
             return _with_objective(dict(done[-1].data.metrics), cfg)
-    if cfg.model.builder:
-        demo.ensure(Path(cfg.model.file).parent, cfg.model.builder)
+    if built is not None:  # a demo BadNet, built on first use: then every input must exist
+        demo.ensure(built, cfg.model.builder)
+        require_inputs(inputs, f"not among the files the {cfg.model.builder} build made in {built}")
     with tracking.tracked_run(experiment_id, run_name, tags) as run_id:
         log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)
         mlflow.log_params(tracking.flatten(cfg))
@@ -202,9 +203,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     base = baseline(cfg)
     report = Report(base.test, base.poisoned, cfg.eval_batch_size)
     report.stage("badnet", answers=base.answers)
-    goodnet.output_kind(base.badnet)  # refuses an output the GoodNet cannot combine, now
-    if cfg.goodnet.detector.value != "disagreement":
-        goodnet.check_strip(cfg.goodnet.k, len(base.validation))
+    goodnet.check(base.badnet, cfg.goodnet.detector.value, cfg.goodnet.k, len(base.validation))
 
     clean = base.clean(cfg.data.holdout, cfg.seed)
     case = repairs.Case(

@@ -15,8 +15,7 @@ from omegaconf import MISSING
 
 from badnet_repair import plots
 from badnet_repair.config import ranged
-from badnet_repair.curve import channels_within, pruning_curve
-from badnet_repair.data import Dataset
+from badnet_repair.curve import PruningCurve, channels_within
 from badnet_repair.pruning import activation_prune, channel_count, rank_channels
 from badnet_repair.repairs import Case, RepairSettings
 from badnet_repair.training import Finetune
@@ -53,16 +52,11 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
         lambda: rank_channels(badnet, layer, clean.validation.x, case.batch_size),
     )
 
-    def accuracy_curve(ds: Dataset) -> np.ndarray:
-        return pruning_curve(badnet, layer, order, {ds.name: ds}, case.batch_size)[ds.name]
+    def trace() -> dict[str, np.ndarray]:
+        curve = PruningCurve(badnet, layer, order, case.batch_size)
+        return {"val_acc": curve.on(clean.validation), **case.report.score_each(curve.on)}
 
-    curves = case.shared(
-        "pruning curve",
-        lambda: {
-            "val_acc": accuracy_curve(clean.validation),
-            **case.report.score_each(accuracy_curve),
-        },
-    )
+    curves = case.shared("pruning curve", trace)
     case.report.curves({f"curve/{name}": values for name, values in curves.items()})
     if prune.max_acc_drop is None:
         k = channel_count(prune.sparsity, len(order))
