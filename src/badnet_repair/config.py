@@ -208,7 +208,7 @@ def validate(cfg: DictConfig) -> None:
             "model.builder",
             cfg.model.builder,
             cfg.model.builder in (None, *demo.BUILDERS),
-            f"{' or '.join(demo.BUILDERS)} or null",
+            f"one of {', '.join(demo.BUILDERS)}, or null",
         ),
     ]
     for key, value, ok, expected in checks:

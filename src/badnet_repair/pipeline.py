@@ -181,7 +181,7 @@ def run(
             )
             return _with_objective(dict(done[-1].data.metrics), cfg)
     if built is not None:  # a demo BadNet, built on first use: then every input must exist
-        demo.ensure(built, seed=cfg.seed)
+        demo.ensure(built, cfg.model.builder)
         require_inputs(inputs, f"not among the files the {cfg.model.builder} build made in {built}")
     with tracking.tracked_run(experiment_id, run_name, tags) as run_id:
         log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)
