@@ -120,9 +120,11 @@ def test_every_repair_and_detector_runs_on_the_net(tmp_path, demo_dir, files, ne
     mlflow.set_tracking_uri(cfg.tracking.uri)
     (run,) = mlflow.search_runs(experiment_names=["custom"], output_format="list")
     assert run.info.status == "FINISHED"
-    assert {"repaired/clean_acc", "goodnet/detect/corner", "goodnet/strip_threshold"} <= set(
-        metrics
-    )
+    assert {
+        "repaired/clean_acc",
+        "goodnet/detect/corner",
+        "goodnet/strip/entropy_threshold",
+    } <= set(metrics)
     repaired = models.load_model(tmp_path / "out" / "repaired_net.h5")
     assert repaired.output_shape == (None, CLASSES)
     good = goodnet.load_goodnet(tmp_path / "out" / "goodnet.h5")

@@ -37,7 +37,9 @@ def demo_images(n=8, layout="channels_first"):
 def model_with_layer_class(path, class_name):
     """A small model file whose stored config names an arbitrary layer class."""
     inp = keras.Input((55, 47, 3))
-    out = keras.layers.Dense(40, activation="softmax", name="head")(keras.layers.Flatten()(inp))
+    out = keras.layers.Dense(40, activation="softmax", name="head")(
+        keras.layers.Flatten(name="flatten")(inp)
+    )
     models.save_model(keras.Model(inp, out), path)
     with h5py.File(path, "r+") as f:
         config = json.loads(f.attrs["model_config"])
@@ -98,6 +100,12 @@ CASES = [
         "again: set data.scale=1",
     ),
     (
+        "validation is the test set",
+        None,
+        ["data.clean_test={demo}/clean_validation_data.h5"],
+        "config keys data.clean_validation=.* and data.clean_test=.*: the same data",
+    ),
+    (
         "output layer pruned",
         None,
         ["model.layer=output"],
@@ -112,7 +120,12 @@ CASES = [
     ),
     ("negative epochs", None, ["finetune.epochs=-1"], "finetune.epochs=-1: expected >= 0"),
     ("unknown repair", None, ["repair=oracle"], "compose"),
-    ("unknown detector", None, ["goodnet.detector=oracle"], "compose"),
+    (
+        "unknown detector",
+        None,
+        ["goodnet.detector=oracle"],
+        "config key goodnet.detector='oracle': expected one of disagreement, strip, both",
+    ),
     ("frr out of range", None, ["goodnet.frr=1.5"], r"goodnet.frr=1.5: expected in \(0, 1\)"),
     ("layer missing", None, ["model.layer=conv_9"], "model.layer='conv_9': no such layer"),
     ("layer not prunable", None, ["model.layer=pool_3"], "model.layer='pool_3': a MaxPooling2D"),
@@ -166,7 +179,7 @@ def test_bad_input_is_one_clear_line(
         f"+data.poisoned.patch={demo_dir}/patch_poisoned_data.h5",
         "finetune.epochs=1",
     ]
-    given_overrides = [o.format(tmp=tmp_path, bad=bad_path) for o in overrides]
+    given_overrides = [o.format(tmp=tmp_path, bad=bad_path, demo=demo_dir) for o in overrides]
     if expected == "compose":
         with pytest.raises(ConfigCompositionException):
             compose_config(tmp_path, demo_dir, *demo, *given_overrides)

@@ -194,7 +194,7 @@ def test_goodnet_eval_command_agrees_with_the_logged_metrics(tmp_path, demo_dir,
     )
     pipeline.run(cfg)
     run = only_run(tmp_path)
-    assert ("goodnet/strip_threshold" in run.data.metrics) == (detector != "disagreement")
+    assert ("goodnet/strip/entropy_threshold" in run.data.metrics) == (detector != "disagreement")
     capsys.readouterr()
     assert (
         answer.main(
@@ -238,5 +238,8 @@ def test_points_over_one_badnet_calibrate_strip_once(tmp_path, demo_dir, caplog)
     ]
     calibrations = [r for r in caplog.records if "setting the threshold" in r.getMessage()]
     assert len(calibrations) == 1
-    assert results[0]["goodnet/strip_threshold"] == results[1]["goodnet/strip_threshold"]
+    assert (
+        results[0]["goodnet/strip/entropy_threshold"]
+        == results[1]["goodnet/strip/entropy_threshold"]
+    )
     assert results[0]["repaired/clean_acc"] != results[1]["repaired/clean_acc"]

@@ -42,12 +42,6 @@ def in_range(value: float, allowed: str) -> bool:
     return {">=": value >= float(bound), ">": value > float(bound)}[op]
 
 
-class Detector(Enum):
-    disagreement = "disagreement"
-    strip = "strip"
-    both = "both"
-
-
 class Objective(Enum):
     clean_acc_under_asr = "clean_acc_under_asr"
     der = "der"
@@ -91,7 +85,7 @@ class DataConfig:
 class GoodnetConfig:
     """goodnet.*: the detector that makes the GoodNet answer N, and its settings."""
 
-    detector: Detector = MISSING
+    detector: Any = MISSING  # a detector's name, `both`, or a list of names
     frr: float = ranged(MISSING, "(0, 1)")
     k: int = ranged(MISSING, ">= 1")
     alpha: float = ranged(MISSING, "(0, 1)")
@@ -175,7 +169,7 @@ def _check_section(name: str, node: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the type system cannot, before any work starts."""
-    from badnet_repair import demo, repairs
+    from badnet_repair import demo, detectors, repairs
     from badnet_repair.models import ARCHITECTURES
 
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -214,6 +208,7 @@ def validate(cfg: DictConfig) -> None:
     for key, value, ok, expected in checks:
         if not ok:
             raise UserError(f"config key {key}={value!r}: expected {expected}")
+    detectors.parse(cfg.goodnet.detector)
     for name in cfg.data.poisoned:
         if not str(name).replace("_", "").replace("-", "").isalnum():
             raise UserError(

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "bd_net.h5"
 CLEAN_FILES = {"clean_validation": "clean_validation_data.h5", "clean_test": "clean_test_data.h5"}
 RECORD_FILE = "build.json"  # written last: a folder holding it is a complete build
+PROCEDURE = 2  # how a recipe becomes a net; 2: trained by training.finetune's own Adam loop
 TARGETS = {"clean_acc": 0.90, "asr": 0.95}  # what every recipe must reach at full scale
 
 
@@ -150,9 +151,11 @@ class Recipe:
         return per_class, max(1, round(self.epochs * scale))
 
     def describe(self) -> dict:
-        """The recipe as plain JSON values, each trigger with its kind."""
+        """The recipe as plain JSON values, each trigger with its kind, and the version of
+        the procedure that turns a recipe into a net (a build made otherwise is another)."""
         triggers = [{"kind": type(t).__name__, **asdict(t)} for t in self.triggers]
-        return json.loads(json.dumps({**asdict(self), "triggers": triggers}))
+        plain = {"procedure": PROCEDURE, **asdict(self), "triggers": triggers}
+        return json.loads(json.dumps(plain))
 
 
 def _conv_bn_relu(n: int, filters: int) -> list:

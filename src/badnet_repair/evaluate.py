@@ -155,25 +155,17 @@ def goodnet_scores(
     return metrics
 
 
-def goodnet_answers(
-    repaired: Answers,
-    num_classes: int,
-    badnet: Answers | None = None,
-    strip_flags: Answers | None = None,
-) -> Answers:
-    """What a GoodNet answers, from answers already in hand: N where B's class (`badnet`,
-    the disagreement detector) differs from B''s or where STRIP flagged the input
-    (`strip_flags`, booleans), else B''s class. The saved GoodNet computes the same rule;
-    only float near-ties (of two classes, or of an entropy and the threshold) may be
-    decided otherwise."""
+def goodnet_answers(repaired: Answers, num_classes: int, flags: list[Answers]) -> Answers:
+    """What a GoodNet answers, from answers already in hand: N where any detector flagged
+    the input (`flags`, booleans per detector), else B''s class. The saved GoodNet
+    computes the same rule; only float near-ties (of two classes, or of a score and its
+    threshold) may be decided otherwise."""
 
     def rule(trigger: str | None) -> np.ndarray:
         answer = repaired.of(trigger)
         flagged = np.zeros(len(answer), dtype=bool)
-        if badnet is not None:
-            flagged |= badnet.of(trigger) != answer
-        if strip_flags is not None:
-            flagged |= strip_flags.of(trigger)
+        for detector in flags:
+            flagged |= detector.of(trigger)
         return np.where(flagged, num_classes, answer)
 
     return Answers(rule(None), {t: rule(t) for t in repaired.poisoned})

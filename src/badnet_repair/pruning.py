@@ -1,5 +1,5 @@
-"""Pruning methods. Each returns a `Pruned`: the net to evaluate and fine-tune, the
-callbacks that keep the pruning in force while it trains, and how to export a plain model.
+"""Pruning methods. Each returns a `Pruned`: the net to evaluate and fine-tune, what keeps
+the pruning in force while it trains, and how to export a plain model.
 
 - `activation`: fine-pruning as published (Liu, Dolan-Gavitt, Garg 2018). Backdoor
   neurons tend to stay dormant on clean inputs, so the channels of one layer with the
@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Pruned:
+    """A pruned net, and how training keeps the pruning in force: `hold` multiplies
+    variables by fixed masks after every step, `after_epoch` runs after each epoch."""
+
     model: keras.Model
     layer: str
     channels_pruned: list[int]
     sparsity: float
-    callbacks: list = field(default_factory=list)
+    hold: list[tuple[tf.Variable, np.ndarray]] = field(default_factory=list)
+    after_epoch: Callable[[], None] | None = None
     unwrap: Callable[[keras.Model], keras.Model] | None = None
 
     def export(self) -> keras.Model:
@@ -152,15 +156,23 @@ def zeroed_channels(layer) -> list[int]:
     return [int(c) for c in np.flatnonzero(dead)]
 
 
-class KeepChannelsPruned(keras.callbacks.Callback):
-    """Re-zero pruned channels after every training batch, so fine-tuning cannot revive them."""
-
-    def __init__(self, channels: Channels, indices: np.ndarray):
-        super().__init__()
-        self.channels, self.indices = channels, np.asarray(indices, dtype=np.int64)
-
-    def on_train_batch_end(self, batch, logs=None):
-        zero_channels(self.model, self.channels, self.indices)
+def channel_masks(
+    model: keras.Model, channels: Channels, indices: np.ndarray
+) -> list[tuple[tf.Variable, np.ndarray]]:
+    """The variables `zero_channels` zeroes, each with a 0/1 mask that zeroes them again:
+    multiplied in after every training step, they keep the removed channels removed."""
+    layer = model.get_layer(channels.layer)
+    variables = [layer.kernel, *([layer.bias] if layer.use_bias else [])]
+    if channels.norm is not None:
+        norm = model.get_layer(channels.norm)
+        variables += [v for v in (norm.gamma, norm.beta, norm.moving_mean) if v is not None]
+    masks = []
+    for variable in variables:
+        mask = np.ones(variable.shape, np.float32)
+        axis = kernel_axis(layer) if variable is layer.kernel else -1
+        np.moveaxis(mask, axis, -1)[..., indices] = 0.0
+        masks.append((variable, mask))
+    return masks
 
 
 def rank_channels(
@@ -187,7 +199,7 @@ def activation_prune(model: keras.Model, layer: str, order: np.ndarray, k: int) 
         layer=layer,
         channels_pruned=[int(c) for c in indices],
         sparsity=k / len(order),
-        callbacks=[KeepChannelsPruned(channels, indices)],
+        hold=channel_masks(pruned, channels, indices),
     )
 
 
@@ -195,7 +207,8 @@ def magnitude_prune(model: keras.Model, layer: str, sparsity: float, frequency: 
     """tfmot low-magnitude pruning of every prunable layer at a constant target sparsity.
 
     The first mask update runs now (step 0), so the pruned net can be evaluated before
-    fine-tuning; `UpdatePruningStep` keeps updating masks every `frequency` steps after.
+    fine-tuning; the wrappers keep updating masks every `frequency` training steps after,
+    and the masks are applied to the weights after every epoch.
     """
     schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=frequency)
     wrapped = tfmot.sparsity.keras.prune_low_magnitude(copy_model(model), pruning_schedule=schedule)
@@ -220,6 +233,6 @@ def magnitude_prune(model: keras.Model, layer: str, sparsity: float, frequency: 
         layer=layer,
         channels_pruned=channels,
         sparsity=achieved,
-        callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+        after_epoch=lambda: [w.pruning_obj.weight_mask_op() for w in wrappers],
         unwrap=tfmot.sparsity.keras.strip_pruning,
     )

@@ -71,5 +71,5 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
     case.report.stage_from("pruned", at_k, f"from the pruning curve, {k} channels removed")
     title = f"pruning curve of {layer}: {k} of {len(order)} channels ({rule})"
     case.report.figure(plots.curve_plot(curves, k, title), "curve.png")
-    case.finetune(pruned.model, finetune, pruned.callbacks)
+    case.finetune(pruned.model, finetune, pruned)
     return pruned.model
