@@ -212,7 +212,7 @@ def test_optuna_search_logs_every_trial_and_maximises_the_objective(tmp_path, de
         demo_dir,
         "+hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
-        "sweep.objective=der",
+        "sweep.objective=oracle_der",
     )
     (parent,), children = parents_and_children(tmp_path)
     kids = children[parent.info.run_id]
@@ -228,7 +228,11 @@ def test_optuna_search_logs_every_trial_and_maximises_the_objective(tmp_path, de
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("der", (0.90 - 0.02 + 1) / 2), ("clean_acc_under_asr", 0.95)],
+    [
+        ("oracle_der", (0.90 - 0.02 + 1) / 2),
+        ("oracle_clean_acc_under_asr", 0.95),
+        ("holdout_acc", 0.9),
+    ],
 )
 def test_objectives_by_hand(name, expected):
     metrics = {
@@ -238,9 +242,10 @@ def test_objectives_by_hand(name, expected):
         "badnet/asr/b": 0.8,
         "repaired/asr/a": 0.01,
         "repaired/asr/b": 0.1,
+        "repaired/holdout_acc": 0.9,
     }
     assert evaluate.objective(metrics, name, 0.1) == pytest.approx(expected)
-    if name == "clean_acc_under_asr":  # the worst trigger over the ceiling: below every feasible
+    if name == "oracle_clean_acc_under_asr":  # the worst trigger over the ceiling: below all
         assert evaluate.objective(metrics, name, 0.05) == pytest.approx(-0.05)
 
 

@@ -43,8 +43,9 @@ def in_range(value: float, allowed: str) -> bool:
 
 
 class Objective(Enum):
-    clean_acc_under_asr = "clean_acc_under_asr"
-    der = "der"
+    holdout_acc = "holdout_acc"  # clean data only
+    oracle_clean_acc_under_asr = "oracle_clean_acc_under_asr"  # reads test and poisoned sets
+    oracle_der = "oracle_der"
 
 
 @dataclass

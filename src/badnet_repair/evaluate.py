@@ -84,18 +84,28 @@ def evaluate(
     return stage_metrics(classify(model, clean, poisoned, batch_size), clean, poisoned, stage)
 
 
+ORACLES = ("oracle_clean_acc_under_asr", "oracle_der")  # read the test and poisoned sets
+
+
 def objective(metrics: dict[str, float], name: str, asr_ceiling: float) -> float:
     """What a hyperparameter search maximises, from a run's metrics.
 
-    - `clean_acc_under_asr`: the repaired net's clean accuracy when its worst ASR is at
-      most `asr_ceiling`; below every feasible value (by the excess ASR) otherwise.
-    - `der`: defense effectiveness rating, (max(0, dASR) - max(0, dACC) + 1) / 2, with
-      dASR the fall of the worst trigger's ASR and dACC the fall of clean accuracy.
+    - `holdout_acc` (what a defender can measure): the repaired net's accuracy on the
+      clean held-out validation images, which no repair trains on. It cannot see the
+      backdoor: it favours the mildest repair.
+    - `oracle_clean_acc_under_asr`: the repaired net's clean test accuracy when its
+      worst ASR is at most `asr_ceiling`; below every feasible value (by the excess ASR)
+      otherwise. An oracle: it reads the test and poisoned sets, which no defender has.
+    - `oracle_der`: defense effectiveness rating, (max(0, dASR) - max(0, dACC) + 1) / 2,
+      with dASR the fall of the worst trigger's ASR and dACC the fall of clean accuracy;
+      an oracle likewise.
     """
+    if name == "holdout_acc":
+        return metrics["repaired/holdout_acc"]
     asr = [v for k, v in metrics.items() if k.startswith("repaired/asr/")]
     badnet_asr = [v for k, v in metrics.items() if k.startswith("badnet/asr/")]
     worst = max(asr, default=0.0)
-    if name == "der":
+    if name == "oracle_der":
         d_asr = max(badnet_asr, default=0.0) - worst
         d_acc = metrics["badnet/clean_acc"] - metrics["repaired/clean_acc"]
         return (max(0.0, d_asr) - max(0.0, d_acc) + 1) / 2

@@ -30,7 +30,13 @@ from badnet_repair import (
     sweep,
     tracking,
 )
-from badnet_repair.evaluate import Answers, goodnet_answers, goodnet_scores, objective
+from badnet_repair.evaluate import (
+    Answers,
+    accuracy,
+    goodnet_answers,
+    goodnet_scores,
+    objective,
+)
 from badnet_repair.report import Report
 from badnet_repair.training import seed_everything
 
@@ -207,6 +213,12 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     mlflow.log_metric("time/repair_s", time.perf_counter() - repair_start)
     repaired_answers = report.answers(repaired)
     report.stage("repaired", answers=repaired_answers)
+    report.log(
+        {  # what a defender can see of the repair's cost: clean images no repair trains on
+            "badnet/holdout_acc": accuracy(base.badnet, clean.holdout, cfg.eval_batch_size),
+            "repaired/holdout_acc": accuracy(repaired, clean.holdout, cfg.eval_batch_size),
+        }
+    )
     model_path = models.save_model(repaired, out_dir / "repaired_net.h5")
     mlflow.log_artifact(str(model_path))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import MISSING
 
-from badnet_repair import plots
+from badnet_repair import UserError, plots
 from badnet_repair.config import ranged
 from badnet_repair.curve import PruningCurve, channels_within
 from badnet_repair.pruning import activation_prune, channel_count, rank_channels
@@ -23,12 +23,16 @@ from badnet_repair.training import Finetune
 
 @dataclass
 class Prune:
-    """prune.*: `sparsity`, the share of the layer's channels to zero; or, when set,
-    `max_acc_drop`: remove channels in order until clean validation accuracy would first
-    fall more than that below the BadNet's (the paper's stopping rule)."""
+    """prune.*: `max_acc_drop`, the paper's stopping rule (the default): remove channels
+    in order until clean validation accuracy would first fall more than that below the
+    BadNet's; or, when set, `sparsity`: exactly that share of the layer's channels."""
 
-    sparsity: float = ranged(MISSING, "[0, 1)")
+    sparsity: float | None = ranged(MISSING, "[0, 1)")
     max_acc_drop: float | None = ranged(MISSING, "[0, 1)")
+
+    def check(self) -> None:
+        if self.sparsity is None and self.max_acc_drop is None:
+            raise UserError("config keys prune.sparsity and prune.max_acc_drop: set one")
 
 
 @dataclass
@@ -38,10 +42,10 @@ class Settings(RepairSettings):
 
 
 def describe(prune: Prune, finetune: Finetune) -> str:
-    if prune.max_acc_drop is not None:
-        amount = f"max_acc_drop {prune.max_acc_drop:g}"
-    else:
+    if prune.sparsity is not None:
         amount = f"sparsity {prune.sparsity:g}"
+    else:
+        amount = f"max_acc_drop {prune.max_acc_drop:g}"
     return f"{amount}, {finetune.epochs} epochs"
 
 
@@ -58,7 +62,7 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
 
     curves = case.shared("pruning curve", trace)
     case.report.curves({f"curve/{name}": values for name, values in curves.items()})
-    if prune.max_acc_drop is None:
+    if prune.sparsity is not None:
         k = channel_count(prune.sparsity, len(order))
         rule = f"sparsity {prune.sparsity:g}"
     else:
