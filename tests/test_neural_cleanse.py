@@ -26,7 +26,7 @@ from badnet_repair.training import finetune, seed_everything
 from conftest import compose_config
 
 TARGET = 3
-TINY = ["neural_cleanse.rounds=10", "neural_cleanse.round_batches=4"]
+FEW_ROUNDS = ["neural_cleanse.rounds=10", "neural_cleanse.round_batches=4"]
 
 
 def stamp_patch(x: np.ndarray) -> np.ndarray:
@@ -165,7 +165,7 @@ def test_the_many_class_screen_keeps_the_target_and_flags_it():
 
 @pytest.mark.slow
 def test_the_target_is_flagged_and_unlearned_far_below_fine_pruning(tmp_path, demo_dir, toy_files):
-    cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", *toy_files, *TINY)
+    cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", *toy_files, *FEW_ROUNDS)
     metrics = pipeline.run(cfg)
     notes = json.loads((tmp_path / "out" / "metrics.json").read_text())["neural_cleanse"]
     assert TARGET in notes["flagged"] and metrics["neural_cleanse/unlearned"] == 1.0
@@ -188,7 +188,7 @@ def test_nothing_flagged_falls_back_to_plain_finetuning_and_says_so(
     tmp_path, demo_dir, toy_files, caplog
 ):
     caplog.set_level(logging.WARNING, logger="badnet_repair")
-    overrides = [*TINY, "neural_cleanse.anomaly_threshold=100"]  # the same scan, nothing flagged
+    overrides = [*FEW_ROUNDS, "neural_cleanse.anomaly_threshold=100"]  # nothing flagged
     cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", *toy_files, *overrides)
     metrics = pipeline.run(cfg)
     mlflow.set_tracking_uri(cfg.tracking.uri)

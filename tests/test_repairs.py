@@ -12,22 +12,8 @@ import pytest
 
 from badnet_repair import models, pipeline, repairs
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, TINY, compose_config
 
-# Tiny settings per repair; a repair without an entry runs at its defaults.
-TINY = {
-    "fine_pruning": ["finetune.epochs=1"],
-    "magnitude": ["finetune.epochs=1"],
-    "finetune": ["finetune.epochs=1"],
-    "neural_cleanse": [
-        "neural_cleanse.screen_rounds=1",
-        "neural_cleanse.candidates=2",
-        "neural_cleanse.references=4",
-        "neural_cleanse.rounds=2",
-        "neural_cleanse.round_batches=2",
-        "finetune.epochs=1",
-    ],
-}
 SHARED_METRICS = {
     "badnet/clean_acc",
     "badnet/asr/patch",

@@ -4,6 +4,7 @@ import math
 from collections.abc import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,6 +47,47 @@ def curve_plot(curves: dict[str, Sequence[float]], chosen: int, title: str):
     ax.set_ylim(-0.02, 1.05)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def roc_curve(clean: np.ndarray, poisoned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Share of clean and of poisoned scores above each possible threshold, highest first."""
+    cuts = np.concatenate([[np.inf], np.unique(np.concatenate([clean, poisoned]))[::-1]])
+    above = [
+        1.0 - np.searchsorted(np.sort(s), cuts, side="right") / len(s) for s in (clean, poisoned)
+    ]
+    return above[0], above[1]
+
+
+def roc_plot(scores: dict[str, dict], flags: dict, triggers: list[str]):
+    """Per detector and trigger: detection of poisoned inputs against false rejection of
+    clean ones as the threshold moves (for detectors with a score), and the operating
+    point each detector's threshold chose (a marker; all a rule without a score has)."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, answers) in enumerate(flags.items()):
+        for j, trigger in enumerate(triggers):
+            color = colors[(i * len(triggers) + j) % len(colors)]
+            if name in scores:
+                clean, poisoned = scores[name][None], scores[name][trigger]
+                cuts = np.concatenate(
+                    [[np.inf], np.unique(np.concatenate([clean, poisoned]))[::-1], [-np.inf]]
+                )
+                fpr = [(clean > c).mean() for c in cuts]
+                tpr = [(poisoned > c).mean() for c in cuts]
+                ax.plot(fpr, tpr, color=color, lw=1.5, label=f"{name}, {trigger}")
+            point = (answers.clean.mean(), answers.poisoned[trigger].mean())
+            ax.plot(
+                *point, "o", color=color, ms=7, mec="black", label=f"{name} threshold, {trigger}"
+            )
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
+    ax.set_xlabel("clean test inputs flagged (false rejection)")
+    ax.set_ylabel("poisoned inputs flagged (detection)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_title("GoodNet detectors: ROC, threshold set on clean validation data", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 

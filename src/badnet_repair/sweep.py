@@ -18,6 +18,7 @@ from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
 from badnet_repair import files, plots, tracking
+from badnet_repair.evaluate import ORACLES
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,12 @@ class MlflowSweep(Callback):
         table = summarise(record["experiment_id"], record["run_id"])
         print(f"\nSweep {record['sweep_id']} (MLflow parent run {record['run_id']}):\n")
         print(table or "no finished points")
+        if config.sweep.objective.value in ORACLES:
+            print(
+                f"\nsweep.objective={config.sweep.objective.value} is an oracle: it reads the "
+                "clean test and poisoned sets, which no defender has; a choice made with it "
+                "is not one a defender could make."
+            )
         mlflow.MlflowClient().set_terminated(record["run_id"], "FINISHED")
         _open.clear()
 

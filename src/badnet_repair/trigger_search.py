@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from badnet_repair import models
+
 log = logging.getLogger(__name__)
 
 EPS = 1e-7  # keeps tanh(.)/(2 - EPS) + 0.5 strictly inside (0, 1), as the authors' code
@@ -104,24 +106,13 @@ def label_scores(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: i
 
 
 def logits_of(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
-    """The model's scores before its final softmax (a gradient that a saturated softmax
-    would lose): the last layer rerun without its activation, or log-probabilities."""
-    last = model.layers[-1]
-    config = last.get_config()
-    softmax_layer = isinstance(last, keras.layers.Softmax) or (
-        isinstance(last, keras.layers.Activation) and config.get("activation") == "softmax"
-    )
-    if softmax_layer:
-        return keras.Model(model.inputs, last.input)
-    if config.get("activation") == "softmax":
-        body = keras.Model(model.inputs, last.input)
-        head = last.__class__.from_config({**config, "activation": "linear", "name": "logits"})
-        head.build(last.input_shape)
-        head.set_weights(last.get_weights())
-        return lambda x: head(body(x, training=False))
-    if config.get("activation") in (None, "linear"):
-        return model
-    return lambda x: tf.math.log(tf.maximum(model(x, training=False), 1e-30))
+    """The model's scores before its final softmax, whose gradient a saturated softmax
+    would lose: a copy of the net without that softmax, run in inference mode."""
+    net = model
+    if models.output_kind(model) != "linear":
+        x = keras.Input(models.input_shape(model))
+        net = keras.Model(x, models.replay(model, x, "scores_", logits=True))
+    return lambda images: net(images, training=False)
 
 
 class _State:

@@ -201,6 +201,7 @@ def _finetune(model, data: Dataset, holdout: Dataset, settings: Finetune, case: 
         epochs=settings.epochs,
         lr=settings.lr,
         batch_size=settings.batch_size,
+        seed=case.seed,
         on_epoch=case.report.step,
     )
 
