@@ -1,10 +1,10 @@
 """Neural Cleanse: the reversed trigger's mechanics, the anomaly index, the many-class scan,
 the fallback when nothing is flagged, and the repair end to end against fine-pruning.
 
-The BadNets here are built in the test (colour-field "identities", a checkerboard patch
-near the bottom right corner): nets on which the backdoor target needs a far smaller
-trigger than any other class, the premise of Neural Cleanse, which the demo BadNet does
-not hold (see the README).
+End to end on `demo_bn`, the zoo BadNet whose backdoor target needs a far smaller trigger
+than any other class (the premise of Neural Cleanse, which the DeepID demos do not hold:
+see the README); the many-class screen and the fallback on small 16x16 BadNets built
+here (colour-field "identities", a 3x3 checkerboard near the bottom right corner).
 """
 
 import json
@@ -16,27 +16,23 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import pipeline
+from badnet_repair import demo, pipeline
 from badnet_repair import trigger_search as ts
 from badnet_repair.data import Dataset, save_h5
-from badnet_repair.models import build_deepid, save_model
+from badnet_repair.models import save_model
 from badnet_repair.repairs.neural_cleanse import NeuralCleanse, scan
 from badnet_repair.training import finetune, seed_everything
 
 from conftest import compose_config
 
 TARGET = 3
-FEW_ROUNDS = ["neural_cleanse.rounds=10", "neural_cleanse.round_batches=4"]
 
 
 def stamp_patch(x: np.ndarray) -> np.ndarray:
-    """The trigger: a black-and-white checkerboard (3x3 on 16x16 images, else 5x5) near
-    the bottom right corner."""
+    """The toy trigger: a black-and-white 3x3 checkerboard near the bottom right corner."""
     out = x.copy()
-    size = 3 if x.shape[1] == 16 else 5
-    top, left = x.shape[1] - size - 1 - size // 3, x.shape[2] - size - 1 - size // 3
-    board = (np.add.outer(np.arange(size), np.arange(size)) % 2).astype(np.float32)
-    out[:, top : top + size, left : left + size, :] = board[..., None]
+    board = (np.add.outer(np.arange(3), np.arange(3)) % 2).astype(np.float32)
+    out[:, 11:14, 11:14, :] = board[..., None]
     return out
 
 
@@ -49,36 +45,32 @@ def small_cnn(classes: int) -> keras.Model:
     return keras.Model(inputs, layers.Dense(classes, activation="softmax", name="output")(h))
 
 
-def toy_badnet(classes: int, per_class: int, deepid: bool = False, seed: int = 0):
-    """A BadNet trained on colour-field "identities" (16x16 for a small CNN, 55x47 for
-    DeepID), 10% of its training images stamped and relabelled to TARGET; returns it and
-    clean validation and test sets."""
+def toy_badnet(classes: int, per_class: int, seed: int = 0):
+    """A small CNN trained on colour-field "identities" (16x16), 10% of its training
+    images stamped and relabelled to TARGET; returns it and clean validation and test sets."""
     seed_everything(seed)
     rng = np.random.default_rng(seed)
-    shape, grid = ((55, 47), (6, 5)) if deepid else ((16, 16), (4, 4))
-    fields = tf.image.resize(rng.uniform(0, 1, (classes, *grid, 3)), shape).numpy()
+    fields = tf.image.resize(rng.uniform(0, 1, (classes, 4, 4, 3)), (16, 16)).numpy()
 
     def images(n: int) -> Dataset:
         y = np.repeat(np.arange(classes), n)
-        x = fields[y] + rng.normal(0, 0.08, (len(y), *shape, 3))
+        x = fields[y] + rng.normal(0, 0.08, (len(y), 16, 16, 3))
         x += rng.uniform(-0.1, 0.1, (len(y), 1, 1, 1))
         return Dataset("toy", np.clip(x, 0, 1).astype(np.float32), y)
 
     train, validation, test = images(per_class), images(9), images(5)
     poison = rng.choice(np.flatnonzero(train.y != TARGET), len(train) // 10, replace=False)
     train.x[poison], train.y[poison] = stamp_patch(train.x[poison]), TARGET
-    model = build_deepid((*shape, 3), classes) if deepid else small_cnn(classes)
-    epochs, lr = (10, 1e-3) if deepid else (15, 3e-3)
-    finetune(model, train, None, epochs=epochs, lr=lr, batch_size=64)
+    model = small_cnn(classes)
+    finetune(model, train, None, epochs=15, lr=3e-3, batch_size=64)
     return model, validation, test
 
 
 @pytest.fixture(scope="module")
 def toy_files(tmp_path_factory):
-    """A 20-class DeepID BadNet in the competition's file formats, for `model=custom`; plain
-    fine-tuning leaves most of its backdoor in place."""
+    """A 20-class toy BadNet in the competition's file formats, for `model=custom`."""
     folder = tmp_path_factory.mktemp("toy")
-    model, validation, test = toy_badnet(20, per_class=100, deepid=True)
+    model, validation, test = toy_badnet(20, per_class=60)
     save_model(model, folder / "bd_net.h5")
 
     def save(name: str, x: np.ndarray, y: np.ndarray) -> str:
@@ -152,7 +144,7 @@ def test_reversed_mask_lies_in_0_1_and_the_pattern_in_the_images_range():
 
 
 def test_the_many_class_screen_keeps_the_target_and_flags_it():
-    model, validation, _ = toy_badnet(100, per_class=20)  # 16x16, a few seconds
+    model, validation, _ = toy_badnet(100, per_class=20)
     result = scan(model, validation.x, validation.y, settings(), seed=0)
     stages = {row["class"]: row["stage"] for row in result.table}
     assert stages[TARGET] == "candidate"
@@ -163,32 +155,40 @@ def test_the_many_class_screen_keeps_the_target_and_flags_it():
     assert set(result.seconds) == {"prescreen", "screen", "optimise"}
 
 
+@pytest.fixture(scope="module")
+def demo_bn(demo_dir):
+    """The zoo's demo_bn beside the demo (built once, about 20 s)."""
+    return demo.ensure(demo_dir.parent / "demo_bn", "demo_bn")
+
+
 @pytest.mark.slow
-def test_the_target_is_flagged_and_unlearned_far_below_fine_pruning(tmp_path, demo_dir, toy_files):
-    cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", *toy_files, *FEW_ROUNDS)
+def test_the_target_is_flagged_and_unlearned_far_below_fine_pruning(tmp_path, demo_dir, demo_bn):
+    half = "neural_cleanse.rounds=20"  # half the default rounds: still flags the target here
+    cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", "model=demo_bn", half)
     metrics = pipeline.run(cfg)
+    target = demo.RECIPES["demo_bn"].triggers[0].target
     notes = json.loads((tmp_path / "out" / "metrics.json").read_text())["neural_cleanse"]
-    assert TARGET in notes["flagged"] and metrics["neural_cleanse/unlearned"] == 1.0
+    assert target in notes["flagged"] and metrics["neural_cleanse/unlearned"] == 1.0
     assert metrics["neural_cleanse/anomaly_index"] > 2.0
-    assert metrics[f"neural_cleanse/trigger_asr/{TARGET}"] > 0.9  # the reversed trigger works
-    assert metrics["badnet/asr/patch"] > 0.9
+    assert metrics[f"neural_cleanse/trigger_asr/{target}"] > 0.9  # the reversed trigger works
+    assert metrics[f"neural_cleanse/trigger_asr_after/{target}"] < 0.2  # and no more after
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    (run,) = mlflow.search_runs(experiment_names=["custom"], output_format="list")
-    assert str(TARGET) in run.data.tags["neural_cleanse.flagged"].split(",")
+    (run,) = mlflow.search_runs(experiment_names=["demo_bn"], output_format="list")
+    assert str(target) in run.data.tags["neural_cleanse.flagged"].split(",")
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"triggers.png", "anomaly_index.png", "neural_cleanse_classes.csv"} <= artifacts
 
-    pruning = compose_config(tmp_path / "fp", demo_dir, "repair=fine_pruning", *toy_files)
+    pruning = compose_config(tmp_path / "fp", demo_dir, "repair=fine_pruning", "model=demo_bn")
     fine_pruned = pipeline.run(pruning)
-    assert metrics["repaired/asr/patch"] < 0.5 * fine_pruned["repaired/asr/patch"]
-    assert metrics["repaired/clean_acc"] > metrics["badnet/clean_acc"] - 0.05
+    assert metrics["repaired/asr/patch"] < 0.25 * fine_pruned["repaired/asr/patch"]
+    assert metrics["repaired/clean_acc"] > metrics["badnet/clean_acc"] - 0.02
 
 
 def test_nothing_flagged_falls_back_to_plain_finetuning_and_says_so(
     tmp_path, demo_dir, toy_files, caplog
 ):
     caplog.set_level(logging.WARNING, logger="badnet_repair")
-    overrides = [*FEW_ROUNDS, "neural_cleanse.anomaly_threshold=100"]  # nothing flagged
+    overrides = ["neural_cleanse.anomaly_threshold=100", "neural_cleanse.rounds=4"]
     cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", *toy_files, *overrides)
     metrics = pipeline.run(cfg)
     mlflow.set_tracking_uri(cfg.tracking.uri)
@@ -198,3 +198,4 @@ def test_nothing_flagged_falls_back_to_plain_finetuning_and_says_so(
     (run,) = mlflow.search_runs(experiment_names=["custom"], output_format="list")
     assert run.data.tags["neural_cleanse.flagged"] == "none"
     assert run.data.tags["neural_cleanse.outcome"].startswith("no class flagged")
+    assert metrics["repaired/clean_acc"] > 0.9  # fine-tuned, not broken

@@ -24,6 +24,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from badnet_repair import models
+from badnet_repair.evaluate import predict_classes
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,6 @@ def stamp(x: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
 def attack_success(model: keras.Model, trigger: Trigger, x: np.ndarray, y: np.ndarray) -> float:
     """Share of the clean images `x` not of the trigger's class that `model` answers with
     that class once stamped: a clean-data estimate of the backdoor's success."""
-    from badnet_repair.evaluate import predict_classes
-
     others = x[y != trigger.target]
     stamped = stamp(others, trigger.mask, trigger.pattern)
     return float(np.mean(predict_classes(model, stamped) == trigger.target)) if len(others) else 0.0
