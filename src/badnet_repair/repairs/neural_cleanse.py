@@ -96,8 +96,8 @@ class Scan:
     """What the reverse-engineering found, per class."""
 
     triggers: dict[int, ts.Trigger]  # the fully optimised classes
-    norms: np.ndarray  # every class's norm at the full level (NaN: pre-screened out)
-    index: np.ndarray  # anomaly index (NaN: pre-screened out)
+    norms: np.ndarray  # per class, its mask's L1 norm (NaN: not optimised in full)
+    index: np.ndarray  # per class, its anomaly index (NaN: not optimised in full)
     table: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     population: list[int] = field(default_factory=list)  # whose norms set median and MAD
@@ -110,7 +110,8 @@ class Scan:
 
 
 def scan(model, x: np.ndarray, y: np.ndarray, nc: NeuralCleanse, seed: int) -> Scan:
-    """Pre-screen, screen, fully optimise the candidates and references, and flag."""
+    """Pre-screen and screen the classes, optimise the candidates and references in full,
+    and give each of them its anomaly index against the references' norms."""
     n = num_classes(model)
     seconds, start = {}, time.perf_counter()
     share = ts.label_scores(model, x, y)
@@ -132,7 +133,8 @@ def scan(model, x: np.ndarray, y: np.ndarray, nc: NeuralCleanse, seed: int) -> S
         population = [rest[int(i)] for i in sorted(set(picks))]
         full_classes = sorted([*candidates, *population])
         for rank, c in enumerate(ranked):
-            rows[c].update(screen_loss=round(screen[c].loss, 4), screen_norm=screen[c].norm)
+            loss, norm = round(screen[c].loss, 4), round(screen[c].norm, 2)
+            rows[c].update(screen_loss=loss, screen_norm=norm)
             rows[c]["stage"] = "candidate" if c in candidates else "screened out"
             rows[c]["why"] = f"screen: loss rank {rank + 1} of {len(ranked)}" + (
                 "" if c in candidates else f" (candidates: the lowest {nc.candidates})"
