@@ -67,6 +67,7 @@ class ModelConfig:
     architecture: str | None = None
     layer: str | None = None
     builder: str | None = None
+    build_scale: float = ranged(1.0, "(0, 1]")  # < 1: a tiny demo build (tests)
     allow_unsafe: bool = False
 
 
@@ -99,6 +100,7 @@ class SweepConfig:
     resume: bool = MISSING
     objective: Objective = MISSING
     asr_ceiling: float = ranged(MISSING, "[0, 1]")
+    leaderboard: bool = MISSING
 
 
 @dataclass
