@@ -8,12 +8,14 @@ a clean one the reverse. The score is the authors' default ('triangle'),
 quantile of the scores of the clean held-out images that B classifies correctly.
 
 E stops as soon as its accuracy on the clean held-out images falls below
-`goodnet.expert_stop_acc`, checked after every step: the paper trains one epoch with
-Adam at 1e-4 on 2,000 images for BatchNorm ResNets; on our small nets that rate leaves
-the clean task intact after an epoch, hence the configurable rate. E (and a fine-tuned
-M') depend on B alone, so the points of a sweep over one BadNet train them once. Cost:
-two extra forward passes per input (B and E; M' = B' is the GoodNet's own answer), one
-more with `goodnet.auxiliary=finetuned`.
+`goodnet.expert_stop_acc`, checked after every step, or when its epochs end. The paper
+trains one epoch with Adam at 1e-4 (batch 128, 2,000 images, BatchNorm ResNets); on our
+small nets that leaves E a copy of B (held-out accuracy 0.99 on the demo) and the score
+then merely reads B's confidence (demo_bn: 59% detected). A gentle 3e-4 for 2 epochs of
+batch 32 keeps the backdoor and mostly forgets (0.25-0.5 held-out accuracy), hence the
+defaults. E (and a fine-tuned M') depend on B alone, so the points of a sweep over one
+BadNet train them once. Cost: two extra forward passes per input (B and E; M' = B' is
+the GoodNet's own answer), one more with `goodnet.auxiliary=finetuned`.
 """
 
 import hashlib
@@ -89,20 +91,14 @@ def train_expert(
         seed=seed,
         stop=forgotten,
     )
+    stopped = seen["holdout_acc"] < s.expert_stop_acc
     log.info(
-        "BaDExpert: the expert's held-out clean accuracy is %.4f after %d steps (stop below %g)",
+        "BaDExpert: the expert's held-out clean accuracy is %.4f after %d steps (%s %g)",
         seen["holdout_acc"],
         seen["steps"],
+        "stopped below" if stopped else "its epochs ended above the stop at",
         s.expert_stop_acc,
     )
-    if seen["holdout_acc"] >= s.expert_stop_acc:
-        log.warning(
-            "BaDExpert: the expert did not forget the clean task within %d epoch(s) "
-            "(held-out accuracy %.4f >= %g): raise goodnet.expert_lr or goodnet.expert_epochs",
-            s.expert_epochs,
-            seen["holdout_acc"],
-            s.expert_stop_acc,
-        )
     return expert, {f"expert_{k}": v for k, v in seen.items()}
 
 
