@@ -141,13 +141,15 @@ def _rows(experiment_id: str, parent_run_id: str) -> tuple[list[dict], set[str],
 
 
 def swept_keys(rows: list[dict], params: set[str]) -> list[str]:
-    """Params that differ between points (what the sweep varied), most values first."""
+    """Params that differ between points (what the sweep varied), most values first;
+    only those every point has (a repair's own settings are absent from other repairs')."""
     varying = [
         k
         for k in params
         if k not in NOT_THE_POINT
         and not k.startswith(FOLLOWERS)
-        and len({row.get(k) for row in rows}) > 1
+        and all(k in row for row in rows)  # a repair's own key is not swept across repairs
+        and len({row[k] for row in rows}) > 1
     ]
     return sorted(varying, key=lambda k: (-len({row.get(k) for row in rows}), k))
 
