@@ -120,6 +120,13 @@ def train_auxiliary(badnet: keras.Model, clean: Any, settings: Any, seed: int) -
 
 def fit(context: Context) -> Fitted:
     s, clean, badnet = context.settings, context.clean, context.badnet
+    held = clean.holdout
+    correct = predict_classes(badnet, held.x, context.batch_size) == held.y
+    if correct.sum() < MIN_CALIBRATION:
+        raise UserError(
+            f"goodnet.detector=badexpert: {correct.sum()} clean held-out images that the BadNet "
+            f"classifies correctly, expected at least {MIN_CALIBRATION} (raise data.holdout)"
+        )
     expert_key = (s.expert_lr, s.expert_epochs, s.expert_batch_size, s.expert_stop_acc)
     expert_key = ("badexpert expert", id(clean), *expert_key, context.seed)
     expert, metrics = context.memo.shared(
@@ -154,13 +161,6 @@ def fit(context: Context) -> Fitted:
     def score(inputs: Inputs) -> np.ndarray:
         return triangle(*ab(inputs))
 
-    held = clean.holdout
-    correct = predict_classes(badnet, held.x, context.batch_size) == held.y
-    if correct.sum() < MIN_CALIBRATION:
-        raise UserError(
-            f"goodnet.detector=badexpert: {correct.sum()} clean held-out images that the BadNet "
-            f"classifies correctly, expected at least {MIN_CALIBRATION} (raise data.holdout)"
-        )
     x = held.x[correct]
     calibration = Inputs(held.name, x, held.y[correct], held.y[correct])
     calibration_scores = score(calibration)
