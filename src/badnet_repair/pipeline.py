@@ -177,7 +177,7 @@ def run(
             )
             return _with_objective(dict(done[-1].data.metrics), cfg)
     if built is not None:  # a demo BadNet, built on first use: then every input must exist
-        demo.ensure(built, cfg.model.builder)
+        demo.ensure(built, cfg.model.builder, cfg.model.build_scale)
         require_inputs(inputs, f"not among the files the {cfg.model.builder} build made in {built}")
     require_separate(cfg.data.clean_validation, cfg.data.clean_test)
     with tracking.tracked_run(experiment_id, run_name, tags) as run_id:

@@ -92,6 +92,44 @@ def roc_plot(scores: dict[str, dict], flags: dict, triggers: list[str]):
     return fig
 
 
+def leaderboard_plot(rows: list[dict], best: dict[str, str]):
+    """Each repair on each BadNet: clean accuracy lost against the worst trigger's ASR
+    left, the goal's corner (both <= 0.02) shaded, the clean rule's pick circled."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    repairs = sorted({row["repair"] for row in rows})
+    badnets = sorted({row["badnet"] for row in rows})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh<>"
+    ax.fill_between([-0.02, 0.02], -0.02, 0.02, color="green", alpha=0.15, label="goal")
+    for row in rows:
+        asr = [v for k, v in row.items() if k.startswith("repaired/asr/")]
+        if not asr:
+            continue
+        i, j = repairs.index(row["repair"]), badnets.index(row["badnet"])
+        picked = best.get(row["badnet"]) == row["run_id"]
+        ax.plot(
+            row["drop"],
+            max(asr),
+            markers[j % len(markers)],
+            color=colors[i % len(colors)],
+            ms=11 if picked else 7,
+            mec="black" if picked else "none",
+            mew=2,
+        )
+    for i, name in enumerate(repairs):
+        ax.plot([], [], "o", color=colors[i % len(colors)], label=name)
+    for j, name in enumerate(badnets):
+        ax.plot([], [], markers[j % len(markers)], color="grey", label=name)
+    ax.plot([], [], "o", color="white", mec="black", mew=2, ms=11, label="clean rule's pick")
+    ax.set_xlabel("clean accuracy lost (BadNet - repaired, test set)")
+    ax.set_ylabel("worst trigger's ASR left")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title("Leaderboard: every repair on every BadNet", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
 def close(figure) -> None:
     plt.close(figure)
 
