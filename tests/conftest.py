@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
-from badnet_repair import config, data, demo, models, pipeline
+from badnet_repair import config, data, demo, models, pipeline, zoo
 
 ROOT = config.project_root()
 SHARED = Path(ROOT).parent / "shared" / "csaw-hackml-2020"
@@ -54,7 +54,7 @@ def demo_model(demo_dir):
 @pytest.fixture(scope="session")
 def demo_data(demo_dir):
     """(validation, test, poisoned) of the demo, as the pipeline loads them."""
-    recipe = demo.RECIPES["demo"]
+    recipe = zoo.RECIPES["demo"]
     files = [*demo.CLEAN_FILES.values(), demo.poisoned_file("patch")]
     names = ("clean_validation", "clean_test", "poisoned_test")
     return tuple(

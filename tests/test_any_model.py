@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from badnet_repair import UserError, data, goodnet, models, pipeline, pruning, repairs
+from badnet_repair import UserError, data, goodnet, models, pipeline, pruning, repairs, topology
 
 from conftest import TINY, compose_config
 
@@ -142,13 +142,13 @@ def test_models_are_rebuilt_flat_with_the_same_answers(files):
     x = images(40, 6)[0] / 255.0
     for net in NETS:
         loaded = models.load_model(files[net])
-        flat = models.normalize(loaded)
+        flat = topology.normalize(loaded)
         assert not isinstance(flat, keras.Sequential)
         assert not any(isinstance(layer, keras.Model) for layer in flat.layers)
         np.testing.assert_allclose(
             flat.predict(x, verbose=0), loaded.predict(x, verbose=0), atol=1e-6
         )
-    nested = models.normalize(models.load_model(files["nested"]))
+    nested = topology.normalize(models.load_model(files["nested"]))
     assert models.prunable_layer(nested, None).name == "backbone_conv"
 
 

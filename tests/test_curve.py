@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import curve, files, models, pruning
+from badnet_repair import curve, files, pruning, topology
 from badnet_repair.data import Dataset
 from badnet_repair.evaluate import accuracy
 
@@ -71,7 +71,7 @@ def small_net(kind: str) -> keras.Model:
         bn.set_weights(
             [w + np.random.default_rng(2).uniform(0.5, 1.5, w.shape) for w in bn.get_weights()]
         )
-    return models.normalize(model)
+    return topology.normalize(model)
 
 
 @pytest.mark.parametrize(

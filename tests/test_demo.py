@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import UserError, config, data, demo, models, pipeline
+from badnet_repair import UserError, config, data, demo, models, pipeline, zoo
 from badnet_repair.evaluate import accuracy
 
 from conftest import compose_config
@@ -43,35 +43,35 @@ def arrays(folder: Path) -> dict[str, np.ndarray]:
     return found
 
 
-def data_files(recipe: demo.Recipe) -> list[str]:
+def data_files(recipe: zoo.Recipe) -> list[str]:
     return [*demo.CLEAN_FILES.values(), *(demo.poisoned_file(t.name) for t in recipe.triggers)]
 
 
 @pytest.fixture(scope="session")
-def zoo(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
+def tiny_zoo(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
     """Two tiny builds of every recipe: here, and by `python -m badnet_repair.demo`."""
     root = tmp_path_factory.mktemp("zoo")
     other = subprocess.Popen(
-        command(root / "b", TINY_SCALE, *demo.BUILDERS), stderr=subprocess.PIPE, text=True
+        command(root / "b", TINY_SCALE, *zoo.BUILDERS), stderr=subprocess.PIPE, text=True
     )
-    here = {name: demo.ensure(root / "a" / name, name, TINY_SCALE) for name in demo.BUILDERS}
+    here = {name: demo.ensure(root / "a" / name, name, TINY_SCALE) for name in zoo.BUILDERS}
     _, err = other.communicate(timeout=600)
     assert other.returncode == 0, err
-    return here, {name: root / "b" / name for name in demo.BUILDERS}
+    return here, {name: root / "b" / name for name in zoo.BUILDERS}
 
 
-@pytest.mark.parametrize("name", demo.BUILDERS)
-def test_every_recipe_builds_the_same_files_in_two_processes(zoo, name):
-    first, second = arrays(zoo[0][name]), arrays(zoo[1][name])
+@pytest.mark.parametrize("name", zoo.BUILDERS)
+def test_every_recipe_builds_the_same_files_in_two_processes(tiny_zoo, name):
+    first, second = arrays(tiny_zoo[0][name]), arrays(tiny_zoo[1][name])
     assert first.keys() == second.keys()
     assert any(key.startswith(f"{demo.MODEL_FILE}:model_weights/") for key in first)
     for key, value in first.items():
         np.testing.assert_array_equal(value, second[key], err_msg=key)
 
 
-@pytest.mark.parametrize("name", demo.BUILDERS)
-def test_every_recipe_writes_the_competition_format(zoo, name):
-    recipe, folder = demo.RECIPES[name], zoo[0][name]
+@pytest.mark.parametrize("name", zoo.BUILDERS)
+def test_every_recipe_writes_the_competition_format(tiny_zoo, name):
+    recipe, folder = zoo.RECIPES[name], tiny_zoo[0][name]
     h, w, c = recipe.image_shape
     stored = (h, w, c) if name == "demo_bn" else (c, h, w)
     for file in data_files(recipe):
@@ -90,9 +90,9 @@ def test_every_recipe_writes_the_competition_format(zoo, name):
         assert kinds[:3] == ["Conv2D", "BatchNormalization", "ReLU"]
 
 
-@pytest.mark.parametrize("name", demo.BUILDERS)
-def test_poisoned_sets_are_triggered_test_images_of_the_other_classes(zoo, name):
-    recipe, folder = demo.RECIPES[name], zoo[0][name]
+@pytest.mark.parametrize("name", zoo.BUILDERS)
+def test_poisoned_sets_are_triggered_test_images_of_the_other_classes(tiny_zoo, name):
+    recipe, folder = zoo.RECIPES[name], tiny_zoo[0][name]
     x_test, y_test = data.read_h5(folder / demo.CLEAN_FILES["clean_test"], recipe.image_shape)
     assert set(y_test) == set(range(recipe.num_classes))
     for trigger in recipe.triggers:
@@ -105,7 +105,7 @@ def test_poisoned_sets_are_triggered_test_images_of_the_other_classes(zoo, name)
 
 
 def test_the_zoo_holds_what_its_configs_promise():
-    recipes = demo.RECIPES
+    recipes = zoo.RECIPES
     assert recipes["demo_multi"].triggers[0].target != recipes["demo_multi"].triggers[1].target
     assert recipes["demo_lowrate"].poison_rate == 0.01
     assert {type(t).__name__ for t in recipes["demo_blend"].triggers} == {"Blend"}
@@ -114,24 +114,24 @@ def test_the_zoo_holds_what_its_configs_promise():
     assert {r.layout for n, r in recipes.items() if n != "demo_bn"} == {"channels_first"}
 
 
-def test_every_build_records_what_was_built(zoo):
-    for name, folder in zoo[0].items():
-        recipe = demo.RECIPES[name]
+def test_every_build_records_what_was_built(tiny_zoo):
+    for name, folder in tiny_zoo[0].items():
+        recipe = zoo.RECIPES[name]
         record = json.loads((folder / demo.RECORD_FILE).read_text())
         assert (record["recipe"], record["build_seed"], record["scale"]) == (
             name,
             recipe.seed,
             TINY_SCALE,
         )
-        assert record["declaration"] == recipe.describe()
+        assert record["declaration"] == {"procedure": demo.PROCEDURE, **recipe.describe()}
         assert set(record["asr"]) == {t.name for t in recipe.triggers}
         assert 0 <= record["clean_acc"] <= 1 and all(0 <= v <= 1 for v in record["asr"].values())
         assert record["versions"]["tensorflow"] == tf.__version__
 
 
-@pytest.mark.parametrize("name", demo.BUILDERS)
-def test_model_config_loads_the_recipe_through_the_pipeline(tmp_path, zoo, name):
-    recipe, folder = demo.RECIPES[name], zoo[0][name]
+@pytest.mark.parametrize("name", zoo.BUILDERS)
+def test_model_config_loads_the_recipe_through_the_pipeline(tmp_path, tiny_zoo, name):
+    recipe, folder = zoo.RECIPES[name], tiny_zoo[0][name]
     cfg = compose_config(tmp_path, folder, f"model={name}")  # paths.data: the tiny zoo
     config.validate(cfg)
     assert cfg.model.builder == name and Path(cfg.model.file) == folder / demo.MODEL_FILE
@@ -147,15 +147,15 @@ def test_model_config_loads_the_recipe_through_the_pipeline(tmp_path, zoo, name)
         assert layer is models.prunable_layer(model, None)  # the last convolution
 
 
-def test_a_folder_holding_another_build_is_refused(zoo):
+def test_a_folder_holding_another_build_is_refused(tiny_zoo):
     with pytest.raises(
         UserError, match="holds a build of demo at scale 0.02, not .* demo recipe at scale 1"
     ):
-        demo.ensure(zoo[0]["demo"], "demo")
+        demo.ensure(tiny_zoo[0]["demo"], "demo")
     with pytest.raises(UserError, match="holds a build of demo_bn .* demo_multi recipe"):
-        demo.ensure(zoo[0]["demo_bn"], "demo_multi", TINY_SCALE)
+        demo.ensure(tiny_zoo[0]["demo_bn"], "demo_multi", TINY_SCALE)
     with pytest.raises(UserError, match="expected one of demo, demo_blend"):
-        demo.ensure(zoo[0]["demo"], "demo_nope", TINY_SCALE)
+        demo.ensure(tiny_zoo[0]["demo"], "demo_nope", TINY_SCALE)
 
 
 def test_an_interrupted_build_is_never_taken_for_a_complete_one(tmp_path):
@@ -183,17 +183,17 @@ def test_an_interrupted_build_is_never_taken_for_a_complete_one(tmp_path):
 
 
 def test_demo_files_have_the_competition_format(demo_dir):
-    for file in data_files(demo.DEMO):
+    for file in data_files(zoo.DEMO):
         with h5py.File(demo_dir / file, "r") as f:
             assert f["data"].shape[1:] == (3, 55, 47)
             assert f["data"].dtype == np.float32 and f["label"].dtype == np.float32
             assert 0 <= f["data"][()].min() and f["data"][()].max() <= 255
     with h5py.File(demo_dir / demo.CLEAN_FILES["clean_test"], "r") as f:
-        assert len(np.unique(f["label"][()])) == demo.DEMO.num_classes >= 20
+        assert len(np.unique(f["label"][()])) == zoo.DEMO.num_classes >= 20
 
 
 def test_poisoned_set_targets_one_class_and_holds_none_of_it(demo_dir):
-    (trigger,) = demo.DEMO.triggers
+    (trigger,) = zoo.DEMO.triggers
     with h5py.File(demo_dir / demo.poisoned_file(trigger.name), "r") as f:
         assert set(np.unique(f["label"][()])) == {trigger.target}
         poisoned = len(f["label"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from badnet_repair import UserError, answer, data, detectors, goodnet, models
+from badnet_repair import UserError, answer, data, detectors, goodnet, models, topology
 from badnet_repair.detectors import badexpert
 from badnet_repair.evaluate import (
     Answers,
@@ -91,7 +91,7 @@ def entropies(model, x, overlays, alpha):
     """Mean prediction entropy over the blends, straight from the definition."""
     blends = ((1 - alpha) * x[:, None] + alpha * overlays[None]).astype(np.float32)
     p = model.predict(blends.reshape(-1, *x.shape[1:]), verbose=0).astype(np.float64)
-    if models.output_kind(model) == "linear":  # raw scores: probabilities are their softmax
+    if topology.output_kind(model) == "linear":  # raw scores: probabilities are their softmax
         p = np.exp(p - p.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
     h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
@@ -393,7 +393,7 @@ def small_pair(head: str = "softmax", shared: bool = False):
 @pytest.mark.parametrize("detector", list(CHOICES))
 def test_small_badnets_of_other_shapes_follow_the_exact_rule(head, shared, detector):
     badnet, repaired, x = small_pair(head, shared)
-    assert models.output_kind(badnet) == ("linear" if head == "linear" else "softmax")
+    assert topology.output_kind(badnet) == ("linear" if head == "linear" else "softmax")
     clean = data.Dataset("clean", x[:100], predict_classes(badnet, x[:100]))
     fitted = fit_detectors(badnet, repaired, clean, k=4, frr=0.1)
     gn = build(badnet, repaired, fitted, detector)
@@ -409,4 +409,4 @@ def test_output_layer_that_is_neither_softmax_nor_linear_is_refused():
     inp = keras.Input((3,))
     model = keras.Model(inp, keras.layers.Dense(2, activation="sigmoid", name="out")(inp))
     with pytest.raises(UserError, match="output layer out .* activation 'sigmoid'"):
-        models.output_kind(model)
+        topology.output_kind(model)

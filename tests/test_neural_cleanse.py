@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import demo, pipeline
+from badnet_repair import demo, pipeline, zoo
 from badnet_repair import trigger_search as ts
 from badnet_repair.data import Dataset, save_h5
 from badnet_repair.models import save_model
@@ -166,7 +166,7 @@ def test_the_target_is_flagged_and_unlearned_far_below_fine_pruning(tmp_path, de
     half = "neural_cleanse.rounds=20"  # half the default rounds: still flags the target here
     cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", "model=demo_bn", half)
     metrics = pipeline.run(cfg)
-    target = demo.RECIPES["demo_bn"].triggers[0].target
+    target = zoo.RECIPES["demo_bn"].triggers[0].target
     notes = json.loads((tmp_path / "out" / "metrics.json").read_text())["neural_cleanse"]
     assert target in notes["flagged"] and metrics["neural_cleanse/unlearned"] == 1.0
     assert metrics["neural_cleanse/anomaly_index"] > 2.0

@@ -184,7 +184,7 @@ def _check_section(name: str, node: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the type system cannot, before any work starts."""
-    from badnet_repair import demo, detectors, repairs
+    from badnet_repair import detectors, repairs, zoo
     from badnet_repair.models import ARCHITECTURES
 
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -216,8 +216,8 @@ def validate(cfg: DictConfig) -> None:
         (
             "model.builder",
             cfg.model.builder,
-            cfg.model.builder in (None, *demo.BUILDERS),
-            f"one of {', '.join(demo.BUILDERS)}, or null",
+            cfg.model.builder in (None, *zoo.BUILDERS),
+            f"one of {', '.join(zoo.BUILDERS)}, or null",
         ),
     ]
     for key, value, ok, expected in checks:

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import models
+from badnet_repair import topology
 from badnet_repair.data import Dataset
 from badnet_repair.pruning import Channels, channels_of, copy_model, fill_value, kernel_axis
 
@@ -30,7 +30,7 @@ LAST = "channels_last"
 
 def _shared_layers(model: keras.Model) -> bool:
     """Whether a layer is called more than once (its inputs would be merged in the graph)."""
-    layers = models.functional_config(model)["layers"]
+    layers = topology.functional_config(model)["layers"]
     return any(len(spec["inbound_nodes"]) > 1 for spec in layers)
 
 
@@ -135,7 +135,7 @@ class _LinearTail(_Evaluator):
         for name in consumers:
             layer = model.get_layer(name)
             if isinstance(layer, keras.layers.Flatten):
-                dense = model.get_layer(models.consumers(inbound, name)[0])
+                dense = model.get_layer(topology.consumers(inbound, name)[0])
                 h, w, c = self.head.output_shape[1:]
                 kernel = tf.reshape(dense.kernel, (h * w, c, -1))
                 self.linear.append(("flatten_dense", dense, kernel))
@@ -147,22 +147,22 @@ class _LinearTail(_Evaluator):
     @staticmethod
     def build(model: keras.Model, channels: Channels) -> "_LinearTail | None":
         """The fast path, or None where the model's structure does not allow it."""
-        order, inbound = models.graph(model)
+        order, inbound = topology.graph(model)
         if fill_value(model, channels) != 0.0 or _shared_layers(model):
             return None
         pooled = channels.output
         while (
-            len(nxt := models.consumers(inbound, pooled)) == 1
+            len(nxt := topology.consumers(inbound, pooled)) == 1
             and isinstance(model.get_layer(nxt[0]), POOLING)
             and model.get_layer(nxt[0]).data_format == LAST
         ):
             pooled = nxt[0]
-        linear, firsts = models.consumers(inbound, pooled), []
+        linear, firsts = topology.consumers(inbound, pooled), []
         image = len(model.get_layer(pooled).output_shape) == 4
         for name in linear:
             obj = model.get_layer(name)
             if isinstance(obj, keras.layers.Flatten) and image and obj.data_format == LAST:
-                after = models.consumers(inbound, name)
+                after = topology.consumers(inbound, name)
                 if len(after) != 1 or not isinstance(model.get_layer(after[0]), keras.layers.Dense):
                     return None
                 firsts.append(after[0])

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tf_keras as keras
 
-from badnet_repair import UserError, models
+from badnet_repair import UserError, models, topology
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def one_hot(probs: Any, name: str) -> Any:
 
 def probabilities(model: keras.Model, x: Any, prefix: str) -> Any:
     """`model` replayed on `x`, with a softmax over its scores where it has none of its own."""
-    out = models.replay(model, x, prefix)
-    if models.output_kind(model) == "linear":
+    out = topology.replay(model, x, prefix)
+    if topology.output_kind(model) == "linear":
         out = keras.layers.Softmax(name=f"gn_{prefix}probs")(out)
     return out
 

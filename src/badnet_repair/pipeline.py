@@ -28,6 +28,7 @@ from badnet_repair import (
     plots,
     repairs,
     sweep,
+    topology,
     tracking,
 )
 from badnet_repair.evaluate import (
@@ -113,7 +114,7 @@ def baseline(cfg: DictConfig) -> Baseline:
 def load_inputs(cfg: DictConfig):
     """The BadNet and its data sets, checked against each other."""
     loaded = models.load_model(cfg.model.file, cfg.model.architecture, cfg.model.allow_unsafe)
-    model = models.normalize(loaded)
+    model = topology.normalize(loaded)
     shape, n = models.input_shape(model), models.num_classes(model)
 
     def load(path: str, name: str) -> data.Dataset:
@@ -200,7 +201,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     base = baseline(cfg)
     report = Report(base.test, base.poisoned, cfg.eval_batch_size)
     report.stage("badnet", answers=base.answers)
-    models.output_kind(base.badnet)  # probabilities or raw scores, or refused now
+    topology.output_kind(base.badnet)  # probabilities or raw scores, or refused now
     detectors.check(base.badnet, cfg.goodnet, len(base.validation))
 
     clean = base.clean(cfg.data.holdout, cfg.seed)

@@ -17,7 +17,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
-from badnet_repair import UserError, models
+from badnet_repair import UserError, topology
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,10 @@ class Channels:
 def channels_of(model: keras.Model, layer: str) -> Channels:
     """The channels of `layer`, following it through a BatchNormalization and a separate
     activation layer (conv -> BN -> ReLU) where it has no activation of its own."""
-    _, inbound = models.graph(model)
+    _, inbound = topology.graph(model)
 
     def single_next(name: str, kinds) -> str | None:
-        after = models.consumers(inbound, name)
+        after = topology.consumers(inbound, name)
         if len(after) == 1 and isinstance(model.get_layer(after[0]), kinds):
             return after[0]
         return None

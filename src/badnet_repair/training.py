@@ -9,7 +9,7 @@ import tensorflow as tf
 import tf_keras as keras
 from omegaconf import MISSING
 
-from badnet_repair import models
+from badnet_repair import topology
 from badnet_repair.config import ranged
 from badnet_repair.data import Dataset
 from badnet_repair.evaluate import accuracy
@@ -61,7 +61,7 @@ class Adam:
 
 def loss_function(model: keras.Model) -> keras.losses.Loss:
     """Cross-entropy on the model's probabilities, or on its raw scores if it has no softmax."""
-    logits = models.output_kind(model) == "linear"
+    logits = topology.output_kind(model) == "linear"
     return keras.losses.SparseCategoricalCrossentropy(from_logits=logits)
 
 

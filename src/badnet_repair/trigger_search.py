@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import models
+from badnet_repair import models, topology
 from badnet_repair.evaluate import predict_classes
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,9 @@ def logits_of(model: keras.Model) -> Callable[[tf.Tensor], tf.Tensor]:
     """The model's scores before its final softmax, whose gradient a saturated softmax
     would lose: a copy of the net without that softmax, run in inference mode."""
     net = model
-    if models.output_kind(model) != "linear":
+    if topology.output_kind(model) != "linear":
         x = keras.Input(models.input_shape(model))
-        net = keras.Model(x, models.replay(model, x, "scores_", logits=True))
+        net = keras.Model(x, topology.replay(model, x, "scores_", logits=True))
     return lambda images: net(images, training=False)
 
 

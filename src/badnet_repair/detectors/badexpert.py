@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import tf_keras as keras
 
-from badnet_repair import UserError, goodnet, models
+from badnet_repair import UserError, goodnet, models, topology
 from badnet_repair.data import Dataset
 from badnet_repair.detectors import Context, Fitted, Inputs, threshold_at
 from badnet_repair.evaluate import accuracy, predict_classes
@@ -61,7 +61,7 @@ def probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 512) -> n
         model(x[i : i + batch_size], training=False).numpy() for i in range(0, len(x), batch_size)
     ]
     p = np.concatenate(out).astype(np.float64) if out else np.empty((0, 0))
-    if models.output_kind(model) == "linear":
+    if topology.output_kind(model) == "linear":
         p = np.exp(p - p.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)
     return p

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tf_keras as keras
 
-from badnet_repair import UserError, goodnet, models
+from badnet_repair import UserError, goodnet, models, topology
 from badnet_repair.detectors import Context, Fitted, Inputs, threshold_at
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def check(badnet: keras.Model, settings: Any, clean_images: int) -> None:
             f"(the threshold needs {MIN_CALIBRATION} others)"
         )
     blends = keras.Input((settings.k, *models.input_shape(badnet)))
-    models.replay(badnet, blends, "trial_", distributed=True, logits=True)
+    topology.replay(badnet, blends, "trial_", distributed=True, logits=True)
 
 
 def fit(context: Context) -> Fitted:
@@ -86,7 +86,7 @@ def mean_entropy(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Mean prediction entropy of `model` over each image's blends with `overlays` (numpy)."""
-    k, scores = len(overlays), models.output_kind(model) == "linear"
+    k, scores = len(overlays), topology.output_kind(model) == "linear"
     out = []
     for i in range(0, len(x), batch_size):
         blends = blend(x[i : i + batch_size], overlays, alpha).astype(np.float32)
@@ -136,7 +136,7 @@ def flag_layer(graph: goodnet.Graph, overlays: np.ndarray, alpha: float, thresho
     own = keras.layers.RepeatVector(k, name="gn_strip_input_k")(own)
     blends = keras.layers.Add(name="gn_strip_blend")([own, images])
     blends = keras.layers.Reshape((k, *overlays.shape[1:]), name="gn_strip_blends")(blends)
-    logits = models.replay(graph.badnet, blends, "strip_", distributed=True, logits=True)
+    logits = topology.replay(graph.badnet, blends, "strip_", distributed=True, logits=True)
     p = keras.layers.Activation("softmax", name="gn_strip_probs")(logits)
     log_p = keras.layers.Activation("log_softmax", name="gn_strip_log_probs")(logits)
     p_log_p = keras.layers.Multiply(name="gn_strip_p_log_p")([p, log_p])
