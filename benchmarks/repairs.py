@@ -64,7 +64,6 @@ def settings(name: str, *overrides: str) -> dict:
     config.register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"repair={name}", *overrides])
-    config.validate(cfg)
     return {s: OmegaConf.to_object(cfg[s]) for s in repairs.sections(name)}
 
 

@@ -43,32 +43,31 @@ class Unit:
         return int(self.conv.kernel.shape[-1])
 
 
-def _output(layer):
+def _tensor(layer, which: str):
+    """A layer's `input` or `output` tensor; None for a layer called more than once."""
     try:
-        return layer.output
-    except (AttributeError, RuntimeError):  # not called, or called more than once
+        return getattr(layer, which)
+    except (AttributeError, RuntimeError):
         return None
 
 
-def units(model: keras.Model, dense: bool = False) -> list[Unit]:
+def units(model: keras.Model) -> list[Unit]:
     """Every Conv2D of `model` (top level, channels last), paired with the BatchNormalization
-    that its output feeds, if any; with `dense`, every Dense layer but the output too."""
-    after = {}
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            try:
-                after[id(layer.input)] = layer
-            except (AttributeError, RuntimeError):
-                continue
+    that its output feeds, if any."""
+    after = {
+        id(tensor): layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+        and (tensor := _tensor(layer, "input")) is not None
+    }
     found = []
     for layer in model.layers:
-        if dense and isinstance(layer, keras.layers.Dense) and layer is not model.layers[-1]:
-            pass
-        elif not isinstance(layer, keras.layers.Conv2D):
+        if not isinstance(layer, keras.layers.Conv2D):
             continue
-        elif layer.data_format != "channels_last":
+        if layer.data_format != "channels_last":
             raise UserError(f"channel masks: conv {layer.name} is not channels-last")
-        bn = after.get(id(_output(layer)))
+        output = _tensor(layer, "output")
+        bn = after.get(id(output)) if output is not None else None
         if bn is not None and (not bn.scale or not bn.center or list(bn.axis) != [3]):
             raise UserError(
                 f"channel masks: BatchNormalization {bn.name} needs scale, center and the "
@@ -88,8 +87,8 @@ class Masks:
     `restore()` writes the unmasked parameters back.
     """
 
-    def __init__(self, model: keras.Model, dense: bool = False):
-        self.units = units(model, dense)
+    def __init__(self, model: keras.Model):
+        self.units = units(model)
         self.params = [p for u in self.units for p in u.params]
         self._owner = [i for i, u in enumerate(self.units) for _ in u.params]
         self._original = [tf.constant(p.numpy()) for p in self.params]
@@ -121,12 +120,12 @@ class Masks:
         return {u.name: m.numpy() for u, m in zip(self.units, self.values, strict=True)}
 
 
-def zero_channels(model: keras.Model, selected: dict[str, np.ndarray], dense: bool = False) -> int:
+def zero_channels(model: keras.Model, selected: dict[str, np.ndarray]) -> int:
     """Zero the channels `selected[name]` (booleans) of each unit of `model`, in place: the
     conv's kernel and bias, and a BN's gamma and beta too, so the channel is exactly zero
     after it (nothing leaks through the BN's shift). Returns how many were zeroed."""
     total = 0
-    for unit in units(model, dense):
+    for unit in units(model):
         off = np.asarray(selected.get(unit.name, ()), dtype=bool)
         if not off.any():
             continue

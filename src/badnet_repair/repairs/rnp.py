@@ -3,10 +3,11 @@
 1. Unlearn a copy of the BadNet: gradient ascent on clean cross-entropy until its clean
    held-out accuracy falls to `rnp.unlearn_until` (checked after every step; the ascent
    is bounded by a gradient-norm clip and `rnp.unlearn_steps`). Clean features go; the
-   backdoor, which clean data never exercises, stays.
+   backdoor, which clean data never exercises, stays (the `unlearned` stage shows it).
 2. Recover: on the unlearned copy, learn a mask in [0, 1] per conv channel (on a BN's
    output where the conv feeds one; see `channels`) that brings clean accuracy back.
-   The channels the backdoor lives in do not help with that: their masks stay low.
+   The paper finds that the channels the backdoor lives in do not help with that, so
+   their masks stay low.
 3. Prune the original BadNet's channels whose mask is at most a threshold: the largest
    threshold of the grid whose clean held-out accuracy stays within `rnp.max_acc_drop`
    of the BadNet's. The pruned channels are exactly zero in the returned model.
