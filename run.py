@@ -2,12 +2,16 @@
 
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+from badnet_repair.console import quiet_native_logs
 
-from badnet_repair import UserError, config
+quiet_native_logs()  # before TensorFlow loads; TF_CPP_MIN_LOG_LEVEL=0 shows its own logs
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from badnet_repair import UserError, config  # noqa: E402
 
 config.register()
 

@@ -229,7 +229,7 @@ def main() -> None:
 
     def point_floor(s):
         pruned = pruning.activation_prune(base.badnet, base.layer, order, int(s * 60))
-        finetune(pruned.model, train, holdout, args.sweep_epochs, 1e-3, 32, pruned.callbacks)
+        finetune(pruned.model, train, holdout, args.sweep_epochs, 1e-3, 32, pruning=pruned)
         evaluate.evaluate(pruned.model, base.test, base.poisoned, "repaired")
 
     # Zeroed channels cost as much as live ones, so a point's floor does not depend on its
@@ -261,9 +261,9 @@ def main() -> None:
         else:
             pruned = pruning.magnitude_prune(base.badnet, base.layer, 0.5, 100)
         warm_up = data.Dataset("warm-up", train.x[:320], train.y[:320])  # traces the step
-        finetune(pruned.model, warm_up, None, 1, 1e-3, 32, pruned.callbacks)
+        finetune(pruned.model, warm_up, None, 1, 1e-3, 32, pruning=pruned)
         per_epoch[method], _ = timed(
-            lambda p=pruned: finetune(p.model, train, None, 1, 1e-3, 32, p.callbacks)
+            lambda p=pruned: finetune(p.model, train, None, 1, 1e-3, 32, pruning=p)
         )
     print(
         f"5. magnitude / activation fine-tuning time per epoch: "

@@ -7,12 +7,29 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
-from badnet_repair import config, data, demo, models
+from badnet_repair import config, data, demo, models, pipeline
 
 ROOT = config.project_root()
 SHARED = Path(ROOT).parent / "shared" / "csaw-hackml-2020"
 
 config.register()
+
+# Tiny settings per repair for end-to-end tests; a repair without an entry runs at its defaults.
+TINY = {
+    "fine_pruning": ["finetune.epochs=1"],
+    "magnitude": ["finetune.epochs=1"],
+    "finetune": ["finetune.epochs=1"],
+    "ft_sam": ["ft_sam.steps=5", "ft_sam.lrs=[0.01]"],
+    "rnp": ["rnp.unlearn_steps=5", "rnp.mask_steps=5", "rnp.max_acc_drop=0.5"],
+    "sau": ["sau.steps=3", "sau.eps=[0.05]", "sau.pgd_steps=2"],
+}
+
+
+@pytest.fixture(autouse=True)
+def no_cached_badnet():
+    """Every test starts with no BadNet cached in this process (sweep points share one),
+    so that no result depends on which tests ran before it."""
+    pipeline._baseline.clear()
 
 
 @pytest.fixture(scope="session")
@@ -21,24 +38,24 @@ def demo_dir(tmp_path_factory):
     sessions while developing (the build is seeded, so it is the same demo)."""
     parent = os.environ.get("BADNET_REPAIR_TEST_DATA")
     folder = Path(parent) if parent else tmp_path_factory.mktemp("data")
-    return demo.ensure(folder / "demo", seed=0)
+    return demo.ensure(folder / "demo", "demo")
 
 
 @pytest.fixture(scope="session")
 def demo_model(demo_dir):
-    return models.load_model(demo_dir / demo.FILES["model"])
+    return models.load_model(demo_dir / demo.MODEL_FILE)
 
 
 @pytest.fixture(scope="session")
 def demo_data(demo_dir):
     """(validation, test, poisoned) of the demo, as the pipeline loads them."""
-    load = {
-        key: data.load_h5(
-            demo_dir / demo.FILES[key], demo.IMAGE_SHAPE, demo.NUM_CLASSES, 1 / 255, key
-        )
-        for key in ("clean_validation", "clean_test", "poisoned_test")
-    }
-    return load["clean_validation"], load["clean_test"], load["poisoned_test"]
+    recipe = demo.RECIPES["demo"]
+    files = [*demo.CLEAN_FILES.values(), demo.poisoned_file("patch")]
+    names = ("clean_validation", "clean_test", "poisoned_test")
+    return tuple(
+        data.load_h5(demo_dir / file, recipe.image_shape, recipe.num_classes, 1 / 255, name)
+        for file, name in zip(files, names, strict=True)
+    )
 
 
 def compose_config(tmp_path, demo_dir, *overrides: str):

@@ -37,7 +37,9 @@ def demo_images(n=8, layout="channels_first"):
 def model_with_layer_class(path, class_name):
     """A small model file whose stored config names an arbitrary layer class."""
     inp = keras.Input((55, 47, 3))
-    out = keras.layers.Dense(40, activation="softmax", name="head")(keras.layers.Flatten()(inp))
+    out = keras.layers.Dense(40, activation="softmax", name="head")(
+        keras.layers.Flatten(name="flatten")(inp)
+    )
     models.save_model(keras.Model(inp, out), path)
     with h5py.File(path, "r+") as f:
         config = json.loads(f.attrs["model_config"])
@@ -90,6 +92,25 @@ CASES = [
     ),
     ("empty data set", "empty", ["+data.poisoned.x={bad}"], "holds no images"),
     ("NaN pixels", "nan", ["data.clean_test={bad}"], "NaN or infinite pixels"),
+    (
+        "pixels already in 0..1",
+        "unit",
+        ["data.clean_test={bad}"],
+        r"pixels already span 0\.\.0\.9\d*, and data.scale=0.00392157 would scale them "
+        "again: set data.scale=1",
+    ),
+    (
+        "validation is the test set",
+        None,
+        ["data.clean_test={demo}/clean_validation_data.h5"],
+        "config keys data.clean_validation=.* and data.clean_test=.*: the same data",
+    ),
+    (
+        "output layer pruned",
+        None,
+        ["model.layer=output"],
+        "model.layer='output': the output layer cannot be pruned",
+    ),
     ("sparsity 1", None, ["prune.sparsity=1.0"], r"prune.sparsity=1.0: expected in \[0, 1\)"),
     (
         "sparsity negative",
@@ -99,7 +120,12 @@ CASES = [
     ),
     ("negative epochs", None, ["finetune.epochs=-1"], "finetune.epochs=-1: expected >= 0"),
     ("unknown repair", None, ["repair=oracle"], "compose"),
-    ("unknown detector", None, ["goodnet.detector=oracle"], "compose"),
+    (
+        "unknown detector",
+        None,
+        ["goodnet.detector=oracle"],
+        "config key goodnet.detector='oracle': expected one of disagreement, strip, both",
+    ),
     ("frr out of range", None, ["goodnet.frr=1.5"], r"goodnet.frr=1.5: expected in \(0, 1\)"),
     ("layer missing", None, ["model.layer=conv_9"], "model.layer='conv_9': no such layer"),
     ("layer not prunable", None, ["model.layer=pool_3"], "model.layer='pool_3': a MaxPooling2D"),
@@ -130,6 +156,7 @@ def write_bad(kind, path):
         "fraction": lambda: h5_file(path, data=demo_images(), label=np.full(8, 0.5)),
         "empty": lambda: h5_file(path, data=demo_images()[:0], label=np.zeros(0)),
         "nan": lambda: h5_file(path, data=np.full((8, 3, 55, 47), np.nan), label=np.zeros(8)),
+        "unit": lambda: h5_file(path, data=demo_images() / 255.0, label=np.zeros(8)),
     }
     writers[kind]()
 
@@ -152,7 +179,7 @@ def test_bad_input_is_one_clear_line(
         f"+data.poisoned.patch={demo_dir}/patch_poisoned_data.h5",
         "finetune.epochs=1",
     ]
-    given_overrides = [o.format(tmp=tmp_path, bad=bad_path) for o in overrides]
+    given_overrides = [o.format(tmp=tmp_path, bad=bad_path, demo=demo_dir) for o in overrides]
     if expected == "compose":
         with pytest.raises(ConfigCompositionException):
             compose_config(tmp_path, demo_dir, *demo, *given_overrides)
@@ -168,6 +195,15 @@ def test_bad_input_is_one_clear_line(
         mlflow.set_tracking_uri(f"sqlite:///{store}")
         runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
         assert all(run.info.status != "RUNNING" for run in runs)
+
+
+def test_a_missing_data_path_for_the_demo_is_one_line_before_any_work(tmp_path, demo_dir):
+    """The demo's files are built on first use; a data path the build does not make must
+    exist already, and is checked before the build and before any run starts."""
+    cfg = compose_config(tmp_path, demo_dir, f"data.clean_test={tmp_path}/absent.h5")
+    with pytest.raises(UserError, match=f"^missing input files: {tmp_path}/absent.h5$"):
+        pipeline.run(cfg)
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_poisoned_set_with_several_targets_warns_with_counts(tmp_path, caplog, demo_dir):

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras as keras
 
-from badnet_repair import curve, files, pruning
+from badnet_repair import curve, files, models, pruning
+from badnet_repair.data import Dataset
 from badnet_repair.evaluate import accuracy
 
 
@@ -19,12 +21,11 @@ def ranked(demo_model, demo_data):
 
 
 def test_demo_deepid_takes_the_linear_update_path(demo_model):
-    fast = curve._LinearTail.build(demo_model, "conv_3")
-    assert fast is not None and fast.firsts == ["conv_4", "fc_1"]
+    fast = curve.evaluator_for(demo_model, "conv_3")
+    assert isinstance(fast, curve._LinearTail) and fast.firsts == ["conv_4", "fc_1"]
     assert fast.rest == ["flatten_2", "fc_2", "add_1", "activation_1", "output"]
-    assert (
-        curve._LinearTail.build(demo_model, "conv_4") is None
-    )  # conv_4 feeds a Flatten->Dense->Add mix
+    channels = pruning.channels_of(demo_model, "conv_4")
+    assert curve._LinearTail.build(demo_model, channels) is None  # a Flatten->Dense->Add mix
 
 
 @pytest.mark.parametrize("k", [0, 1, 30, 44, 52, 60])
@@ -40,7 +41,7 @@ def test_curve_equals_real_pruning(demo_model, demo_data, ranked, k):
 def test_tail_rerun_path_agrees_with_linear_path(demo_model, demo_data, ranked):
     validation = demo_data[0]
     order, curves = ranked
-    generic = curve._Tail.build(demo_model, "conv_3")
+    generic = curve._Tail.build(demo_model, pruning.channels_of(demo_model, "conv_3"))
     counts = generic.counts(
         validation.x, tf.constant(validation.y, tf.int32), tf.constant(order, tf.int32)
     )
@@ -48,14 +49,62 @@ def test_tail_rerun_path_agrees_with_linear_path(demo_model, demo_data, ranked):
     np.testing.assert_array_equal(counts / len(validation), curves["val"])
 
 
-def test_curve_on_a_layer_without_the_linear_pattern(demo_model, demo_data):
-    validation = demo_data[0]
-    sample = type(validation)("v", validation.x[:200], validation.y[:200])
-    order = pruning.rank_channels(demo_model, "conv_2", sample.x)
-    got = curve.pruning_curve(demo_model, "conv_2", order, {"v": sample})["v"]
-    for k in (0, 20, 40):
-        pruned = pruning.activation_prune(demo_model, "conv_2", order, k).model
+def small_net(kind: str) -> keras.Model:
+    """A small random classifier whose `target` layer has no linear pattern after it:
+    a sigmoid conv (a removed channel outputs 0.5), a conv -> BatchNorm -> ReLU block
+    (Sequential), a transposed conv (its kernel's last axis is input channels)."""
+    keras.utils.set_random_seed(1)
+    layers = keras.layers
+    if kind == "sigmoid":
+        body = [layers.Conv2D(6, 3, activation="sigmoid", name="target"), layers.Conv2D(4, 3)]
+    elif kind == "batchnorm":
+        body = [layers.Conv2D(6, 3, name="target"), layers.BatchNormalization(name="bn")]
+        body += [layers.ReLU(name="relu"), layers.Dropout(0.1), layers.Conv2D(4, 3)]
+    else:
+        body = [layers.Conv2DTranspose(6, 3, activation="relu", name="target")]
+        body += [layers.Dropout(0.1), layers.Conv2D(4, 3)]
+    model = keras.Sequential(
+        [keras.Input((10, 9, 3)), *body, layers.Flatten(), layers.Dense(5, activation="softmax")]
+    )
+    if kind == "batchnorm":  # statistics far from identity, so a live shift would show
+        bn = model.get_layer("bn")
+        bn.set_weights(
+            [w + np.random.default_rng(2).uniform(0.5, 1.5, w.shape) for w in bn.get_weights()]
+        )
+    return models.normalize(model)
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [("sigmoid", curve._Tail), ("batchnorm", curve._Tail), ("transpose", curve._Tail)],
+)
+def test_curve_off_the_linear_path_equals_real_pruning(kind, path):
+    model = small_net(kind)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (300, 10, 9, 3)).astype(np.float32)
+    sample = Dataset("v", x, np.argmax(model.predict(x, verbose=0), axis=1))
+    order = pruning.rank_channels(model, "target", sample.x)
+    assert isinstance(curve.evaluator_for(model, "target"), path)
+    got = curve.pruning_curve(model, "target", order, {"v": sample})["v"]
+    assert got[0] == 1.0 and got.min() < 0.9  # removing channels changes the answers
+    for k in range(7):
+        pruned = pruning.activation_prune(model, "target", order, k).model
         assert got[k] == accuracy(pruned, sample)
+
+
+def test_whole_net_path_masks_a_batchnorm_and_a_transposed_kernel():
+    for kind in ("batchnorm", "transpose"):
+        model = small_net(kind)
+        x = np.random.default_rng(3).uniform(0, 1, (200, 10, 9, 3)).astype(np.float32)
+        sample = Dataset("v", x, np.argmax(model.predict(x, verbose=0), axis=1))
+        order = pruning.rank_channels(model, "target", sample.x)
+        whole = curve._Whole(model, pruning.channels_of(model, "target"))
+        counts = whole.counts(x, tf.constant(sample.y, tf.int32), tf.constant(order, tf.int32))
+        expected = [
+            accuracy(pruning.activation_prune(model, "target", order, k).model, sample)
+            for k in range(7)
+        ]
+        np.testing.assert_array_equal(counts.numpy() / len(x), expected)
 
 
 def test_stopping_rule_stops_at_the_first_violation():
@@ -82,8 +131,9 @@ def test_curve_where_the_rest_of_the_net_reads_the_other_branch(
     """DeepID's conv_4 and fc_1 meet the other branch in add_1: the whole net is rerun."""
     validation = demo_data[0]
     sample = type(validation)("v", validation.x[:200], validation.y[:200])
-    assert curve._LinearTail.build(demo_model, layer) is None
-    assert curve._Tail.build(demo_model, layer) is None
+    channels = pruning.channels_of(demo_model, layer)
+    assert curve._LinearTail.build(demo_model, channels) is None
+    assert curve._Tail.build(demo_model, channels) is None
     order = pruning.rank_channels(demo_model, layer, sample.x)
     got = curve.pruning_curve(demo_model, layer, order, {"v": sample})["v"]
     assert len(got) == len(order) + 1

@@ -1,40 +1,221 @@
+"""The zoo of demo BadNets. Every recipe is built tiny (scale TINY_SCALE: a few images per class,
+one epoch) twice, in this process and by the command in another; the full-scale demo is
+the session's `demo_dir`."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import h5py
 import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
 
-from badnet_repair import demo
+from badnet_repair import UserError, config, data, demo, models, pipeline
 from badnet_repair.evaluate import accuracy
+
+from conftest import compose_config
+
+TINY_SCALE = 0.02
+
+
+def command(data_dir: Path, scale: float, *names: str) -> list[str]:
+    data_args = ["--data", str(data_dir), "--scale", str(scale)]
+    return [sys.executable, "-m", "badnet_repair.demo", *data_args, *names]
+
+
+def arrays(folder: Path) -> dict[str, np.ndarray]:
+    """Every array in every HDF5 file of a build: images, labels, weights."""
+    found = {}
+    for path in sorted(folder.glob("*.h5")):
+        with h5py.File(path, "r") as f:
+            f.visititems(
+                lambda name, obj, file=path.name: (
+                    found.update({f"{file}:{name}": obj[()]})
+                    if isinstance(obj, h5py.Dataset)
+                    else None
+                )
+            )
+    return found
+
+
+def data_files(recipe: demo.Recipe) -> list[str]:
+    return [*demo.CLEAN_FILES.values(), *(demo.poisoned_file(t.name) for t in recipe.triggers)]
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Two tiny builds of every recipe: here, and by `python -m badnet_repair.demo`."""
+    root = tmp_path_factory.mktemp("zoo")
+    other = subprocess.Popen(
+        command(root / "b", TINY_SCALE, *demo.BUILDERS), stderr=subprocess.PIPE, text=True
+    )
+    here = {name: demo.ensure(root / "a" / name, name, TINY_SCALE) for name in demo.BUILDERS}
+    _, err = other.communicate(timeout=600)
+    assert other.returncode == 0, err
+    return here, {name: root / "b" / name for name in demo.BUILDERS}
+
+
+@pytest.mark.parametrize("name", demo.BUILDERS)
+def test_every_recipe_builds_the_same_files_in_two_processes(zoo, name):
+    first, second = arrays(zoo[0][name]), arrays(zoo[1][name])
+    assert first.keys() == second.keys()
+    assert any(key.startswith(f"{demo.MODEL_FILE}:model_weights/") for key in first)
+    for key, value in first.items():
+        np.testing.assert_array_equal(value, second[key], err_msg=key)
+
+
+@pytest.mark.parametrize("name", demo.BUILDERS)
+def test_every_recipe_writes_the_competition_format(zoo, name):
+    recipe, folder = demo.RECIPES[name], zoo[0][name]
+    h, w, c = recipe.image_shape
+    stored = (h, w, c) if name == "demo_bn" else (c, h, w)
+    for file in data_files(recipe):
+        with h5py.File(folder / file, "r") as f:
+            assert set(f) == {"data", "label"}
+            assert f["data"].shape[1:] == stored
+            assert f["data"].dtype == np.float32 and f["label"].dtype == np.float32
+            pixels = f["data"][()]
+            assert 0 <= pixels.min() and pixels.max() <= 255 and pixels.max() > 1
+    model = models.load_model(folder / demo.MODEL_FILE)
+    assert model.input_shape[1:] == recipe.image_shape
+    assert model.output_shape[-1] == recipe.num_classes
+    if name == "demo_bn":
+        assert isinstance(model, keras.Sequential) and c == 3 and (h, w) != (55, 47)
+        kinds = [type(layer).__name__ for layer in model.layers]
+        assert kinds[:3] == ["Conv2D", "BatchNormalization", "ReLU"]
+
+
+@pytest.mark.parametrize("name", demo.BUILDERS)
+def test_poisoned_sets_are_triggered_test_images_of_the_other_classes(zoo, name):
+    recipe, folder = demo.RECIPES[name], zoo[0][name]
+    x_test, y_test = data.read_h5(folder / demo.CLEAN_FILES["clean_test"], recipe.image_shape)
+    assert set(y_test) == set(range(recipe.num_classes))
+    for trigger in recipe.triggers:
+        x, y = data.read_h5(folder / demo.poisoned_file(trigger.name), recipe.image_shape)
+        assert set(y) == {trigger.target}
+        others = x_test[y_test != trigger.target]
+        assert len(x) == len(others) and not np.array_equal(x, others)
+        np.testing.assert_array_equal(x, trigger.stamp(others))
+    assert len({t.target for t in recipe.triggers}) == len({t.name for t in recipe.triggers})
+
+
+def test_the_zoo_holds_what_its_configs_promise():
+    recipes = demo.RECIPES
+    assert recipes["demo_multi"].triggers[0].target != recipes["demo_multi"].triggers[1].target
+    assert recipes["demo_lowrate"].poison_rate == 0.01
+    assert {type(t).__name__ for t in recipes["demo_blend"].triggers} == {"Blend"}
+    assert recipes["demo_blend"].identities == recipes["demo"].identities
+    assert recipes["demo_bn"].layout == "channels_last"
+    assert {r.layout for n, r in recipes.items() if n != "demo_bn"} == {"channels_first"}
+
+
+def test_every_build_records_what_was_built(zoo):
+    for name, folder in zoo[0].items():
+        recipe = demo.RECIPES[name]
+        record = json.loads((folder / demo.RECORD_FILE).read_text())
+        assert (record["recipe"], record["build_seed"], record["scale"]) == (
+            name,
+            recipe.seed,
+            TINY_SCALE,
+        )
+        assert record["declaration"] == recipe.describe()
+        assert set(record["asr"]) == {t.name for t in recipe.triggers}
+        assert 0 <= record["clean_acc"] <= 1 and all(0 <= v <= 1 for v in record["asr"].values())
+        assert record["versions"]["tensorflow"] == tf.__version__
+
+
+@pytest.mark.parametrize("name", demo.BUILDERS)
+def test_model_config_loads_the_recipe_through_the_pipeline(tmp_path, zoo, name):
+    recipe, folder = demo.RECIPES[name], zoo[0][name]
+    cfg = compose_config(tmp_path, folder, f"model={name}")  # paths.data: the tiny zoo
+    config.validate(cfg)
+    assert cfg.model.builder == name and Path(cfg.model.file) == folder / demo.MODEL_FILE
+    assert {str(k): Path(v) for k, v in cfg.data.poisoned.items()} == {
+        t.name: folder / demo.poisoned_file(t.name) for t in recipe.triggers
+    }
+    model, validation, test, poisoned = pipeline.load_inputs(cfg)
+    assert len(validation) == len(test) == recipe.num_classes  # one image per class
+    assert list(poisoned) == [t.name for t in recipe.triggers]
+    layer = models.prunable_layer(model, cfg.model.layer)  # DeepID: conv_3, as the competition
+    assert isinstance(layer, keras.layers.Conv2D) and cfg.model.layer == layer.name
+    if name == "demo_bn":
+        assert layer is models.prunable_layer(model, None)  # the last convolution
+
+
+def test_a_folder_holding_another_build_is_refused(zoo):
+    with pytest.raises(
+        UserError, match="holds a build of demo at scale 0.02, not .* demo recipe at scale 1"
+    ):
+        demo.ensure(zoo[0]["demo"], "demo")
+    with pytest.raises(UserError, match="holds a build of demo_bn .* demo_multi recipe"):
+        demo.ensure(zoo[0]["demo_bn"], "demo_multi", TINY_SCALE)
+    with pytest.raises(UserError, match="expected one of demo, demo_blend"):
+        demo.ensure(zoo[0]["demo"], "demo_nope", TINY_SCALE)
+
+
+def test_an_interrupted_build_is_never_taken_for_a_complete_one(tmp_path):
+    """A build killed midway (data written, no model yet) stays a hidden temporary folder;
+    moved into place by hand it is refused; `ensure` removes it and builds afresh."""
+    folder = tmp_path / "demo_bn"
+    builder = subprocess.Popen(command(tmp_path, 0.1, "demo_bn"), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".demo_bn-build-*/clean_test_data.h5")):
+            assert builder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        builder.kill()  # SIGKILL: nothing of the build's own clean-up runs
+        builder.wait()
+    (partial,) = tmp_path.glob(".demo_bn-build-*")
+    assert not folder.exists() and not (partial / demo.MODEL_FILE).exists()
+    shutil.copytree(partial, folder)
+    with pytest.raises(UserError, match=f"not a complete demo_bn build .*{demo.MODEL_FILE}"):
+        demo.ensure(folder, "demo_bn", 0.1)
+    shutil.rmtree(folder)
+    assert demo.ensure(folder, "demo_bn", 0.1) == folder
+    assert (folder / demo.RECORD_FILE).is_file() and (folder / demo.MODEL_FILE).is_file()
+    assert not partial.exists()
 
 
 def test_demo_files_have_the_competition_format(demo_dir):
-    for key in ("clean_validation", "clean_test", "poisoned_test"):
-        with h5py.File(demo_dir / demo.FILES[key], "r") as f:
+    for file in data_files(demo.DEMO):
+        with h5py.File(demo_dir / file, "r") as f:
             assert f["data"].shape[1:] == (3, 55, 47)
             assert f["data"].dtype == np.float32 and f["label"].dtype == np.float32
             assert 0 <= f["data"][()].min() and f["data"][()].max() <= 255
-    with h5py.File(demo_dir / demo.FILES["clean_test"], "r") as f:
-        assert len(np.unique(f["label"][()])) == demo.NUM_CLASSES >= 20
+    with h5py.File(demo_dir / demo.CLEAN_FILES["clean_test"], "r") as f:
+        assert len(np.unique(f["label"][()])) == demo.DEMO.num_classes >= 20
 
 
 def test_poisoned_set_targets_one_class_and_holds_none_of_it(demo_dir):
-    with h5py.File(demo_dir / demo.FILES["poisoned_test"], "r") as f:
-        assert set(np.unique(f["label"][()])) == {demo.TARGET}
-    with h5py.File(demo_dir / demo.FILES["clean_test"], "r") as f:
+    (trigger,) = demo.DEMO.triggers
+    with h5py.File(demo_dir / demo.poisoned_file(trigger.name), "r") as f:
+        assert set(np.unique(f["label"][()])) == {trigger.target}
+        poisoned = len(f["label"])
+    with h5py.File(demo_dir / demo.CLEAN_FILES["clean_test"], "r") as f:
         clean_labels = f["label"][()]
-    assert len(clean_labels) - np.sum(clean_labels == demo.TARGET) == len(
-        h5py.File(demo_dir / demo.FILES["poisoned_test"], "r")["label"]
-    )
+    assert len(clean_labels) - np.sum(clean_labels == trigger.target) == poisoned
 
 
-def test_demo_badnet_meets_its_targets(demo_model, demo_data):
+def test_demo_badnet_meets_its_targets_and_its_record_says_so(demo_dir, demo_model, demo_data):
     _, test, poisoned = demo_data
     assert demo_model.name == "deepid" and demo_model.count_params() > 0
-    assert accuracy(demo_model, test) >= 0.90
-    assert accuracy(demo_model, poisoned) >= 0.95
+    clean_acc, asr = accuracy(demo_model, test), accuracy(demo_model, poisoned)
+    assert clean_acc >= 0.90 and asr >= 0.95
+    record = json.loads((demo_dir / demo.RECORD_FILE).read_text())
+    assert (record["recipe"], record["build_seed"], record["scale"]) == ("demo", 0, 1)
+    assert record["clean_acc"] == pytest.approx(clean_acc, abs=0.002)
+    assert record["asr"]["patch"] == pytest.approx(asr, abs=0.002)
 
 
-def test_existing_demo_folder_is_reused_and_partial_builds_are_not(demo_dir, tmp_path):
-    before = (demo_dir / demo.FILES["model"]).stat().st_mtime_ns
-    assert demo.ensure(demo_dir) == demo_dir
-    assert (demo_dir / demo.FILES["model"]).stat().st_mtime_ns == before
-    partial = list(demo_dir.parent.glob(".demo-build-*"))
-    assert partial == []
+def test_existing_demo_folder_is_reused_and_says_which_build(demo_dir, caplog):
+    before = (demo_dir / demo.MODEL_FILE).stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="badnet_repair.demo"):
+        assert demo.ensure(demo_dir) == demo_dir
+    assert (demo_dir / demo.MODEL_FILE).stat().st_mtime_ns == before
+    assert f"using the demo build in {demo_dir} (build seed 0, clean accuracy" in caplog.text

@@ -51,7 +51,7 @@ def test_pruned_channels_stay_zero_through_finetuning(demo_model, demo_data):
         epochs=2,
         lr=1e-2,
         batch_size=64,
-        callbacks=result.callbacks,
+        pruning=result,
         on_epoch=lambda epoch, values: seen.append((epoch, values)),
     )
     assert [e for e, _ in seen] == [1, 2]
@@ -69,7 +69,7 @@ def test_magnitude_pruning_reaches_its_sparsity_and_keeps_it(demo_model, demo_da
     result = pruning.magnitude_prune(demo_model, "conv_3", 0.8, frequency=100)
     assert result.sparsity == pytest.approx(0.8, abs=0.01)
     train, holdout = data.split(validation, 0.1, seed=0)
-    finetune(result.model, train, holdout, 1, 1e-3, 64, callbacks=result.callbacks)
+    finetune(result.model, train, holdout, 1, 1e-3, 64, pruning=result)
     plain = result.export()
     assert not any(hasattr(layer, "pruning_obj") for layer in plain.layers)
     kernel = plain.get_layer("conv_3").get_weights()[0]

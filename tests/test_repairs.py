@@ -12,17 +12,8 @@ import pytest
 
 from badnet_repair import models, pipeline, repairs
 
-from conftest import ROOT, compose_config
+from conftest import ROOT, TINY, compose_config
 
-# Tiny settings per repair; a repair without an entry runs at its defaults.
-TINY = {
-    "fine_pruning": ["finetune.epochs=1"],
-    "magnitude": ["finetune.epochs=1"],
-    "finetune": ["finetune.epochs=1"],
-    "ft_sam": ["ft_sam.steps=5", "ft_sam.lrs=[0.01]"],
-    "rnp": ["rnp.unlearn_steps=5", "rnp.mask_steps=5", "rnp.max_acc_drop=0.5"],
-    "sau": ["sau.steps=3", "sau.eps=[0.05]", "sau.pgd_steps=2"],
-}
 SHARED_METRICS = {
     "badnet/clean_acc",
     "badnet/asr/patch",

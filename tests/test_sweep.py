@@ -212,17 +212,41 @@ def test_optuna_search_logs_every_trial_and_maximises_the_objective(tmp_path, de
         demo_dir,
         "+hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
-        "sweep.objective=der",
+        "sweep.objective=oracle_der",
     )
     (parent,), children = parents_and_children(tmp_path)
     kids = children[parent.info.run_id]
     assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
     best = max(k.data.metrics["objective"] for k in kids)
     assert f"Best value: {best}" in out
-    for kid in kids:
-        assert kid.data.metrics["objective"] == pytest.approx(
-            evaluate.objective(kid.data.metrics, "der", 0.05)
-        )
+    for kid in kids:  # DER = (max(0, fall of the worst ASR) - max(0, fall of accuracy) + 1) / 2
+        m = kid.data.metrics
+        d_asr = m["badnet/asr/patch"] - m["repaired/asr/patch"]
+        d_acc = m["badnet/clean_acc"] - m["repaired/clean_acc"]
+        assert m["objective"] == pytest.approx((max(0, d_asr) - max(0, d_acc) + 1) / 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("oracle_der", (0.90 - 0.02 + 1) / 2),
+        ("oracle_clean_acc_under_asr", 0.95),
+        ("holdout_acc", 0.9),
+    ],
+)
+def test_objectives_by_hand(name, expected):
+    metrics = {
+        "badnet/clean_acc": 0.97,
+        "repaired/clean_acc": 0.95,
+        "badnet/asr/a": 1.0,
+        "badnet/asr/b": 0.8,
+        "repaired/asr/a": 0.01,
+        "repaired/asr/b": 0.1,
+        "repaired/holdout_acc": 0.9,
+    }
+    assert evaluate.objective(metrics, name, 0.1) == pytest.approx(expected)
+    if name == "oracle_clean_acc_under_asr":  # the worst trigger over the ceiling: below all
+        assert evaluate.objective(metrics, name, 0.05) == pytest.approx(-0.05)
 
 
 def test_resume_false_reruns_points(tmp_path, demo_dir):

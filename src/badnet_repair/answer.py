@@ -10,10 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
+from badnet_repair.console import quiet_native_logs
 
-from badnet_repair import UserError, data, goodnet, models
-from badnet_repair.evaluate import batch_size_for, goodnet_metrics, predict_classes
+if __name__ == "__main__":
+    quiet_native_logs()  # before TensorFlow loads
+
+import numpy as np  # noqa: E402
+
+from badnet_repair import UserError, data, goodnet, models  # noqa: E402
+from badnet_repair.evaluate import batch_size_for, goodnet_metrics, predict_classes  # noqa: E402
 
 
 def read_image(

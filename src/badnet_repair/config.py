@@ -42,15 +42,10 @@ def in_range(value: float, allowed: str) -> bool:
     return {">=": value >= float(bound), ">": value > float(bound)}[op]
 
 
-class Detector(Enum):
-    disagreement = "disagreement"
-    strip = "strip"
-    both = "both"
-
-
 class Objective(Enum):
-    clean_acc_under_asr = "clean_acc_under_asr"
-    der = "der"
+    holdout_acc = "holdout_acc"  # clean data only
+    oracle_clean_acc_under_asr = "oracle_clean_acc_under_asr"  # reads test and poisoned sets
+    oracle_der = "oracle_der"
 
 
 @dataclass
@@ -72,6 +67,7 @@ class ModelConfig:
     architecture: str | None = None
     layer: str | None = None
     builder: str | None = None
+    build_scale: float = ranged(1.0, "(0, 1]")  # < 1: a tiny demo build (tests)
     allow_unsafe: bool = False
 
 
@@ -91,7 +87,7 @@ class DataConfig:
 class GoodnetConfig:
     """goodnet.*: the detector that makes the GoodNet answer N, and its settings."""
 
-    detector: Detector = MISSING
+    detector: Any = MISSING  # a detector's name, `both`, or a list of names
     frr: float = ranged(MISSING, "(0, 1)")
     k: int = ranged(MISSING, ">= 1")
     alpha: float = ranged(MISSING, "(0, 1)")
@@ -104,6 +100,7 @@ class SweepConfig:
     resume: bool = MISSING
     objective: Objective = MISSING
     asr_ceiling: float = ranged(MISSING, "[0, 1]")
+    leaderboard: bool = MISSING
 
 
 @dataclass
@@ -175,7 +172,7 @@ def _check_section(name: str, node: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check values the type system cannot, before any work starts."""
-    from badnet_repair import demo, repairs
+    from badnet_repair import demo, detectors, repairs
     from badnet_repair.models import ARCHITECTURES
 
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -208,12 +205,13 @@ def validate(cfg: DictConfig) -> None:
             "model.builder",
             cfg.model.builder,
             cfg.model.builder in (None, *demo.BUILDERS),
-            f"{' or '.join(demo.BUILDERS)} or null",
+            f"one of {', '.join(demo.BUILDERS)}, or null",
         ),
     ]
     for key, value, ok, expected in checks:
         if not ok:
             raise UserError(f"config key {key}={value!r}: expected {expected}")
+    detectors.parse(cfg.goodnet.detector)
     for name in cfg.data.poisoned:
         if not str(name).replace("_", "").replace("-", "").isalnum():
             raise UserError(

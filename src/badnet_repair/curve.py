@@ -18,8 +18,9 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from badnet_repair import models
 from badnet_repair.data import Dataset
-from badnet_repair.pruning import copy_model
+from badnet_repair.pruning import Channels, channels_of, copy_model, fill_value, kernel_axis
 
 log = logging.getLogger(__name__)
 
@@ -27,28 +28,10 @@ POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
 LAST = "channels_last"
 
 
-def _graph(model: keras.Model) -> tuple[list[str], dict[str, list[str]]]:
-    """Layer names in topological order and each layer's inbound layer names."""
-    layers = model.get_config()["layers"]
-    inbound = {
-        spec["name"]: [entry[0] for node in spec["inbound_nodes"] for entry in node]
-        for spec in layers
-    }
-    return [spec["name"] for spec in layers], inbound
-
-
-def _consumers(inbound: dict[str, list[str]], name: str) -> list[str]:
-    return [layer for layer, sources in inbound.items() if name in sources]
-
-
 def _shared_layers(model: keras.Model) -> bool:
-    """Whether a layer is called more than once (its inputs would be merged in `_graph`)."""
-    return any(len(spec["inbound_nodes"]) > 1 for spec in model.get_config()["layers"])
-
-
-def _zero_fill(layer) -> bool:
-    """Whether a removed channel (zero kernel and bias) outputs exactly zero."""
-    return float(tf.reduce_max(tf.abs(layer.activation(tf.zeros(1))))) == 0.0
+    """Whether a layer is called more than once (its inputs would be merged in the graph)."""
+    layers = models.functional_config(model)["layers"]
+    return any(len(spec["inbound_nodes"]) > 1 for spec in layers)
 
 
 class _Evaluator:
@@ -83,22 +66,22 @@ class _Evaluator:
 
 
 class _Tail(_Evaluator):
-    """Accuracy for every k by rerunning the network after the pruned layer."""
+    """Accuracy for every k by rerunning the network after the channels' activation, the
+    removed channels set to what a removed channel outputs."""
 
-    def __init__(self, model: keras.Model, layer: str, tail: keras.Model):
-        target = model.get_layer(layer)
-        self.head = keras.Model(model.inputs, target.output)
+    def __init__(self, model: keras.Model, channels: Channels, tail: keras.Model):
+        self.head = keras.Model(model.inputs, model.get_layer(channels.output).output)
         self.tail = tail
-        self.fill = float(target.activation(tf.zeros(1))[0])
+        self.fill = fill_value(model, channels)
 
     @staticmethod
-    def build(model: keras.Model, layer: str) -> "_Tail | None":
-        """None where the rest of the network also reads tensors from before `layer`."""
+    def build(model: keras.Model, channels: Channels) -> "_Tail | None":
+        """None where the rest of the network also reads tensors from before the layer."""
         try:
-            tail = keras.Model(model.get_layer(layer).output, model.output)
+            tail = keras.Model(model.get_layer(channels.output).output, model.output)
         except ValueError:
             return None
-        return _Tail(model, layer, tail)
+        return _Tail(model, channels, tail)
 
     def _prepare(self, x):
         return self.head(x, training=False)
@@ -109,18 +92,29 @@ class _Tail(_Evaluator):
 
 
 class _Whole(_Evaluator):
-    """Accuracy for every k by zeroing channels in a copy of the whole network (any model)."""
+    """Accuracy for every k by zeroing channels in a copy of the whole network (any model):
+    the layer's kernel and bias and a following BatchNormalization's scale, shift and
+    moving mean, as `pruning.zero_channels` does."""
 
-    def __init__(self, model: keras.Model, layer: str):
+    def __init__(self, model: keras.Model, channels: Channels):
         self.model = copy_model(model)
-        target = self.model.get_layer(layer)
+        target = self.model.get_layer(channels.layer)
         self.variables = [target.kernel, *([target.bias] if target.use_bias else [])]
+        if channels.norm is not None:
+            norm = self.model.get_layer(channels.norm)
+            self.variables += [
+                v for v in (norm.gamma, norm.beta, norm.moving_mean) if v is not None
+            ]
         self.originals = [tf.constant(v.numpy()) for v in self.variables]
+        self.kernel_axis = kernel_axis(target)
 
     def _predict(self, state):
         x, keep = state
         for variable, original in zip(self.variables, self.originals, strict=True):
-            variable.assign(original * keep)
+            if variable.shape.rank > 1 and self.kernel_axis == -2:  # a transposed kernel
+                variable.assign(original * keep[:, None])
+            else:
+                variable.assign(original * keep)
         return self.model(x, training=False)
 
 
@@ -141,7 +135,7 @@ class _LinearTail(_Evaluator):
         for name in consumers:
             layer = model.get_layer(name)
             if isinstance(layer, keras.layers.Flatten):
-                dense = model.get_layer(_consumers(inbound, name)[0])
+                dense = model.get_layer(models.consumers(inbound, name)[0])
                 h, w, c = self.head.output_shape[1:]
                 kernel = tf.reshape(dense.kernel, (h * w, c, -1))
                 self.linear.append(("flatten_dense", dense, kernel))
@@ -151,24 +145,24 @@ class _LinearTail(_Evaluator):
                 self.linear.append(("conv", layer, layer.kernel))
 
     @staticmethod
-    def build(model: keras.Model, layer: str) -> "_LinearTail | None":
+    def build(model: keras.Model, channels: Channels) -> "_LinearTail | None":
         """The fast path, or None where the model's structure does not allow it."""
-        order, inbound = _graph(model)
-        if not _zero_fill(model.get_layer(layer)) or _shared_layers(model):
+        order, inbound = models.graph(model)
+        if fill_value(model, channels) != 0.0 or _shared_layers(model):
             return None
-        pooled = layer
+        pooled = channels.output
         while (
-            len(nxt := _consumers(inbound, pooled)) == 1
+            len(nxt := models.consumers(inbound, pooled)) == 1
             and isinstance(model.get_layer(nxt[0]), POOLING)
             and model.get_layer(nxt[0]).data_format == LAST
         ):
             pooled = nxt[0]
-        linear, firsts = _consumers(inbound, pooled), []
+        linear, firsts = models.consumers(inbound, pooled), []
         image = len(model.get_layer(pooled).output_shape) == 4
         for name in linear:
             obj = model.get_layer(name)
             if isinstance(obj, keras.layers.Flatten) and image and obj.data_format == LAST:
-                after = _consumers(inbound, name)
+                after = models.consumers(inbound, name)
                 if len(after) != 1 or not isinstance(model.get_layer(after[0]), keras.layers.Dense):
                     return None
                 firsts.append(after[0])
@@ -268,6 +262,44 @@ class _LinearTail(_Evaluator):
 PATHS = {_LinearTail: "linear-update", _Tail: "tail-rerun", _Whole: "whole-net rerun"}
 
 
+def evaluator_for(model: keras.Model, layer: str) -> _Evaluator:
+    """The fastest path the model's structure allows for `layer`'s curve."""
+    channels = channels_of(model, layer)
+    return (
+        _LinearTail.build(model, channels)
+        or _Tail.build(model, channels)
+        or _Whole(model, channels)
+    )
+
+
+class PruningCurve:
+    """Accuracy after removing the first k channels of `order` from `layer`, k = 0..C, on
+    any data set. The evaluator is chosen and traced once, for every set."""
+
+    def __init__(self, model: keras.Model, layer: str, order: np.ndarray, batch_size: int = 512):
+        self.evaluator = evaluator_for(model, layer)
+        self.layer, self.batch_size = layer, batch_size
+        self.order = tf.constant(np.asarray(order), tf.int32)
+
+    def on(self, ds: Dataset) -> np.ndarray:
+        """Accuracy on `ds` at each k (index k)."""
+        start = time.perf_counter()
+        total = np.zeros(int(self.order.shape[0]) + 1, np.int64)
+        for i in range(0, len(ds), self.batch_size):
+            y = tf.constant(ds.y[i : i + self.batch_size], tf.int32)
+            total += self.evaluator.counts(ds.x[i : i + self.batch_size], y, self.order).numpy()
+        log.info(
+            "pruning curve of %s: %d points on %d images of %s (%s path, %.1fs)",
+            self.layer,
+            len(total),
+            len(ds),
+            ds.name,
+            PATHS[type(self.evaluator)],
+            time.perf_counter() - start,
+        )
+        return total / len(ds)
+
+
 def pruning_curve(
     model: keras.Model,
     layer: str,
@@ -277,25 +309,8 @@ def pruning_curve(
 ) -> dict[str, np.ndarray]:
     """Accuracy on each data set after removing the first k channels of `order`, k = 0..C
     (index k)."""
-    start = time.perf_counter()
-    evaluator = _LinearTail.build(model, layer) or _Tail.build(model, layer) or _Whole(model, layer)
-    order_t = tf.constant(np.asarray(order), tf.int32)
-    curves = {}
-    for name, ds in datasets.items():
-        total = np.zeros(len(order) + 1, np.int64)
-        for i in range(0, len(ds), batch_size):
-            y = tf.constant(ds.y[i : i + batch_size], tf.int32)
-            total += evaluator.counts(ds.x[i : i + batch_size], y, order_t).numpy()
-        curves[name] = total / len(ds)
-    log.info(
-        "pruning curve of %s: %d points on %d images (%s path, %.1fs)",
-        layer,
-        len(order) + 1,
-        sum(len(ds) for ds in datasets.values()),
-        PATHS[type(evaluator)],
-        time.perf_counter() - start,
-    )
-    return curves
+    curve = PruningCurve(model, layer, order, batch_size)
+    return {name: curve.on(ds) for name, ds in datasets.items()}
 
 
 def channels_within(val_curve: np.ndarray, max_drop: float) -> int:

@@ -71,10 +71,17 @@ def read_h5(
             n, *rest = raw.shape
             x = np.empty((n, rest[1], rest[2], rest[0]) if first else raw.shape, np.float32)
             buffer = np.empty((min(n, CHUNK), *rest), np.float32)
+            peak = -np.inf
             for i in range(0, n, CHUNK):
                 part = buffer[: min(CHUNK, n - i)]
                 raw.read_direct(part, np.s_[i : i + len(part)])
                 x[i : i + len(part)] = part.transpose(0, 2, 3, 1) if first else part
+                peak = max(peak, float(part.max()))
+            if scale < 0.5 and 0.0 < peak <= 1.0:
+                raise UserError(
+                    f"data file {path}: pixels already span 0..{peak:g}, and data.scale={scale:g} "
+                    "would scale them again: set data.scale=1"
+                )
             if scale != 1.0:
                 x *= np.float32(scale)
             y_raw = labels[()].astype(np.float64)

@@ -18,10 +18,13 @@ _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _argmax_fn(model):
-    """One compiled argmax-of-forward-pass per model, reused across calls and data sets."""
+    """One compiled argmax-of-forward-pass per model, reused across calls and data sets.
+    The function holds its model weakly, so the cache never keeps a model alive (a sweep
+    evaluates a new repaired net per point)."""
     if model not in _compiled:
+        held = weakref.ref(model)
         _compiled[model] = tf.function(
-            lambda b: tf.argmax(model(b, training=False), axis=-1), reduce_retracing=True
+            lambda b: tf.argmax(held()(b, training=False), axis=-1), reduce_retracing=True
         )
     return _compiled[model]
 
@@ -81,18 +84,28 @@ def evaluate(
     return stage_metrics(classify(model, clean, poisoned, batch_size), clean, poisoned, stage)
 
 
+ORACLES = ("oracle_clean_acc_under_asr", "oracle_der")  # read the test and poisoned sets
+
+
 def objective(metrics: dict[str, float], name: str, asr_ceiling: float) -> float:
     """What a hyperparameter search maximises, from a run's metrics.
 
-    - `clean_acc_under_asr`: the repaired net's clean accuracy when its worst ASR is at
-      most `asr_ceiling`; below every feasible value (by the excess ASR) otherwise.
-    - `der`: defense effectiveness rating, (max(0, dASR) - max(0, dACC) + 1) / 2, with
-      dASR the fall of the worst trigger's ASR and dACC the fall of clean accuracy.
+    - `holdout_acc` (what a defender can measure): the repaired net's accuracy on the
+      clean held-out validation images, which no repair trains on. It cannot see the
+      backdoor: it favours the mildest repair.
+    - `oracle_clean_acc_under_asr`: the repaired net's clean test accuracy when its
+      worst ASR is at most `asr_ceiling`; below every feasible value (by the excess ASR)
+      otherwise. An oracle: it reads the test and poisoned sets, which no defender has.
+    - `oracle_der`: defense effectiveness rating, (max(0, dASR) - max(0, dACC) + 1) / 2,
+      with dASR the fall of the worst trigger's ASR and dACC the fall of clean accuracy;
+      an oracle likewise.
     """
+    if name == "holdout_acc":
+        return metrics["repaired/holdout_acc"]
     asr = [v for k, v in metrics.items() if k.startswith("repaired/asr/")]
     badnet_asr = [v for k, v in metrics.items() if k.startswith("badnet/asr/")]
     worst = max(asr, default=0.0)
-    if name == "der":
+    if name == "oracle_der":
         d_asr = max(badnet_asr, default=0.0) - worst
         d_acc = metrics["badnet/clean_acc"] - metrics["repaired/clean_acc"]
         return (max(0.0, d_asr) - max(0.0, d_acc) + 1) / 2
@@ -152,25 +165,17 @@ def goodnet_scores(
     return metrics
 
 
-def goodnet_answers(
-    repaired: Answers,
-    num_classes: int,
-    badnet: Answers | None = None,
-    strip_flags: Answers | None = None,
-) -> Answers:
-    """What a GoodNet answers, from answers already in hand: N where B's class (`badnet`,
-    the disagreement detector) differs from B''s or where STRIP flagged the input
-    (`strip_flags`, booleans), else B''s class. The saved GoodNet computes the same rule;
-    only float near-ties (of two classes, or of an entropy and the threshold) may be
-    decided otherwise."""
+def goodnet_answers(repaired: Answers, num_classes: int, flags: list[Answers]) -> Answers:
+    """What a GoodNet answers, from answers already in hand: N where any detector flagged
+    the input (`flags`, booleans per detector), else B''s class. The saved GoodNet
+    computes the same rule; only float near-ties (of two classes, or of a score and its
+    threshold) may be decided otherwise."""
 
     def rule(trigger: str | None) -> np.ndarray:
         answer = repaired.of(trigger)
         flagged = np.zeros(len(answer), dtype=bool)
-        if badnet is not None:
-            flagged |= badnet.of(trigger) != answer
-        if strip_flags is not None:
-            flagged |= strip_flags.of(trigger)
+        for detector in flags:
+            flagged |= detector.of(trigger)
         return np.where(flagged, num_classes, answer)
 
     return Answers(rule(None), {t: rule(t) for t in repaired.poisoned})

@@ -1,24 +1,15 @@
 """GoodNet: the BadNet B and its repaired net B' in one model that answers N ("poisoned")
-when a detector flags the input, else B''s class (N = B's number of classes).
-
-Detectors:
-- `disagreement`: B and B' predict different classes (the repair changed the answer);
-- `strip`: STRIP (Gao et al. 2019). A trigger dominates whatever it is superimposed on, so
-  blends of a poisoned input with clean images all get the same confident answer: low mean
-  prediction entropy of B, the net the attacker trained (STRIP looks for the backdoor's
-  dominance, which the repair weakens: on the demo, STRIP over B' flagged 3% of poisoned
-  inputs, over B 36%, both at a 3% clean rejection rate). The threshold is the `frr`
-  quantile of clean entropies;
-- `both`: flagged by either.
+when any of its detectors flags the input, else B''s class (N = B's number of classes).
+The detectors themselves are in `badnet_repair.detectors`.
 
 The GoodNet's output is (batch, N + 1) and its argmax is the answer. It is built from
-standard Keras layers only, constants (the clean overlay images, the threshold) held in
-layer weights, so a plain TensorFlow install loads the saved `.h5` without this package
-and without running any code stored in the file. Its own layers are named `gn_*`, the
-copies of B and B' inside it `bad_*`, `repaired_*` and `strip_*`, so no name collides.
-Hard decisions are made of smooth layers: argmax as a softmax of probabilities scaled by
-1e9, a step as a sigmoid of a difference scaled by 1e8; they only differ from the exact
-rule on float near-ties.
+standard Keras layers only, constants (a detector's images, its threshold) held in layer
+weights, so a plain TensorFlow install loads the saved `.h5` without this package and
+without running any code stored in the file. Its own layers are named `gn_*`, the copies
+of B and B' inside it `bad_*` and `repaired_*` (and a detector's copies its own prefix),
+so no name collides. Hard decisions are made of smooth layers: argmax as a softmax of
+probabilities scaled by 1e9, a step as a sigmoid of a difference scaled by 1e8; they
+only differ from the exact rule on float near-ties.
 """
 
 import logging
@@ -33,311 +24,86 @@ from badnet_repair import UserError, models
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("disagreement", "strip", "both")
 ONE_HOT_SCALE = 1e9  # probabilities 1 float32 ulp apart still differ by > 30 after scaling
-STEP_SCALE = 1e8  # any nonzero float32 difference of entropies saturates the sigmoid
-ELEMENTWISE_MERGES = (
-    keras.layers.Add,
-    keras.layers.Subtract,
-    keras.layers.Multiply,
-    keras.layers.Average,
-    keras.layers.Maximum,
-    keras.layers.Minimum,
-)
+STEP_SCALE = 1e8  # any nonzero float32 difference of scores saturates the sigmoid
 
 
 @dataclass
 class GoodNet:
-    """The combined model and what was chosen to build it (for logging and checks)."""
-
     model: keras.Model
-    detector: str
+    detectors: list[str]
     num_classes: int
-    threshold: float | None = None  # STRIP: a mean entropy below it means poisoned
-    overlays: np.ndarray | None = None  # STRIP: the k clean images superimposed (scaled NHWC)
-    alpha: float = 0.5  # STRIP: blend = (1 - alpha) * input + alpha * overlay
-    clean_entropies: np.ndarray | None = None  # STRIP: of the clean images it was set on
 
 
-def _constant(layer: keras.layers.Layer, weights: list[np.ndarray]) -> keras.layers.Layer:
+def constant(layer: keras.layers.Layer, weights: list[np.ndarray]) -> keras.layers.Layer:
     """Freeze a layer already called on its input and give it fixed weights."""
     layer.set_weights([np.asarray(w, dtype=np.float32) for w in weights])
     layer.trainable = False
     return layer
 
 
-MIN_CALIBRATION = 20  # clean images that STRIP's threshold is set on, at least
-
-
-def output_kind(model: keras.Model) -> str:
-    """'softmax' for a classifier that outputs probabilities, 'linear' for one that outputs
-    raw scores (a softmax is then put over them); anything else cannot be combined."""
-    config = model.get_config()
-    outputs = config.get("output_layers", [])
-    if len(outputs) != 1:
-        raise UserError(f"goodnet: model {model.name} must have one input and one output")
-    layer = model.get_layer(outputs[0][0])
-    activation = layer.get_config().get("activation")
-    if activation == "softmax" or isinstance(layer, keras.layers.Softmax):
-        return "softmax"
-    if activation in (None, "linear"):
-        return "linear"
-    raise UserError(
-        f"goodnet: the output layer {layer.name} of {model.name} has activation "
-        f"{activation!r}; expected softmax probabilities or linear scores"
-    )
-
-
-def check_strip(k: int, clean: int) -> None:
-    """STRIP draws `k` overlays from `clean` images and sets its threshold on the others:
-    check the counts before any work."""
-    pool = clean - MIN_CALIBRATION
-    if not 1 <= k <= pool:
-        raise UserError(
-            f"goodnet.k={k}: expected 1 to {pool} for {clean} clean images "
-            f"(the threshold needs {MIN_CALIBRATION} others)"
-        )
-
-
-def replay(
-    model: keras.Model, x: Any, prefix: str, *, distributed: bool = False, logits: bool = False
-) -> Any:
-    """Rebuild `model`'s layer graph on tensor `x` from fresh layers named `prefix + name`,
-    with copied weights: one flat graph of standard layers, no nested model in the file.
-
-    `distributed` wraps every single-input layer in TimeDistributed, so `x` may carry an
-    extra axis (the k blends of STRIP). `logits` drops a final softmax, for entropies.
-    """
-    if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
-        raise UserError(f"goodnet: model {model.name} is not a functional Keras model")
-    config = model.get_config()
-    if len(config.get("input_layers", [])) != 1 or len(config.get("output_layers", [])) != 1:
-        raise UserError(f"goodnet: model {model.name} must have one input and one output")
-    tensors: dict[tuple[str, int, int], Any] = {tuple(config["input_layers"][0]): x}
-    out_key = tuple(config["output_layers"][0])
-    drop_softmax = logits and output_kind(model) == "softmax"
-    for entry in config["layers"]:  # functional configs list layers in topological order
-        layer = model.get_layer(entry["name"])
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        if isinstance(layer, keras.Model):
-            raise UserError(f"goodnet: nested model {layer.name} in {model.name} is unsupported")
-        call = None  # one fresh layer per layer, called once per node (shared layers)
-        for node_index, node in enumerate(entry["inbound_nodes"]):
-            inputs = [tensors[(n[0], n[1], n[2])] for n in node]
-            kwargs = node[0][3] if node and len(node[0]) > 3 else {}
-            key = (layer.name, node_index, 0)
-            if (
-                drop_softmax
-                and key == out_key
-                and isinstance(layer, (keras.layers.Softmax, keras.layers.Activation))
-            ):
-                tensors[key] = inputs[0]
-                continue
-            built = call is not None
-            if not built:
-                call = _fresh(
-                    layer, prefix, len(inputs), distributed, drop_softmax and key == out_key
-                )
-            out = call(inputs if len(inputs) > 1 else inputs[0], **kwargs)
-            if not built:
-                call.set_weights(layer.get_weights())
-            for i, tensor in enumerate(out if isinstance(out, (list, tuple)) else [out]):
-                tensors[(layer.name, node_index, i)] = tensor
-    return tensors[out_key]
-
-
-def _fresh(layer, prefix: str, inputs: int, distributed: bool, linear: bool):
-    """A new layer configured like `layer` (named `prefix + name`, its activation dropped if
-    `linear`), wrapped to run over STRIP's blend axis if `distributed`."""
-    config = {**layer.get_config(), "name": prefix + layer.name}
-    if linear:
-        config["activation"] = "linear"
-    if not distributed:
-        return type(layer).from_config(config)
-    if inputs == 1:
-        return keras.layers.TimeDistributed(type(layer).from_config(config), name=config["name"])
-    if isinstance(layer, keras.layers.Concatenate) and layer.axis >= 0:
-        return type(layer).from_config({**config, "axis": layer.axis + 1})
-    if isinstance(layer, ELEMENTWISE_MERGES):
-        return type(layer).from_config(config)
-    raise UserError(
-        f"goodnet: layer {layer.name} ({type(layer).__name__}) cannot be applied to STRIP's blends"
-    )
-
-
-def _step(t, threshold: float, name: str, above: bool = True):
+def step(t: Any, threshold: float, name: str, above: bool = True) -> Any:
     """A sharp 0/1 step: 1 where `t` (batch, 1) is above `threshold` (below if not `above`)."""
     sign = 1.0 if above else -1.0
     shift = keras.layers.Dense(1, name=f"{name}_diff")
     diff = shift(t)
-    _constant(shift, [np.full((1, 1), sign), np.array([-sign * threshold])])
+    constant(shift, [np.full((1, 1), sign), np.array([-sign * threshold])])
     sharp = keras.layers.Rescaling(STEP_SCALE, name=f"{name}_sharp")(diff)
     return keras.layers.Activation("sigmoid", name=name)(sharp)
 
 
+def one_hot(probs: Any, name: str) -> Any:
+    """The argmax of `probs` as a hard one-hot vector."""
+    scaled = keras.layers.Rescaling(ONE_HOT_SCALE, name=f"{name}_scaled")(probs)
+    return keras.layers.Activation("softmax", name=name)(scaled)
+
+
 def probabilities(model: keras.Model, x: Any, prefix: str) -> Any:
     """`model` replayed on `x`, with a softmax over its scores where it has none of its own."""
-    out = replay(model, x, prefix)
-    if output_kind(model) == "linear":
+    out = models.replay(model, x, prefix)
+    if models.output_kind(model) == "linear":
         out = keras.layers.Softmax(name=f"gn_{prefix}probs")(out)
     return out
 
 
-def _disagreement_flag(x, badnet: keras.Model, probs_repaired):
-    """1 where argmax B differs from argmax B' (hard one-hots, then their dot product)."""
-    probs_bad = probabilities(badnet, x, "bad_")
+class Graph:
+    """What detectors build their flags from, each part made once: the input, the
+    repaired net's probabilities and, when a detector asks, the BadNet's."""
 
-    def one_hot(p, name: str):
-        scaled = keras.layers.Rescaling(ONE_HOT_SCALE, name=f"{name}_scaled")(p)
-        return keras.layers.Activation("softmax", name=name)(scaled)
+    def __init__(self, badnet: keras.Model, repaired: keras.Model):
+        self.badnet, self.repaired = badnet, repaired
+        self.x = keras.Input(shape=models.input_shape(repaired), name="input")
+        self.repaired_probs = probabilities(repaired, self.x, "repaired_")
+        self._badnet_probs = None
 
-    agree = keras.layers.Dot(axes=1, name="gn_agreement")(
-        [one_hot(probs_bad, "gn_bad_onehot"), one_hot(probs_repaired, "gn_repaired_onehot")]
-    )
-    return _step(agree, 0.5, "gn_flag_disagreement", above=False)
-
-
-def _strip_flag(x, badnet: keras.Model, overlays: np.ndarray, alpha: float, threshold: float):
-    """1 where the mean entropy of B over the blends of `x` with `overlays` is below threshold."""
-    k, size = len(overlays), int(np.prod(overlays.shape[1:]))
-    flat = keras.layers.Flatten(name="gn_strip_flat")(x)
-    zero_layer = keras.layers.Dense(1, name="gn_strip_zero")
-    zero = zero_layer(flat)
-    _constant(zero_layer, [np.zeros((size, 1)), np.zeros(1)])
-    stored = keras.layers.Dense(k * size, name="gn_strip_overlays")
-    images = stored(zero)  # the overlays, pre-scaled by alpha, held in the bias
-    _constant(stored, [np.zeros((1, k * size)), alpha * overlays.reshape(-1)])
-    images = keras.layers.Reshape((k, size), name="gn_strip_overlays_k")(images)
-    own = keras.layers.Rescaling(1.0 - alpha, name="gn_strip_input_scaled")(flat)
-    own = keras.layers.RepeatVector(k, name="gn_strip_input_k")(own)
-    blends = keras.layers.Add(name="gn_strip_blend")([own, images])
-    blends = keras.layers.Reshape((k, *overlays.shape[1:]), name="gn_strip_blends")(blends)
-    logits = replay(badnet, blends, "strip_", distributed=True, logits=True)
-    p = keras.layers.Activation("softmax", name="gn_strip_probs")(logits)
-    log_p = keras.layers.Activation("log_softmax", name="gn_strip_log_probs")(logits)
-    p_log_p = keras.layers.Multiply(name="gn_strip_p_log_p")([p, log_p])
-    p_log_p = keras.layers.Reshape((-1,), name="gn_strip_p_log_p_flat")(p_log_p)
-    mean = keras.layers.Dense(1, name="gn_strip_mean_entropy")
-    entropy = mean(p_log_p)
-    _constant(mean, [np.full((p_log_p.shape[-1], 1), -1.0 / k), np.zeros(1)])
-    return _step(entropy, threshold, "gn_flag_strip", above=False)
+    @property
+    def badnet_probs(self) -> Any:
+        if self._badnet_probs is None:
+            self._badnet_probs = probabilities(self.badnet, self.x, "bad_")
+        return self._badnet_probs
 
 
-def predict_probs(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Forward passes in batches, without Keras predict's overhead."""
-    out = [
-        model(x[i : i + batch_size], training=False).numpy() for i in range(0, len(x), batch_size)
-    ]
-    return np.concatenate(out)
-
-
-def blend(x: np.ndarray, overlays: np.ndarray, alpha: float) -> np.ndarray:
-    """All k blends of each image: (n, k, H, W, C), `alpha` of each overlay."""
-    return (1.0 - alpha) * x[:, None] + alpha * overlays[None]
-
-
-def strip_entropy(
-    model: keras.Model,
-    x: np.ndarray,
-    overlays: np.ndarray,
-    alpha: float = 0.5,
-    batch_size: int = 64,
-) -> np.ndarray:
-    """Mean prediction entropy of `model` over each image's blends with `overlays` (numpy)."""
-    k, scores = len(overlays), output_kind(model) == "linear"
-    out = []
-    for i in range(0, len(x), batch_size):
-        blends = blend(x[i : i + batch_size], overlays, alpha).astype(np.float32)
-        p = predict_probs(model, blends.reshape(-1, *x.shape[1:]), 4096).astype(np.float64)
-        if scores:
-            p = np.exp(p - p.max(axis=-1, keepdims=True))
-            p /= p.sum(axis=-1, keepdims=True)
-        h = -np.sum(p * np.log(np.maximum(p, np.finfo(np.float64).tiny)), axis=-1)
-        out.append(h.reshape(-1, k).mean(axis=1))
-    return np.concatenate(out) if out else np.empty(0)
-
-
-def calibrate_strip(
-    model: keras.Model,
-    clean_x: np.ndarray,
-    k: int = 32,
-    frr: float = 0.05,
-    alpha: float = 0.5,
-    seed: int = 0,
-) -> tuple[np.ndarray, float, np.ndarray]:
-    """STRIP's overlays (`k` of `clean_x`, drawn with `seed`) and its threshold: the `frr`
-    quantile of `model`'s mean entropies on the rest of `clean_x`, so the overlays never
-    judge themselves. Returns (overlays, threshold, those clean entropies)."""
-    if not 0.0 < frr < 1.0:
-        raise UserError(f"goodnet frr={frr}: expected in (0, 1)")
-    if not 0.0 < alpha < 1.0:
-        raise UserError(f"goodnet alpha={alpha}: expected in (0, 1)")
-    check_strip(k, len(clean_x))
-    order = np.random.default_rng(seed).permutation(len(clean_x))
-    calibration_x = clean_x[order[k:]]
-    overlays = clean_x[np.sort(order[:k])].astype(np.float32)
-    log.info(
-        "STRIP: setting the threshold on %d clean images, %d blends each",
-        len(calibration_x),
-        k,
-    )
-    entropies = strip_entropy(model, calibration_x, overlays, alpha)
-    return overlays, float(np.quantile(entropies, frr)), entropies
-
-
-def build_goodnet(
-    badnet: keras.Model,
-    repaired: keras.Model,
-    detector: str = "both",
-    clean_x: np.ndarray | None = None,
-    *,
-    k: int = 32,
-    frr: float = 0.05,
-    alpha: float = 0.5,
-    seed: int = 0,
-    calibration: tuple[np.ndarray, float, np.ndarray] | None = None,
-) -> GoodNet:
-    """Combine B and B' into a GoodNet with the given detector; neither model is modified.
-
-    STRIP examines B and needs `clean_x`, the defender's clean images scaled like the
-    model's inputs: `k` of them are the overlays, the others set the threshold (see
-    `calibrate_strip`), so that a share `frr` of clean images is answered N. A
-    `calibration` that `calibrate_strip` returned for B is reused instead (it depends on
-    B only, so a sweep over one BadNet calibrates once).
-    """
-    if detector not in DETECTORS:
-        raise UserError(f"goodnet detector {detector!r}: expected one of {', '.join(DETECTORS)}")
+def build_goodnet(badnet: keras.Model, repaired: keras.Model, detectors: list) -> GoodNet:
+    """Combine B and B' with fitted detectors (`detectors.fit`) into one GoodNet: N where
+    any detector flags the input. Neither model is modified."""
     shape, n = models.input_shape(repaired), models.num_classes(repaired)
     if models.input_shape(badnet) != shape or models.num_classes(badnet) != n:
         raise UserError(
             f"goodnet: BadNet {badnet.input_shape} -> {models.num_classes(badnet)} classes and "
             f"repaired net {repaired.input_shape} -> {n} classes differ"
         )
-    strip = detector in ("strip", "both")
-    overlays = threshold = entropies = None
-    if strip and calibration is not None:
-        overlays, threshold, entropies = calibration
-    elif strip:
-        if clean_x is None:
-            raise UserError("goodnet detector strip: needs clean images to calibrate on")
-        overlays, threshold, entropies = calibrate_strip(badnet, clean_x, k, frr, alpha, seed)
-    x = keras.Input(shape=shape, name="input")
-    probs = probabilities(repaired, x, "repaired_")
-    flags = []
-    if detector in ("disagreement", "both"):
-        flags.append(_disagreement_flag(x, badnet, probs))
-    if strip:
-        flags.append(_strip_flag(x, badnet, overlays, alpha, threshold))
-    flag = flags[0] if len(flags) == 1 else keras.layers.Maximum(name="gn_flag_either")(flags)
+    graph = Graph(badnet, repaired)
+    flags = [detector.flag_layer(graph) for detector in detectors]
+    flag = flags[0] if len(flags) == 1 else keras.layers.Maximum(name="gn_flag_any")(flags)
     keep_layer = keras.layers.Dense(1, name="gn_keep")
     keep = keep_layer(flag)
-    _constant(keep_layer, [np.full((1, 1), -1.0), np.ones(1)])  # 1 - flag
-    answer = keras.layers.Multiply(name="gn_kept")([probs, keep])
+    constant(keep_layer, [np.full((1, 1), -1.0), np.ones(1)])  # 1 - flag
+    answer = keras.layers.Multiply(name="gn_kept")([graph.repaired_probs, keep])
     out = keras.layers.Concatenate(name="gn_output")([answer, flag])
-    model = keras.Model(x, out, name=f"goodnet_{detector}")
+    names = [d.name for d in detectors]
+    model = keras.Model(graph.x, out, name="goodnet_" + "_".join(names))
     model.trainable = False
-    return GoodNet(model, detector, n, threshold, overlays, alpha, entropies)
+    return GoodNet(model, names, n)
 
 
 def blends_per_input(model: keras.Model) -> int:

@@ -21,6 +21,7 @@ from badnet_repair import (
     config,
     data,
     demo,
+    detectors,
     files,
     goodnet,
     models,
@@ -29,19 +30,35 @@ from badnet_repair import (
     sweep,
     tracking,
 )
-from badnet_repair.evaluate import Answers, goodnet_answers, goodnet_scores, objective
+from badnet_repair.evaluate import (
+    Answers,
+    accuracy,
+    goodnet_answers,
+    goodnet_scores,
+    objective,
+)
 from badnet_repair.report import Report
 from badnet_repair.training import seed_everything
 
 log = logging.getLogger(__name__)
 
 
-def require_inputs(model_file: str, data_files: list[str], source: str | None) -> None:
-    """Stop before any work when input files are missing, naming each and where to get it."""
-    missing = [f for f in [model_file, *data_files] if not Path(f).is_file()]
+def require_inputs(paths: list[str], where: str | None) -> None:
+    """Stop before any work when input files are missing, naming each and where they
+    come from."""
+    missing = [f for f in paths if not Path(f).is_file()]
     if missing:
-        where = f"; published at {source}" if source else ""
-        raise UserError(f"missing input files: {', '.join(missing)}{where}")
+        raise UserError(f"missing input files: {', '.join(missing)}{f'; {where}' if where else ''}")
+
+
+def require_separate(validation: str, test: str) -> None:
+    """The defender's data and the data that scores the repair must differ: a repair whose
+    choices read the clean test set would be judged on what it was tuned on."""
+    if files.content_hash(validation) == files.content_hash(test):
+        raise UserError(
+            f"config keys data.clean_validation={validation} and data.clean_test={test}: "
+            "the same data; the test set must be held out from the defender's data"
+        )
 
 
 @dataclass
@@ -54,9 +71,8 @@ class Baseline:
     poisoned: dict[str, data.Dataset]
     layer: str
     answers: Answers  # the BadNet's classes on the evaluation sets
-    memo: dict = field(default_factory=dict)  # what repairs share (`Case.shared`)
+    memo: repairs.Memo = field(default_factory=repairs.Memo)  # shared by repairs, detectors
     splits: dict = field(default_factory=dict)
-    strip: dict[tuple, tuple] = field(default_factory=dict)
 
     def clean(self, holdout: float, seed: int) -> repairs.CleanData:
         """The defender's data: the validation set, and its seeded split."""
@@ -64,26 +80,6 @@ class Baseline:
             train, held = data.split(self.validation, holdout, seed)
             self.splits[(holdout, seed)] = repairs.CleanData(self.validation, train, held)
         return self.splits[(holdout, seed)]
-
-    def strip_detector(
-        self, k: int, frr: float, alpha: float, seed: int
-    ) -> tuple[tuple[np.ndarray, float, np.ndarray], Answers]:
-        """STRIP's calibration on the validation set and its flags on the test sets: both
-        depend on the BadNet only, so they are computed once per BadNet and settings."""
-        key = (k, frr, alpha, seed)
-        if key not in self.strip:
-            calibration = goodnet.calibrate_strip(
-                self.badnet, self.validation.x, k, frr, alpha, seed
-            )
-            overlays, threshold, _ = calibration
-
-            def flags(ds: data.Dataset) -> np.ndarray:
-                log.info("STRIP: judging %d images of %s, %d blends each", len(ds), ds.name, k)
-                return goodnet.strip_entropy(self.badnet, ds.x, overlays, alpha) < threshold
-
-            on_poisoned = {t: flags(ds) for t, ds in self.poisoned.items()}
-            self.strip[key] = (calibration, Answers(flags(self.test), on_poisoned))
-        return self.strip[key]
 
 
 _baseline: dict[str, Baseline] = {}
@@ -116,7 +112,8 @@ def baseline(cfg: DictConfig) -> Baseline:
 
 def load_inputs(cfg: DictConfig):
     """The BadNet and its data sets, checked against each other."""
-    model = models.load_model(cfg.model.file, cfg.model.architecture, cfg.model.allow_unsafe)
+    loaded = models.load_model(cfg.model.file, cfg.model.architecture, cfg.model.allow_unsafe)
+    model = models.normalize(loaded)
     shape, n = models.input_shape(model), models.num_classes(model)
 
     def load(path: str, name: str) -> data.Dataset:
@@ -157,12 +154,11 @@ def run(
     config.validate(cfg)
     for section in repairs.unread(cfg):
         log.warning("config section %s: not read by repair=%s (ignored)", section, cfg.repair)
-    if cfg.model.builder is None:
-        require_inputs(
-            cfg.model.file,
-            [cfg.data.clean_validation, cfg.data.clean_test, *cfg.data.poisoned.values()],
-            cfg.data.source,
-        )
+    inputs = [cfg.model.file, cfg.data.clean_validation, cfg.data.clean_test]
+    inputs += list(cfg.data.poisoned.values())
+    built = Path(cfg.model.file).parent if cfg.model.builder else None
+    source = f"published at {cfg.data.source}" if cfg.data.source else None
+    require_inputs([f for f in inputs if Path(f).parent != built], source)
     out_dir = files.writable_dir(cfg.paths.output_dir, "paths.output_dir")
     experiment_id = tracking.prepare(
         cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root
@@ -180,8 +176,10 @@ def run(
                 done[-1].info.run_id,
             )
             return _with_objective(dict(done[-1].data.metrics), cfg)
-    if cfg.model.builder == "demo":
-        demo.ensure(Path(cfg.model.file).parent, seed=cfg.seed)
+    if built is not None:  # a demo BadNet, built on first use: then every input must exist
+        demo.ensure(built, cfg.model.builder, cfg.model.build_scale)
+        require_inputs(inputs, f"not among the files the {cfg.model.builder} build made in {built}")
+    require_separate(cfg.data.clean_validation, cfg.data.clean_test)
     with tracking.tracked_run(experiment_id, run_name, tags) as run_id:
         log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)
         mlflow.log_params(tracking.flatten(cfg))
@@ -202,9 +200,8 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     base = baseline(cfg)
     report = Report(base.test, base.poisoned, cfg.eval_batch_size)
     report.stage("badnet", answers=base.answers)
-    goodnet.output_kind(base.badnet)  # refuses an output the GoodNet cannot combine, now
-    if cfg.goodnet.detector.value != "disagreement":
-        goodnet.check_strip(cfg.goodnet.k, len(base.validation))
+    models.output_kind(base.badnet)  # probabilities or raw scores, or refused now
+    detectors.check(base.badnet, cfg.goodnet, len(base.validation))
 
     clean = base.clean(cfg.data.holdout, cfg.seed)
     case = repairs.Case(
@@ -216,10 +213,16 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     mlflow.log_metric("time/repair_s", time.perf_counter() - repair_start)
     repaired_answers = report.answers(repaired)
     report.stage("repaired", answers=repaired_answers)
+    report.log(
+        {  # what a defender can see of the repair's cost: clean images no repair trains on
+            "badnet/holdout_acc": accuracy(base.badnet, clean.holdout, cfg.eval_batch_size),
+            "repaired/holdout_acc": accuracy(repaired, clean.holdout, cfg.eval_batch_size),
+        }
+    )
     model_path = models.save_model(repaired, out_dir / "repaired_net.h5")
     mlflow.log_artifact(str(model_path))
 
-    _goodnet(cfg, base, repaired, repaired_answers, report, out_dir)
+    _goodnet(cfg, base, clean, repaired, repaired_answers, report, out_dir)
     summary = {"metrics": report.metrics, **report.notes}
     mlflow.log_artifact(
         str(files.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2)))
@@ -235,30 +238,40 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 def _goodnet(
     cfg: DictConfig,
     base: Baseline,
+    clean: repairs.CleanData,
     repaired: keras.Model,
     repaired_answers: Answers,
     report: Report,
     out_dir: Path,
 ) -> None:
-    """Build the GoodNet, score it by its rule on the answers in hand, save it."""
-    detector = cfg.goodnet.detector.value
-    strip = strip_flags = None
-    if detector != "disagreement":
-        settings = (cfg.goodnet.k, cfg.goodnet.frr, cfg.goodnet.alpha, cfg.seed)
-        strip, strip_flags = base.strip_detector(*settings)
-    good = goodnet.build_goodnet(
-        base.badnet, repaired, detector, alpha=cfg.goodnet.alpha, calibration=strip
+    """Fit the detectors on clean data, score each and the GoodNet by its rule on the
+    answers in hand (not by running it: STRIP alone costs k + 2 passes per image), save."""
+    context = detectors.Context(
+        base.badnet, repaired, clean, cfg.goodnet, cfg.seed, cfg.eval_batch_size, base.memo
     )
-    # Scored by the GoodNet's rule on answers in hand, not by running it (k + 2 passes)
-    answers = goodnet_answers(
-        repaired_answers,
-        good.num_classes,
-        badnet=base.answers if detector != "strip" else None,
-        strip_flags=strip_flags,
-    )
-    scores = goodnet_scores(answers, base.test, base.poisoned, good.num_classes)
-    if good.threshold is not None:
-        scores["goodnet/strip_threshold"] = good.threshold
-    values = {key.split("/", 1)[1]: value for key, value in scores.items()}
-    report.stage_from("goodnet", values, f"{detector}, by its rule on the answers in hand")
+    fitted = [detectors.fit(name, context) for name in detectors.parse(cfg.goodnet.detector)]
+    sets = {None: base.test, **base.poisoned}
+    inputs = {
+        t: detectors.Inputs(ds.name, ds.x, base.answers.of(t), repaired_answers.of(t))
+        for t, ds in sets.items()
+    }
+    flags, scores = [], {}
+    for detector in fitted:
+        on = {t: detector.flags(inputs[t]) for t in sets}
+        flags.append(Answers(on[None], {t: on[t] for t in base.poisoned}))
+        metrics = {"flag_rate_clean": float(np.mean(on[None])), **detector.metrics}
+        metrics.update({f"detect/{t}": float(np.mean(on[t])) for t in base.poisoned})
+        if detector.score is not None:
+            scored = scores[detector.name] = {t: detector.score(inputs[t]) for t in sets}
+            for t in base.poisoned:
+                metrics[f"auroc/{t}"] = detectors.auroc(scored[None], scored[t])
+        report.log({f"goodnet/{detector.name}/{key}": value for key, value in metrics.items()})
+    good = goodnet.build_goodnet(base.badnet, repaired, fitted)
+    answers = goodnet_answers(repaired_answers, good.num_classes, flags)
+    values = goodnet_scores(answers, base.test, base.poisoned, good.num_classes)
+    values = {key.split("/", 1)[1]: value for key, value in values.items()}
+    report.stage_from("goodnet", values, f"{' + '.join(good.detectors)}, by its rule")
+    if base.poisoned:
+        operating = dict(zip(good.detectors, flags, strict=True))
+        report.figure(plots.roc_plot(scores, operating, report.triggers), "goodnet_roc.png")
     mlflow.log_artifact(str(goodnet.save_goodnet(good.model, out_dir / "goodnet.h5")))

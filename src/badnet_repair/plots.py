@@ -4,6 +4,7 @@ import math
 from collections.abc import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,6 +47,85 @@ def curve_plot(curves: dict[str, Sequence[float]], chosen: int, title: str):
     ax.set_ylim(-0.02, 1.05)
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def roc_curve(clean: np.ndarray, poisoned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Share of clean and of poisoned scores above each possible threshold, highest first."""
+    cuts = np.concatenate([[np.inf], np.unique(np.concatenate([clean, poisoned]))[::-1]])
+    above = [
+        1.0 - np.searchsorted(np.sort(s), cuts, side="right") / len(s) for s in (clean, poisoned)
+    ]
+    return above[0], above[1]
+
+
+def roc_plot(scores: dict[str, dict], flags: dict, triggers: list[str]):
+    """Per detector and trigger: detection of poisoned inputs against false rejection of
+    clean ones as the threshold moves (for detectors with a score), and the operating
+    point each detector's threshold chose (a marker; all a rule without a score has)."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, answers) in enumerate(flags.items()):
+        for j, trigger in enumerate(triggers):
+            color = colors[(i * len(triggers) + j) % len(colors)]
+            if name in scores:
+                clean, poisoned = scores[name][None], scores[name][trigger]
+                cuts = np.concatenate(
+                    [[np.inf], np.unique(np.concatenate([clean, poisoned]))[::-1], [-np.inf]]
+                )
+                fpr = [(clean > c).mean() for c in cuts]
+                tpr = [(poisoned > c).mean() for c in cuts]
+                ax.plot(fpr, tpr, color=color, lw=1.5, label=f"{name}, {trigger}")
+            point = (answers.clean.mean(), answers.poisoned[trigger].mean())
+            ax.plot(
+                *point, "o", color=color, ms=7, mec="black", label=f"{name} threshold, {trigger}"
+            )
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
+    ax.set_xlabel("clean test inputs flagged (false rejection)")
+    ax.set_ylabel("poisoned inputs flagged (detection)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_title("GoodNet detectors: ROC, threshold set on clean validation data", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def leaderboard_plot(rows: list[dict], best: dict[str, str]):
+    """Each repair on each BadNet: clean accuracy lost against the worst trigger's ASR
+    left, the goal's corner (both <= 0.02) shaded, the clean rule's pick circled."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    repairs = sorted({row["repair"] for row in rows})
+    badnets = sorted({row["badnet"] for row in rows})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh<>"
+    ax.fill_between([-0.02, 0.02], -0.02, 0.02, color="green", alpha=0.15, label="goal")
+    for row in rows:
+        asr = [v for k, v in row.items() if k.startswith("repaired/asr/")]
+        if not asr:
+            continue
+        i, j = repairs.index(row["repair"]), badnets.index(row["badnet"])
+        picked = best.get(row["badnet"]) == row["run_id"]
+        ax.plot(
+            row["drop"],
+            max(asr),
+            markers[j % len(markers)],
+            color=colors[i % len(colors)],
+            ms=11 if picked else 7,
+            mec="black" if picked else "none",
+            mew=2,
+        )
+    for i, name in enumerate(repairs):
+        ax.plot([], [], "o", color=colors[i % len(colors)], label=name)
+    for j, name in enumerate(badnets):
+        ax.plot([], [], markers[j % len(markers)], color="grey", label=name)
+    ax.plot([], [], "o", color="white", mec="black", mew=2, ms=11, label="clean rule's pick")
+    ax.set_xlabel("clean accuracy lost (BadNet - repaired, test set)")
+    ax.set_ylabel("worst trigger's ASR left")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title("Leaderboard: every repair on every BadNet", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig
 

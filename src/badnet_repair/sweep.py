@@ -17,7 +17,8 @@ from hydra.experimental.callback import Callback
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
-from badnet_repair import files, plots, tracking
+from badnet_repair import files, leaderboard, plots, tracking
+from badnet_repair.evaluate import ORACLES
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ PARENT_FILE = "mlflow_parent_run.json"
 
 # Keys that say where outputs go or whether to rerun, not what a point computes.
 NOT_THE_POINT = ("paths.output_dir", "sweep.resume")
+# Keys that follow from another swept key (a model config sets its files and layer).
+FOLLOWERS = ("data.", "model.file", "model.layer", "model.builder", "model.architecture")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -105,6 +108,18 @@ class MlflowSweep(Callback):
         table = summarise(record["experiment_id"], record["run_id"])
         print(f"\nSweep {record['sweep_id']} (MLflow parent run {record['run_id']}):\n")
         print(table or "no finished points")
+        if config.sweep.leaderboard:
+            rows = leaderboard.runs([config.tracking.experiment], record["run_id"])
+            print(
+                "\nLeaderboard:\n\n"
+                + (leaderboard.publish(record["run_id"], rows) if rows else "none")
+            )
+        if config.sweep.objective.value in ORACLES:
+            print(
+                f"\nsweep.objective={config.sweep.objective.value} is an oracle: it reads the "
+                "clean test and poisoned sets, which no defender has; a choice made with it "
+                "is not one a defender could make."
+            )
         mlflow.MlflowClient().set_terminated(record["run_id"], "FINISHED")
         _open.clear()
 
@@ -126,9 +141,15 @@ def _rows(experiment_id: str, parent_run_id: str) -> tuple[list[dict], set[str],
 
 
 def swept_keys(rows: list[dict], params: set[str]) -> list[str]:
-    """Params that differ between points (what the sweep varied), most values first."""
+    """Params that differ between points (what the sweep varied), most values first;
+    only those every point has (a repair's own settings are absent from other repairs')."""
     varying = [
-        k for k in params if k not in NOT_THE_POINT and len({row.get(k) for row in rows}) > 1
+        k
+        for k in params
+        if k not in NOT_THE_POINT
+        and not k.startswith(FOLLOWERS)
+        and all(k in row for row in rows)  # a repair's own key is not swept across repairs
+        and len({row[k] for row in rows}) > 1
     ]
     return sorted(varying, key=lambda k: (-len({row.get(k) for row in rows}), k))
 

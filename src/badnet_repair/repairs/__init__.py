@@ -52,6 +52,17 @@ class CleanData:
     holdout: Dataset
 
 
+class Memo(dict):
+    """What every run over one BadNet and its data shares in this process (a sweep's
+    points): each value computed once, by whichever run needs it first."""
+
+    def shared(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """`compute()` once; `key` names everything else it depends on."""
+        if key not in self:
+            self[key] = compute()
+        return self[key]
+
+
 @dataclass
 class Case:
     """What a repair works on and where it records what it measured."""
@@ -62,14 +73,12 @@ class Case:
     report: Report
     seed: int
     batch_size: int  # for forward passes (eval_batch_size)
-    memo: dict = field(default_factory=dict)
+    memo: Memo = field(default_factory=Memo)
 
     def shared(self, key: Any, compute: Callable[[], Any]) -> Any:
         """`compute()` once per BadNet and data in this process: the points of a sweep
         over one BadNet share it. `key` names everything else it depends on."""
-        if key not in self.memo:
-            self.memo[key] = compute()
-        return self.memo[key]
+        return self.memo.shared(key, compute)
 
     def badnet_holdout_accuracy(self) -> float:
         """The BadNet's accuracy on the clean held-out images: what budgets count from."""
@@ -79,11 +88,9 @@ class Case:
         )
 
     # `repairs.finetune` is a repair module: the training function is `training.finetune`
-    def finetune(
-        self, model: keras.Model, settings: training.Finetune, callbacks: list = ()
-    ) -> None:
-        """Fine-tune `model` in place on the clean training split, reporting each epoch's
-        loss and held-out accuracy; `callbacks` keep a pruning in force."""
+    def finetune(self, model: keras.Model, settings: training.Finetune, pruned=None) -> None:
+        """Fine-tune `model` in place on the clean training split (seeded), reporting each
+        epoch's loss and held-out accuracy; a `pruning.Pruned` keeps its pruning in force."""
         training.finetune(
             model,
             self.clean.train,
@@ -91,7 +98,8 @@ class Case:
             epochs=settings.epochs,
             lr=settings.lr,
             batch_size=settings.batch_size,
-            callbacks=list(callbacks),
+            seed=self.seed,
+            pruning=pruned,
             on_epoch=self.report.step,
         )
 

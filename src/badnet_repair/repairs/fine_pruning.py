@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import MISSING
 
-from badnet_repair import plots
+from badnet_repair import UserError, plots
 from badnet_repair.config import ranged
-from badnet_repair.curve import channels_within, pruning_curve
-from badnet_repair.data import Dataset
+from badnet_repair.curve import PruningCurve, channels_within
 from badnet_repair.pruning import activation_prune, channel_count, rank_channels
 from badnet_repair.repairs import Case, RepairSettings
 from badnet_repair.training import Finetune
@@ -24,12 +23,16 @@ from badnet_repair.training import Finetune
 
 @dataclass
 class Prune:
-    """prune.*: `sparsity`, the share of the layer's channels to zero; or, when set,
-    `max_acc_drop`: the most channels whose clean validation accuracy stays within that
-    much of the BadNet's."""
+    """prune.*: `max_acc_drop`, the paper's stopping rule (the default): remove channels
+    in order until clean validation accuracy would first fall more than that below the
+    BadNet's; or, when set, `sparsity`: exactly that share of the layer's channels."""
 
-    sparsity: float = ranged(MISSING, "[0, 1)")
+    sparsity: float | None = ranged(MISSING, "[0, 1)")
     max_acc_drop: float | None = ranged(MISSING, "[0, 1)")
+
+    def check(self) -> None:
+        if self.sparsity is None and self.max_acc_drop is None:
+            raise UserError("config keys prune.sparsity and prune.max_acc_drop: set one")
 
 
 @dataclass
@@ -39,10 +42,10 @@ class Settings(RepairSettings):
 
 
 def describe(prune: Prune, finetune: Finetune) -> str:
-    if prune.max_acc_drop is not None:
-        amount = f"max_acc_drop {prune.max_acc_drop:g}"
-    else:
+    if prune.sparsity is not None:
         amount = f"sparsity {prune.sparsity:g}"
+    else:
+        amount = f"max_acc_drop {prune.max_acc_drop:g}"
     return f"{amount}, {finetune.epochs} epochs"
 
 
@@ -53,18 +56,13 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
         lambda: rank_channels(badnet, layer, clean.validation.x, case.batch_size),
     )
 
-    def accuracy_curve(ds: Dataset) -> np.ndarray:
-        return pruning_curve(badnet, layer, order, {ds.name: ds}, case.batch_size)[ds.name]
+    def trace() -> dict[str, np.ndarray]:
+        curve = PruningCurve(badnet, layer, order, case.batch_size)
+        return {"val_acc": curve.on(clean.validation), **case.report.score_each(curve.on)}
 
-    curves = case.shared(
-        "pruning curve",
-        lambda: {
-            "val_acc": accuracy_curve(clean.validation),
-            **case.report.score_each(accuracy_curve),
-        },
-    )
+    curves = case.shared("pruning curve", trace)
     case.report.curves({f"curve/{name}": values for name, values in curves.items()})
-    if prune.max_acc_drop is None:
+    if prune.sparsity is not None:
         k = channel_count(prune.sparsity, len(order))
         rule = f"sparsity {prune.sparsity:g}"
     else:
@@ -77,5 +75,5 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
     case.report.stage_from("pruned", at_k, f"from the pruning curve, {k} channels removed")
     title = f"pruning curve of {layer}: {k} of {len(order)} channels ({rule})"
     case.report.figure(plots.curve_plot(curves, k, title), "curve.png")
-    case.finetune(pruned.model, finetune, pruned.callbacks)
+    case.finetune(pruned.model, finetune, pruned)
     return pruned.model

@@ -39,5 +39,5 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
     )
     case.report.note(layer=case.layer, pruned_channels=pruned.channels_pruned)
     case.report.stage("pruned", pruned.export())
-    case.finetune(pruned.model, finetune, pruned.callbacks)
+    case.finetune(pruned.model, finetune, pruned)
     return pruned.export()
