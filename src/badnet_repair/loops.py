@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import UserError
+from badnet_repair import UserError, models
 from badnet_repair.data import Dataset
 from badnet_repair.evaluate import accuracy
 
@@ -18,35 +18,27 @@ log = logging.getLogger(__name__)
 Scores = Callable[..., tf.Tensor]
 
 
-def _activation(layer) -> str | None:
-    act = getattr(layer, "activation", None)
-    return None if act is None else keras.activations.serialize(act)
-
-
 def scores(model: keras.Model) -> Scores:
     """`model`'s scores before its final softmax, as `f(x, training=False)`: losses from
     scores keep their gradient where a probability saturates at 0 or 1. The layers (and
     weights) are `model`'s own."""
-    last = model.layers[-1]
-    kind = _activation(last)
-    if isinstance(last, keras.layers.Softmax) or (
-        isinstance(last, keras.layers.Activation) and kind == "softmax"
-    ):
-        return keras.Model(model.inputs, last.input)
-    if isinstance(last, keras.layers.Dense) and kind == "softmax":
-        body = keras.Model(model.inputs, last.input)
-
-        def dense_scores(x, training=False):
-            out = tf.matmul(body(x, training=training), last.kernel)
-            return out + last.bias if last.use_bias else out
-
-        return dense_scores
-    if kind in (None, "linear"):
+    if models.output_kind(model) == "linear":
         return model
-    raise UserError(
-        f"output layer {last.name} of {model.name}: activation {kind!r}, expected softmax "
-        "probabilities or linear scores"
-    )
+    last = model.get_layer(models.functional_config(model)["output_layers"][0][0])
+    body = keras.Model(model.inputs, last.input)
+    if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
+        return body
+    if not isinstance(last, keras.layers.Dense):
+        raise UserError(
+            f"output layer {last.name} of {model.name}: a {type(last).__name__} with a "
+            "softmax; expected a Dense layer or a separate softmax"
+        )
+
+    def dense_scores(x, training=False):
+        out = tf.matmul(body(x, training=training), last.kernel)
+        return out + last.bias if last.use_bias else out
+
+    return dense_scores
 
 
 def batches(ds: Dataset, batch_size: int, rng: np.random.Generator) -> Iterator[tuple]:

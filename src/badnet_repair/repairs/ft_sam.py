@@ -21,7 +21,7 @@ import tensorflow as tf
 import tf_keras as keras
 from omegaconf import MISSING
 
-from badnet_repair import loops
+from badnet_repair import loops, training
 from badnet_repair.config import ranged
 from badnet_repair.pruning import copy_model
 from badnet_repair.repairs import Case, RepairSettings, increasing, strongest_run
@@ -56,10 +56,11 @@ def describe(ft_sam: FtSam) -> str:
 
 
 def sam_step(model: keras.Model, settings: FtSam, lr, num_classes: int):
-    """One adaptive-SAM step on `model` in place, as a tf.function of a batch."""
+    """One adaptive-SAM step on `model` in place, as a tf.function of a batch; `lr` is a
+    rate or a schedule (`training.SGD`)."""
     weights = model.trainable_variables
     frozen = [v for v in model.non_trainable_variables if "moving_" in v.name]
-    optimizer = keras.optimizers.SGD(lr, momentum=settings.momentum)
+    optimizer = training.SGD(weights, lr, settings.momentum)
     score = loops.scores(model)
 
     def loss_of(x, y):
@@ -88,7 +89,7 @@ def sam_step(model: keras.Model, settings: FtSam, lr, num_classes: int):
             for v, value in zip(weights + frozen, kept, strict=True):
                 v.assign(value)  # exactly w again, and BatchNorm's statistics as they were
         grads = [g + settings.weight_decay * w for w, g in zip(weights, grads, strict=True)]
-        optimizer.apply_gradients(zip(grads, weights, strict=True))
+        optimizer.apply(grads)
         return values
 
     return step
@@ -99,7 +100,6 @@ def repair(case: Case, ft_sam: FtSam):
 
     def train(lr: float) -> keras.Model:
         model = copy_model(case.badnet)
-        schedule = keras.optimizers.schedules.CosineDecay(lr, ft_sam.steps)
         loops.run_steps(
             f"ft_sam/lr_{lr:g}",
             model,
@@ -108,7 +108,7 @@ def repair(case: Case, ft_sam: FtSam):
             steps=ft_sam.steps,
             batch_size=ft_sam.batch_size,
             seed=case.seed,
-            step=sam_step(model, ft_sam, schedule, num_classes),
+            step=sam_step(model, ft_sam, training.cosine(lr, ft_sam.steps), num_classes),
             on_round=case.report.step,
         )
         return model

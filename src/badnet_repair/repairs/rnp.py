@@ -20,8 +20,8 @@ import tensorflow as tf
 import tf_keras as keras
 from omegaconf import MISSING
 
-from badnet_repair import loops, plots
-from badnet_repair.channels import Masks, zero_channels
+from badnet_repair import loops, plots, training
+from badnet_repair.channels import Masks, prune
 from badnet_repair.config import ranged
 from badnet_repair.evaluate import accuracy
 from badnet_repair.pruning import copy_model
@@ -70,7 +70,7 @@ def unlearn(case: Case, rnp: Rnp) -> keras.Model:
     model = copy_model(case.badnet)
     weights = model.trainable_variables
     score = loops.scores(model)
-    optimizer = keras.optimizers.SGD(rnp.unlearn_lr, momentum=rnp.momentum)
+    optimizer = training.SGD(weights, rnp.unlearn_lr, rnp.momentum)
 
     @tf.function(reduce_retracing=True)
     def ascent(x, y):
@@ -79,7 +79,7 @@ def unlearn(case: Case, rnp: Rnp) -> keras.Model:
             decay = 0.5 * rnp.weight_decay * tf.add_n([tf.reduce_sum(w * w) for w in weights])
             objective = -loss + decay
         grads, _ = tf.clip_by_global_norm(tape.gradient(objective, weights), rnp.clip_norm)
-        optimizer.apply_gradients(zip(grads, weights, strict=True))
+        optimizer.apply(grads)
         return {"loss": loss}
 
     def unlearned() -> bool:
@@ -107,7 +107,7 @@ def recover(case: Case, rnp: Rnp, unlearned: keras.Model) -> Masks:
     """Masks in [0, 1], from 1, that restore the unlearned copy's clean accuracy."""
     masks = Masks(unlearned)
     score = loops.scores(unlearned)
-    optimizer = keras.optimizers.SGD(rnp.mask_lr, momentum=rnp.momentum)
+    optimizer = training.SGD(masks.values, rnp.mask_lr, rnp.momentum)
 
     @tf.function(reduce_retracing=True)
     def learn(x, y):
@@ -115,7 +115,7 @@ def recover(case: Case, rnp: Rnp, unlearned: keras.Model) -> Masks:
         with tf.GradientTape() as tape:
             loss = _cross_entropy(score, x, y)
         grads = masks.gradients(tape.gradient(loss, masks.params))
-        optimizer.apply_gradients(zip(grads, masks.values, strict=True))
+        optimizer.apply(grads)
         masks.clip()
         return {"loss": loss}
 
@@ -161,7 +161,7 @@ def repair(case: Case, rnp: Rnp):
     chosen = strongest_within(case, list(held), held.get, rnp.max_acc_drop, "rnp threshold")
     off = {name: m <= (chosen if chosen is not None else -1) for name, m in values.items()}
     pruned = copy_model(case.badnet)
-    count = zero_channels(pruned, off)
+    count = prune(pruned, off)
     case.report.curves({"rnp/threshold_val_acc": curve, "rnp/threshold_pruned": pruned_at})
     case.report.log({"rnp/channels_pruned": count, "rnp/channels": everything.size})
     if chosen is not None:

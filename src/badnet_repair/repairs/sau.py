@@ -31,7 +31,7 @@ import tensorflow as tf
 import tf_keras as keras
 from omegaconf import MISSING
 
-from badnet_repair import loops
+from badnet_repair import loops, training
 from badnet_repair.config import ranged
 from badnet_repair.pruning import copy_model
 from badnet_repair.repairs import Case, RepairSettings, increasing, strongest_run
@@ -120,7 +120,7 @@ def sau_step(h_model: keras.Model, h0_model: keras.Model, sau: Sau, eps: float):
     """One SAU step on `h_model` in place, as a tf.function of a batch."""
     h, h0 = loops.scores(h_model), loops.scores(h0_model)
     weights = h_model.trainable_variables
-    optimizer = keras.optimizers.Adam(sau.lr)
+    optimizer = training.Adam(weights, sau.lr)
 
     @tf.function(reduce_retracing=True)
     def step(x, y):
@@ -137,7 +137,7 @@ def sau_step(h_model: keras.Model, h0_model: keras.Model, sau: Sau, eps: float):
             ) / tf.cast(tf.shape(y)[0], tf.float32)
             loss = clean_loss + shared_loss
         grads = tape.gradient(loss, weights)
-        optimizer.apply_gradients(zip(grads, weights, strict=True))
+        optimizer.apply(grads)
         return {
             "loss": loss,
             "shared_loss": shared_loss,
