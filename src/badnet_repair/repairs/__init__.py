@@ -27,7 +27,7 @@ from typing import Any
 import tf_keras as keras
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from badnet_repair import UserError, training
+from badnet_repair import UserError, loops, training
 from badnet_repair.data import Dataset
 from badnet_repair.evaluate import accuracy
 from badnet_repair.report import Report
@@ -85,6 +85,32 @@ class Case:
         return self.shared(
             "badnet holdout accuracy",
             lambda: accuracy(self.badnet, self.clean.holdout, self.batch_size),
+        )
+
+    def run_steps(
+        self,
+        name: str,
+        model: keras.Model,
+        step: Callable,
+        *,
+        steps: int,
+        batch_size: int,
+        stop: Callable[[], bool] | None = None,
+        seed_offset: int = 0,
+    ) -> int:
+        """`loops.run_steps` of a custom training `step` on the clean training split, each
+        round's loss and held-out accuracy reported as `name/...`."""
+        return loops.run_steps(
+            name,
+            model,
+            self.clean.train,
+            self.clean.holdout,
+            steps=steps,
+            batch_size=batch_size,
+            seed=self.seed + seed_offset,
+            step=step,
+            on_round=self.report.step,
+            stop=stop,
         )
 
     # `repairs.finetune` is a repair module: the training function is `training.finetune`

@@ -100,16 +100,9 @@ def repair(case: Case, ft_sam: FtSam):
 
     def train(lr: float) -> keras.Model:
         model = copy_model(case.badnet)
-        loops.run_steps(
-            f"ft_sam/lr_{lr:g}",
-            model,
-            case.clean.train,
-            case.clean.holdout,
-            steps=ft_sam.steps,
-            batch_size=ft_sam.batch_size,
-            seed=case.seed,
-            step=sam_step(model, ft_sam, training.cosine(lr, ft_sam.steps), num_classes),
-            on_round=case.report.step,
+        step = sam_step(model, ft_sam, training.cosine(lr, ft_sam.steps), num_classes)
+        case.run_steps(
+            f"ft_sam/lr_{lr:g}", model, step, steps=ft_sam.steps, batch_size=ft_sam.batch_size
         )
         return model
 

@@ -87,16 +87,12 @@ def unlearn(case: Case, rnp: Rnp) -> keras.Model:
 
     steps = 0
     if not unlearned():
-        steps = loops.run_steps(
+        steps = case.run_steps(
             "rnp/unlearn",
             model,
-            case.clean.train,
-            case.clean.holdout,
+            ascent,
             steps=rnp.unlearn_steps,
             batch_size=rnp.batch_size,
-            seed=case.seed,
-            step=ascent,
-            on_round=case.report.step,
             stop=unlearned,
         )
     case.report.log({"rnp/unlearn_steps": steps})
@@ -119,16 +115,8 @@ def recover(case: Case, rnp: Rnp, unlearned: keras.Model) -> Masks:
         masks.clip()
         return {"loss": loss}
 
-    loops.run_steps(
-        "rnp/mask",
-        unlearned,
-        case.clean.train,
-        case.clean.holdout,
-        steps=rnp.mask_steps,
-        batch_size=rnp.batch_size,
-        seed=case.seed + 1,
-        step=learn,
-        on_round=case.report.step,
+    case.run_steps(
+        "rnp/mask", unlearned, learn, steps=rnp.mask_steps, batch_size=rnp.batch_size, seed_offset=1
     )
     masks.apply()
     return masks

@@ -154,17 +154,8 @@ def repair(case: Case, sau: Sau):
 
     def train(eps: float) -> keras.Model:
         model = copy_model(case.badnet)
-        loops.run_steps(
-            f"sau/eps_{eps:g}",
-            model,
-            case.clean.train,
-            case.clean.holdout,
-            steps=sau.steps,
-            batch_size=sau.batch_size,
-            seed=case.seed,
-            step=sau_step(model, reference, sau, eps),
-            on_round=case.report.step,
-        )
+        step = sau_step(model, reference, sau, eps)
+        case.run_steps(f"sau/eps_{eps:g}", model, step, steps=sau.steps, batch_size=sau.batch_size)
         return model
 
     return strongest_run(case, "sau", "eps", sau.eps, train, sau.max_acc_drop)
