@@ -304,5 +304,5 @@ def test_each_lowers_the_demos_asr_well_below_fine_pruning(
     tmp_path, demo_dir, fine_pruning_asr, name
 ):
     metrics = pipeline.run(compose_config(tmp_path, demo_dir, f"repair={name}", *CHEAP[name]))
-    assert metrics["repaired/asr/patch"] < 0.5 * fine_pruning_asr
+    assert metrics["repaired/asr/patch"] < fine_pruning_asr - 0.2  # 20 points below, at least
     assert metrics["repaired/clean_acc"] > metrics["badnet/clean_acc"] - 0.1
