@@ -124,7 +124,8 @@ CASES = [
         "unknown detector",
         None,
         ["goodnet.detector=oracle"],
-        "config key goodnet.detector='oracle': expected one of disagreement, strip, both",
+        "config key goodnet.detector='oracle': expected one of "
+        "badexpert, disagreement, strip, both",
     ),
     ("frr out of range", None, ["goodnet.frr=1.5"], r"goodnet.frr=1.5: expected in \(0, 1\)"),
     ("layer missing", None, ["model.layer=conv_9"], "model.layer='conv_9': no such layer"),

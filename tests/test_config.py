@@ -65,6 +65,10 @@ def test_project_root_does_not_depend_on_the_working_directory(monkeypatch, tmp_
         ("seed=-1", "seed"),
         ("eval_batch_size=0", "eval_batch_size"),
         ("model.builder=other", "model.builder"),
+        ("goodnet.expert_lr=0", "goodnet.expert_lr"),
+        ("goodnet.expert_epochs=0", "goodnet.expert_epochs"),
+        ("goodnet.expert_stop_acc=1.5", "goodnet.expert_stop_acc"),
+        ("goodnet.aux_epochs=0", "goodnet.aux_epochs"),
     ],
 )
 def test_out_of_range_values_name_their_key(tmp_path, demo_dir, override, key):
@@ -75,7 +79,14 @@ def test_out_of_range_values_name_their_key(tmp_path, demo_dir, override, key):
 
 @pytest.mark.parametrize(
     "override",
-    ["prune.method=random", "finetune.epochs=three", "prune.sparsity=half", "seed=abc", "repair=x"],
+    [
+        "prune.method=random",
+        "finetune.epochs=three",
+        "prune.sparsity=half",
+        "seed=abc",
+        "repair=x",
+        "goodnet.auxiliary=oracle",
+    ],
 )
 def test_wrong_types_fail_at_composition(tmp_path, demo_dir, override):
     with pytest.raises((ConfigCompositionException, ValidationError)):

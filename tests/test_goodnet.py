@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from badnet_repair import UserError, answer, data, detectors, goodnet, models
+from badnet_repair.detectors import badexpert
 from badnet_repair.evaluate import (
     Answers,
     classify,
@@ -26,17 +27,27 @@ from badnet_repair.training import finetune
 N = 40
 K = 8
 FRR = 0.1
-CHOICES = {"disagreement": ["disagreement"], "strip": ["strip"], "both": ["disagreement", "strip"]}
+CHOICES = {
+    "disagreement": ["disagreement"],
+    "strip": ["strip"],
+    "badexpert": ["badexpert"],
+    "both": ["disagreement", "strip"],
+    "badexpert_disagreement": ["badexpert", "disagreement"],
+}
+# BaDExpert's settings for the small sets here: the expert forgets within 2 epochs
+EXPERT = dict(expert_lr=2e-3, expert_epochs=2, expert_batch_size=32, expert_stop_acc=0.2)
+AUX = dict(auxiliary="repaired", aux_lr=1e-3, aux_epochs=1)
 
 
-def fit_detectors(badnet, repaired, clean_x, k=K, frr=FRR) -> dict[str, detectors.Fitted]:
-    """Disagreement and STRIP fitted as the pipeline fits them, on `clean_x`."""
-    clean = data.Dataset("clean", clean_x, np.zeros(len(clean_x), int))
-    settings = SimpleNamespace(detector="both", k=k, frr=frr, alpha=0.5)
+def fit_detectors(badnet, repaired, clean, k=K, frr=FRR) -> dict[str, detectors.Fitted]:
+    """Every detector fitted as the pipeline fits it, on the clean set `clean` (a quarter
+    held out, as the pipeline holds out data.holdout)."""
+    settings = SimpleNamespace(detector="both", k=k, frr=frr, alpha=0.5, **EXPERT, **AUX)
+    train, holdout = data.split(clean, 0.25, seed=0)
     context = detectors.Context(
-        badnet, repaired, CleanData(clean, clean, clean), settings, 0, 512, Memo()
+        badnet, repaired, CleanData(clean, train, holdout), settings, 0, 512, Memo()
     )
-    return {name: detectors.fit(name, context) for name in ("disagreement", "strip")}
+    return {name: detectors.fit(name, context) for name in ("disagreement", "strip", "badexpert")}
 
 
 def build(badnet, repaired, fitted, choice: str) -> goodnet.GoodNet:
@@ -61,7 +72,7 @@ def repaired(demo_model, split):
 
 @pytest.fixture(scope="module")
 def fitted(demo_model, repaired, split):
-    return fit_detectors(demo_model, repaired, split[1].x)
+    return fit_detectors(demo_model, repaired, split[1])
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +114,18 @@ def reference(badnet, repaired, x, gn: goodnet.GoodNet, fitted: dict):
         h = entropies(badnet, x, learned["overlays"], learned["alpha"])
         flag |= h < threshold
         near |= np.abs(h - threshold) < 1e-5
+    if "badexpert" in gn.detectors:
+        expert, aux = fitted["badexpert"].parts["expert"], fitted["badexpert"].parts["auxiliary"]
+        label, rows = p_bad.argmax(axis=1), np.arange(len(x))
+        s = badexpert.triangle(
+            badexpert.probabilities(expert, x)[rows, label],
+            badexpert.probabilities(aux, x)[rows, label],
+        )
+        threshold = fitted["badexpert"].threshold
+        flag |= s > threshold
+        near |= np.abs(s - threshold) < 1e-5 * max(1.0, abs(threshold))
+        top2 = np.sort(p_bad, axis=1)[:, -2:]
+        near |= top2[:, 1] - top2[:, 0] < 1e-6
     return np.where(flag, gn.num_classes, answer), near
 
 
@@ -371,7 +394,8 @@ def small_pair(head: str = "softmax", shared: bool = False):
 def test_small_badnets_of_other_shapes_follow_the_exact_rule(head, shared, detector):
     badnet, repaired, x = small_pair(head, shared)
     assert models.output_kind(badnet) == ("linear" if head == "linear" else "softmax")
-    fitted = fit_detectors(badnet, repaired, x[:100], k=4, frr=0.1)
+    clean = data.Dataset("clean", x[:100], predict_classes(badnet, x[:100]))
+    fitted = fit_detectors(badnet, repaired, clean, k=4, frr=0.1)
     gn = build(badnet, repaired, fitted, detector)
     expected, near = reference(badnet, repaired, x[100:], gn, fitted)
     answers = predict_classes(gn.model, x[100:])

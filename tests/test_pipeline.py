@@ -180,7 +180,7 @@ def test_max_acc_drop_prunes_where_validation_accuracy_allows(tmp_path, demo_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("detector", ["both", "disagreement", "strip"])
+@pytest.mark.parametrize("detector", ["both", "disagreement", "strip", "[badexpert,disagreement]"])
 def test_goodnet_eval_command_agrees_with_the_logged_metrics(tmp_path, demo_dir, capsys, detector):
     """The run scores its GoodNet by the rule on answers in hand (B's and B''s classes, STRIP's
     flags); the saved file, run by the eval command, gives the logged numbers."""
@@ -194,7 +194,9 @@ def test_goodnet_eval_command_agrees_with_the_logged_metrics(tmp_path, demo_dir,
     )
     pipeline.run(cfg)
     run = only_run(tmp_path)
-    assert ("goodnet/strip/entropy_threshold" in run.data.metrics) == (detector != "disagreement")
+    metrics = run.data.metrics
+    assert ("goodnet/strip/entropy_threshold" in metrics) == (detector in ("both", "strip"))
+    assert ("goodnet/badexpert/threshold" in metrics) == ("badexpert" in detector)
     capsys.readouterr()
     assert (
         answer.main(

@@ -42,6 +42,11 @@ def in_range(value: float, allowed: str) -> bool:
     return {">=": value >= float(bound), ">": value > float(bound)}[op]
 
 
+class Auxiliary(Enum):
+    repaired = "repaired"  # the run's repaired net B'
+    finetuned = "finetuned"  # B fine-tuned on the true labels of the clean training split
+
+
 class Objective(Enum):
     holdout_acc = "holdout_acc"  # clean data only
     oracle_clean_acc_under_asr = "oracle_clean_acc_under_asr"  # reads test and poisoned sets
@@ -91,6 +96,13 @@ class GoodnetConfig:
     frr: float = ranged(MISSING, "(0, 1)")
     k: int = ranged(MISSING, ">= 1")
     alpha: float = ranged(MISSING, "(0, 1)")
+    expert_lr: float = ranged(MISSING, "> 0")
+    expert_epochs: int = ranged(MISSING, ">= 1")
+    expert_batch_size: int = ranged(MISSING, ">= 1")
+    expert_stop_acc: float = ranged(MISSING, "(0, 1]")
+    auxiliary: Auxiliary = MISSING
+    aux_lr: float = ranged(MISSING, "> 0")
+    aux_epochs: int = ranged(MISSING, ">= 1")
 
 
 @dataclass

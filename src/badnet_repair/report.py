@@ -49,6 +49,14 @@ class Report:
         mlflow.log_figure(figure, name)
         plots.close(figure)
 
+    def text(self, text: str, name: str) -> None:
+        """A text artifact of the run (a table as CSV, ...)."""
+        mlflow.log_text(text, name)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        """Short facts to filter runs by in the UI (`neural_cleanse.flagged`: `7`)."""
+        mlflow.set_tags(tags)
+
     def note(self, **values: Any) -> None:
         """Facts for metrics.json beside the metrics (which channels were pruned, ...)."""
         self.notes.update(values)

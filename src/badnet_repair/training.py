@@ -101,11 +101,17 @@ def finetune(
     seed: int = 0,
     pruning: Pruned | None = None,
     on_epoch: Callable[[int, dict], None] = lambda epoch, values: None,
+    stop: Callable[[int], bool] | None = None,
+    check_every: int = 1,
 ) -> keras.Model:
     """Train `model` in place with Adam on `train` (shuffled with `seed`), reporting each
     epoch's loss and `holdout` accuracy. A `pruning` of this model stays in force: its
     masks are multiplied in after every step, inside the step. The demo BadNets are
-    trained by the same function, from scratch."""
+    trained by the same function, from scratch.
+
+    `stop(steps)`, asked after every `check_every` steps, ends training as soon as it says
+    so (an epoch cut short is reported over the images it saw): for a goal that a whole
+    epoch would overshoot, such as BaDExpert's expert forgetting the clean task."""
     if epochs == 0:
         return model
     variables, loss_of = model.trainable_variables, loss_function(model)
@@ -125,17 +131,25 @@ def finetune(
     log.info("training %d epochs on %d images", epochs, len(train))
     rng = np.random.default_rng(seed)
     y = train.y.astype(np.int32)
+    steps, stopped = 0, False
     for epoch in range(1, epochs + 1):
-        order, total = rng.permutation(len(train)), 0.0
+        order, total, seen = rng.permutation(len(train)), 0.0, 0
         for i in range(0, len(train), batch_size):
             batch = order[i : i + batch_size]
             total += float(step(train.x[batch], y[batch])) * len(batch)
+            steps, seen = steps + 1, seen + len(batch)
+            if stop is not None and steps % check_every == 0 and stop(steps):
+                log.info("stopped after %d steps", steps)
+                stopped = True
+                break
         if pruning and pruning.after_epoch:
             pruning.after_epoch()
-        values = {"finetune/loss": total / len(train)}
+        values = {"finetune/loss": total / seen}
         if holdout is not None and len(holdout):
             values["finetune/val_acc"] = accuracy(model, holdout)
         shown = ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in values.items())
         log.info("epoch %d/%d: %s", epoch, epochs, shown)
         on_epoch(epoch, values)
+        if stopped:
+            break
     return model

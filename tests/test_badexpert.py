@@ -1,0 +1,142 @@
+"""BaDExpert: the expert stops as soon as it forgets, the threshold reads the clean
+held-out images only, the division-free flag equals the score's rule, AUROC is 1 where
+the detector is perfect."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from badnet_repair import data, detectors, goodnet, models
+from badnet_repair.detectors import badexpert
+from badnet_repair.evaluate import accuracy, predict_classes
+from badnet_repair.pruning import copy_model
+from badnet_repair.repairs import CleanData, Memo
+from badnet_repair.training import finetune
+
+FRR = 0.1
+SETTINGS = dict(
+    detector="badexpert",
+    frr=FRR,
+    expert_lr=2e-3,
+    expert_epochs=2,
+    expert_batch_size=32,
+    expert_stop_acc=0.2,
+    auxiliary="finetuned",
+    aux_lr=1e-3,
+    aux_epochs=1,
+)
+
+
+@pytest.fixture(scope="module")
+def clean(demo_data):
+    """A third of the demo's validation set, a quarter of it held out."""
+    part = data.split(demo_data[0], 1 / 3, seed=1)[1]
+    train, holdout = data.split(part, 0.25, seed=0)
+    return CleanData(part, train, holdout)
+
+
+@pytest.fixture(scope="module")
+def fitted(demo_model, clean):
+    """BaDExpert with a fine-tuned auxiliary (no repaired net needed: the GoodNet's B')."""
+    context = detectors.Context(
+        demo_model, demo_model, clean, SimpleNamespace(**SETTINGS), 0, 512, Memo()
+    )
+    return detectors.fit("badexpert", context)
+
+
+def scores_on(fitted, badnet, x: np.ndarray) -> np.ndarray:
+    """The score from its definition, on B's classes of `x`."""
+    label, rows = predict_classes(badnet, x), np.arange(len(x))
+    a = badexpert.probabilities(fitted.parts["expert"], x)[rows, label]
+    b = badexpert.probabilities(fitted.parts["auxiliary"], x)[rows, label]
+    return badexpert.triangle(a, b)
+
+
+def test_threshold_is_set_on_clean_held_out_images_only(demo_model, clean, fitted):
+    held = clean.holdout
+    correct = predict_classes(demo_model, held.x) == held.y
+    expected = scores_on(fitted, demo_model, held.x[correct])
+    np.testing.assert_allclose(fitted.parts["calibration_scores"], expected, rtol=1e-6)
+    assert fitted.threshold == pytest.approx(np.quantile(expected, 1 - FRR), rel=1e-6)
+    # the images the expert learned from would give another threshold
+    on_train = scores_on(fitted, demo_model, clean.train.x)
+    assert abs(np.quantile(on_train, 1 - FRR) - fitted.threshold) > 1e-3 * abs(fitted.threshold)
+
+
+def test_expert_stops_when_held_out_accuracy_falls_below_the_stop(demo_model, clean, fitted):
+    expert, m = fitted.parts["expert"], fitted.metrics
+    steps_per_epoch = -(-len(clean.train) // SETTINGS["expert_batch_size"])
+    assert m["expert_steps"] < SETTINGS["expert_epochs"] * steps_per_epoch  # stopped early
+    assert m["expert_holdout_acc"] < SETTINGS["expert_stop_acc"]
+    assert accuracy(expert, clean.holdout) == m["expert_holdout_acc"]  # no step after it
+    assert accuracy(demo_model, clean.holdout) > 0.9  # B itself untouched
+
+
+def test_finetune_stops_at_the_first_check_that_says_so(demo_model, clean):
+    """`stop` is asked every `check_every` steps; training ends at the first yes (the
+    weights then are the result), and a stop that never says yes changes nothing."""
+    train = data.Dataset("few", clean.train.x[:96], clean.train.y[:96])
+    asked, weights = [], []
+
+    def stop(steps: int) -> bool:
+        asked.append(steps)
+        weights.append([w.copy() for w in model.get_weights()])
+        return steps >= 4
+
+    model = copy_model(demo_model)
+    finetune(model, train, None, 3, 1e-3, 16, stop=stop, check_every=2)
+    assert asked == [2, 4]
+    for got, then in zip(model.get_weights(), weights[-1], strict=True):
+        np.testing.assert_array_equal(got, then)
+    plain, asked_never = copy_model(demo_model), copy_model(demo_model)
+    finetune(plain, train, None, 1, 1e-3, 32, seed=3)
+    finetune(asked_never, train, None, 1, 1e-3, 32, seed=3, stop=lambda steps: False)
+    for got, expected in zip(asked_never.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_division_free_flag_equals_the_score_rule():
+    """`score_above` on a grid of (a, b), edge cases included (a below 1e-8, b above 0.5),
+    against triangle(a, b) > threshold, for several thresholds."""
+    values = np.array([0.0, 1e-9, 1e-7, 1e-3, 0.1, 0.3, 0.45, 0.5, 0.55, 0.7, 0.9, 0.999, 1.0])
+    a, b = (g.ravel().astype(np.float32)[:, None] for g in np.meshgrid(values, values))
+    inputs, kinds = [keras.Input((1,)), keras.Input((1,))], set()
+    for threshold in (-1e9, -50.0, -2.0, -0.5, -0.01, 0.0):
+        model = keras.Model(inputs, badexpert.score_above(*inputs, threshold))
+        flag = model.predict([a, b], verbose=0)[:, 0] > 0.5
+        score = badexpert.triangle(a[:, 0], b[:, 0])
+        near = np.abs(score - threshold) < 1e-5 * max(1.0, abs(threshold))
+        expected = score > threshold
+        assert np.all((flag == expected) | near), (threshold, np.flatnonzero(flag != expected))
+        kinds.update(expected[~near].tolist())
+    assert kinds == {True, False}
+
+
+def test_auroc_is_one_where_a_detector_is_perfect():
+    clean, poisoned = np.array([-3.0, -2.0, -1.0]), np.array([0.0, 5.0])
+    assert detectors.auroc(clean, poisoned) == 1.0
+    assert detectors.auroc(poisoned, clean) == 0.0
+    assert detectors.auroc(clean, clean) == 0.5  # ties count half
+    rng = np.random.default_rng(0)
+    # triggered: E agrees with B (a high), M' does not (b low); clean: the reverse
+    a_bad, b_bad = rng.uniform(0.6, 1.0, 200), rng.uniform(0.0, 0.3, 200)
+    a_ok, b_ok = rng.uniform(0.0, 0.3, 300), rng.uniform(0.6, 1.0, 300)
+    triangle = badexpert.triangle
+    assert detectors.auroc(triangle(a_ok, b_ok), triangle(a_bad, b_bad)) == 1.0
+
+
+def test_goodnet_with_a_finetuned_auxiliary_follows_the_rule(demo_model, fitted, demo_data):
+    """M' fine-tuned (not B') is replayed into the GoodNet as its own copy."""
+    _, test, poisoned = demo_data
+    x = np.concatenate([test.x[::20], poisoned.x[::20]])
+    gn = goodnet.build_goodnet(demo_model, demo_model, [fitted])
+    assert any(layer.name.startswith("aux_") for layer in gn.model.layers)
+    p_bad = demo_model.predict(x, verbose=0)
+    s = scores_on(fitted, demo_model, x)
+    expected = np.where(s > fitted.threshold, models.num_classes(demo_model), p_bad.argmax(axis=1))
+    near = np.abs(s - fitted.threshold) < 1e-5 * max(1.0, abs(fitted.threshold))
+    answers = predict_classes(gn.model, x)
+    assert np.all((answers == expected) | near)
+    assert 0 < np.mean(answers[len(test.x[::20]) :] == 40)
