@@ -20,8 +20,9 @@ Scores = Callable[..., tf.Tensor]
 
 def scores(model: keras.Model) -> Scores:
     """`model`'s scores before its final softmax, as `f(x, training=False)`: losses from
-    scores keep their gradient where a probability saturates at 0 or 1. The layers (and
-    weights) are `model`'s own."""
+    scores keep their gradient where a probability saturates at 0 or 1. The layers and
+    weights are `model`'s own, so training through the scores trains `model` (unlike
+    `trigger_search.logits_of`, a copy of a frozen net)."""
     if models.output_kind(model) == "linear":
         return model
     last = model.get_layer(models.functional_config(model)["output_layers"][0][0])
