@@ -59,6 +59,31 @@ class Adam:
         self.iterations.assign(step)
 
 
+class SGD:
+    """SGD with momentum computed as tf_keras computes it (v <- momentum v - lr g, w <- w + v),
+    on slot variables of our own, for the same reason as `Adam`. `lr` is a number or a
+    function of the number of steps taken (a schedule)."""
+
+    def __init__(self, variables: list, lr: float | Callable, momentum: float = 0.0):
+        self.variables, self.lr, self.momentum = list(variables), lr, momentum
+        self.v = [tf.Variable(tf.zeros_like(v), trainable=False) for v in self.variables]
+        self.iterations = tf.Variable(0.0, trainable=False)
+
+    def apply(self, gradients: list) -> None:
+        lr = self.lr(self.iterations) if callable(self.lr) else self.lr
+        for variable, g, v in zip(self.variables, gradients, self.v, strict=True):
+            if g is None:
+                continue
+            v.assign(self.momentum * v - lr * g)
+            variable.assign_add(v)
+        self.iterations.assign_add(1.0)
+
+
+def cosine(lr: float, steps: int) -> Callable:
+    """A cosine schedule from `lr` down to 0 over `steps` steps."""
+    return lambda step: lr * 0.5 * (1.0 + tf.cos(np.pi * tf.minimum(step, steps) / steps))
+
+
 def loss_function(model: keras.Model) -> keras.losses.Loss:
     """Cross-entropy on the model's probabilities, or on its raw scores if it has no softmax."""
     logits = topology.output_kind(model) == "linear"

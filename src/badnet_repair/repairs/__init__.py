@@ -27,7 +27,7 @@ from typing import Any
 import tf_keras as keras
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from badnet_repair import training
+from badnet_repair import UserError, loops, training
 from badnet_repair.data import Dataset
 from badnet_repair.evaluate import accuracy
 from badnet_repair.report import Report
@@ -87,6 +87,32 @@ class Case:
             lambda: accuracy(self.badnet, self.clean.holdout, self.batch_size),
         )
 
+    def run_steps(
+        self,
+        name: str,
+        model: keras.Model,
+        step: Callable,
+        *,
+        steps: int,
+        batch_size: int,
+        stop: Callable[[], bool] | None = None,
+        seed_offset: int = 0,
+    ) -> int:
+        """`loops.run_steps` of a custom training `step` on the clean training split, each
+        round's loss and held-out accuracy reported as `name/...`."""
+        return loops.run_steps(
+            name,
+            model,
+            self.clean.train,
+            self.clean.holdout,
+            steps=steps,
+            batch_size=batch_size,
+            seed=self.seed + seed_offset,
+            step=step,
+            on_round=self.report.step,
+            stop=stop,
+        )
+
     # `repairs.finetune` is a repair module: the training function is `training.finetune`
     def finetune(self, model: keras.Model, settings: training.Finetune, pruned=None) -> None:
         """Fine-tune `model` in place on the clean training split (seeded), reporting each
@@ -143,6 +169,12 @@ def run(cfg: DictConfig, case: Case) -> keras.Model:
     return module(cfg.repair).repair(case, **_arguments(cfg))
 
 
+def increasing(ladder: Sequence[float], key: str) -> None:
+    """Check a ladder of strengths for `strongest_within`: values > 0, weakest first."""
+    if not ladder or any(v <= 0 for v in ladder) or sorted(ladder) != list(ladder):
+        raise UserError(f"config key {key}={list(ladder)}: expected values > 0, increasing")
+
+
 def strongest_within(
     case: Case,
     candidates: Sequence[Any],
@@ -171,3 +203,29 @@ def strongest_within(
             break
         chosen = candidate
     return chosen
+
+
+def strongest_run(
+    case: Case,
+    name: str,
+    key: str,
+    ladder: Sequence[float],
+    train: Callable[[float], keras.Model],
+    max_acc_drop: float,
+) -> keras.Model:
+    """`strongest_within` over whole runs: `train(value)` trains a model from the BadNet at
+    each value of the `ladder` (weakest first) until one's clean held-out accuracy falls
+    out of the budget; returns the model of the strongest within it. Logs the value as
+    `name/key` and every run's held-out accuracy as the note `name_ladder`."""
+    trained: dict[float, keras.Model] = {}
+    held: dict[float, float] = {}
+
+    def run(value: float) -> float:
+        trained[value] = train(value)
+        held[value] = accuracy(trained[value], case.clean.holdout, case.batch_size)
+        return held[value]
+
+    chosen = strongest_within(case, ladder, run, max_acc_drop, f"{name} {key}")
+    case.report.log({f"{name}/{key}": chosen})
+    case.report.note(**{f"{name}_ladder": {f"{v:g}": acc for v, acc in held.items()}})
+    return trained[chosen]
