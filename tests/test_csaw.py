@@ -168,6 +168,7 @@ def test_a_badnet_never_seen_runs_through_overrides_alone(unseen_badnet, tmp_pat
             f"data.clean_test={unseen_badnet}/test.h5",
             f"+data.poisoned.corner={unseen_badnet}/corner.h5",
             "finetune.epochs=1",
+            "prune.sparsity=0.5",
         ],
         capture_output=True,
         text=True,

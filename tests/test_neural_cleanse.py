@@ -140,7 +140,9 @@ def test_reversed_mask_lies_in_0_1_and_the_pattern_in_the_images_range():
         expected = (1 - trigger.mask) * x[:2] + trigger.mask * trigger.pattern
         np.testing.assert_allclose(stamped, expected, rtol=1e-6)
     again = ts.search(model, x, [0, 2], schedule, seed=0, slots=2)  # slots share rounds
-    np.testing.assert_allclose(again[2].mask, found[2].mask, atol=1e-6)
+    # the same up to float rounding, whose order depends on the batch (and on whether an
+    # earlier test switched TensorFlow's deterministic kernels on)
+    np.testing.assert_allclose(again[2].mask, found[2].mask, atol=1e-5)
 
 
 def test_the_many_class_screen_keeps_the_target_and_flags_it():

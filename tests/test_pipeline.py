@@ -73,6 +73,28 @@ def test_activation_run_logs_the_contract_and_saves_a_pruned_model(tmp_path, dem
 
 
 @pytest.mark.slow
+def test_magnitude_default_is_the_largest_sparsity_within_the_budget(tmp_path, demo_dir):
+    """Each share of the ladder is pruned and fine-tuned from the BadNet, until one's clean
+    held-out accuracy falls out of the budget; the largest within it is kept."""
+    cfg = compose_config(
+        tmp_path,
+        demo_dir,
+        "repair=magnitude",
+        "prune.sparsities=[0.2,0.5,0.97]",
+        "prune.max_acc_drop=0.1",
+        "finetune.epochs=1",
+    )
+    metrics = pipeline.run(cfg)
+    ladder = json.loads((tmp_path / "out" / "metrics.json").read_text())["prune_ladder"]
+    floor = metrics["badnet/holdout_acc"] - 0.1
+    within = [float(s) for s, acc in ladder.items() if acc >= floor - 1e-12]
+    assert metrics["prune/sparsity_chosen"] == max(within)
+    assert ladder["0.97"] < floor  # the strongest breaks the budget: the rule had to stop
+    assert metrics["prune/sparsity"] == pytest.approx(metrics["prune/sparsity_chosen"], abs=0.01)
+    assert metrics["repaired/holdout_acc"] == pytest.approx(ladder[f"{max(within):g}"])
+
+
+@pytest.mark.slow
 def test_magnitude_run_finishes_with_every_metric(tmp_path, demo_dir):
     cfg = compose_config(
         tmp_path, demo_dir, "repair=magnitude", "prune.sparsity=0.8", "finetune.epochs=1"

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import UserError, models
+from badnet_repair import UserError, topology
 from badnet_repair.data import Dataset
 from badnet_repair.evaluate import accuracy
 
@@ -23,9 +23,9 @@ def scores(model: keras.Model) -> Scores:
     scores keep their gradient where a probability saturates at 0 or 1. The layers and
     weights are `model`'s own, so training through the scores trains `model` (unlike
     `trigger_search.logits_of`, a copy of a frozen net)."""
-    if models.output_kind(model) == "linear":
+    if topology.output_kind(model) == "linear":
         return model
-    last = model.get_layer(models.functional_config(model)["output_layers"][0][0])
+    last = model.get_layer(topology.functional_config(model)["output_layers"][0][0])
     body = keras.Model(model.inputs, last.input)
     if isinstance(last, (keras.layers.Softmax, keras.layers.Activation)):
         return body

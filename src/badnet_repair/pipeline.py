@@ -220,6 +220,11 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
             "repaired/holdout_acc": accuracy(repaired, clean.holdout, cfg.eval_batch_size),
         }
     )
+    if cfg.sweep.leaderboard:  # the clean-data yardstick of the leaderboard's rule
+        estimate = repairs.module("neural_cleanse").probe(case, cfg.get("neural_cleanse"))
+        report.log(
+            {"badnet/probe_asr": estimate(base.badnet), "repaired/probe_asr": estimate(repaired)}
+        )
     model_path = models.save_model(repaired, out_dir / "repaired_net.h5")
     mlflow.log_artifact(str(model_path))
 

@@ -63,6 +63,8 @@ def output_kind(model: keras.Model) -> str:
     anything else is refused."""
     name = functional_config(model)["output_layers"][0][0]
     layer = model.get_layer(name)
+    while isinstance(layer, keras.layers.Wrapper):  # a pruning wrapper, TimeDistributed
+        layer = layer.layer
     activation = layer.get_config().get("activation")
     if activation == "softmax" or isinstance(layer, keras.layers.Softmax):
         return "softmax"

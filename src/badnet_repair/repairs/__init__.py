@@ -114,9 +114,17 @@ class Case:
         )
 
     # `repairs.finetune` is a repair module: the training function is `training.finetune`
-    def finetune(self, model: keras.Model, settings: training.Finetune, pruned=None) -> None:
+    def finetune(
+        self, model: keras.Model, settings: training.Finetune, pruned=None, series: str = ""
+    ) -> None:
         """Fine-tune `model` in place on the clean training split (seeded), reporting each
-        epoch's loss and held-out accuracy; a `pruning.Pruned` keeps its pruning in force."""
+        epoch's loss and held-out accuracy (as `finetune/<series>/...` when several runs
+        share one MLflow run); a `pruning.Pruned` keeps its pruning in force."""
+
+        def report(epoch: int, values: dict) -> None:
+            named = {k.replace("finetune/", f"finetune/{series}/"): v for k, v in values.items()}
+            self.report.step(epoch, named if series else values)
+
         training.finetune(
             model,
             self.clean.train,
@@ -126,7 +134,7 @@ class Case:
             batch_size=settings.batch_size,
             seed=self.seed,
             pruning=pruned,
-            on_epoch=self.report.step,
+            on_epoch=report,
         )
 
 
