@@ -62,16 +62,15 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
         repaired = strongest_run(
             case, "prune", "sparsity_chosen", prune.sparsities, train, prune.max_acc_drop
         )
-        sparsity = case.report.metrics["prune/sparsity_chosen"]
+        chosen = pruned_at(case.report.metrics["prune/sparsity_chosen"])
     else:
-        sparsity, pruned = prune.sparsity, pruned_at(prune.sparsity)
-    chosen = pruned_at(sparsity)  # the pruned stage of the chosen share, before training
+        chosen = pruned_at(prune.sparsity)
     case.report.log(
         {"prune/channels_pruned": len(chosen.channels_pruned), "prune/sparsity": chosen.sparsity}
     )
     case.report.note(layer=case.layer, pruned_channels=chosen.channels_pruned)
-    case.report.stage("pruned", chosen.export())
+    case.report.stage("pruned", chosen.export())  # the chosen share, before training
     if prune.sparsity is None:
         return repaired
-    case.finetune(pruned.model, finetune, pruned)
-    return pruned.export()
+    case.finetune(chosen.model, finetune, chosen)
+    return chosen.export()
