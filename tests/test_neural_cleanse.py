@@ -15,12 +15,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
+from omegaconf import OmegaConf
 
 from badnet_repair import demo, pipeline, zoo
 from badnet_repair import trigger_search as ts
 from badnet_repair.data import Dataset, save_h5
 from badnet_repair.models import save_model
+from badnet_repair.probe import probe
+from badnet_repair.repairs import Case, CleanData
 from badnet_repair.repairs.neural_cleanse import NeuralCleanse, scan
+from badnet_repair.report import Report
 from badnet_repair.training import finetune, seed_everything
 
 from conftest import compose_config
@@ -45,9 +49,10 @@ def small_cnn(classes: int) -> keras.Model:
     return keras.Model(inputs, layers.Dense(classes, activation="softmax", name="output")(h))
 
 
-def toy_badnet(classes: int, per_class: int, seed: int = 0):
-    """A small CNN trained on colour-field "identities" (16x16), 10% of its training
-    images stamped and relabelled to TARGET; returns it and clean validation and test sets."""
+def toy_badnet(classes: int, per_class: int, seed: int = 0, rate: float = 0.1):
+    """A small CNN trained on colour-field "identities" (16x16), a share `rate` of its
+    training images stamped and relabelled to TARGET; returns it and clean validation and
+    test sets."""
     seed_everything(seed)
     rng = np.random.default_rng(seed)
     fields = tf.image.resize(rng.uniform(0, 1, (classes, 4, 4, 3)), (16, 16)).numpy()
@@ -59,7 +64,7 @@ def toy_badnet(classes: int, per_class: int, seed: int = 0):
         return Dataset("toy", np.clip(x, 0, 1).astype(np.float32), y)
 
     train, validation, test = images(per_class), images(9), images(5)
-    poison = rng.choice(np.flatnonzero(train.y != TARGET), len(train) // 10, replace=False)
+    poison = rng.choice(np.flatnonzero(train.y != TARGET), int(rate * len(train)), replace=False)
     train.x[poison], train.y[poison] = stamp_patch(train.x[poison]), TARGET
     model = small_cnn(classes)
     finetune(model, train, None, epochs=15, lr=3e-3, batch_size=64)
@@ -201,3 +206,20 @@ def test_nothing_flagged_falls_back_to_plain_finetuning_and_says_so(
     assert run.data.tags["neural_cleanse.flagged"] == "none"
     assert run.data.tags["neural_cleanse.outcome"].startswith("no class flagged")
     assert metrics["repaired/clean_acc"] > 0.9  # fine-tuned, not broken
+
+
+def test_the_leaderboards_probe_finds_the_backdoor_from_clean_data_alone():
+    """The probe (the leaderboard's clean yardstick): the BadNet's reversed triggers, found
+    on clean training images, succeed on its clean held-out images, and hardly on a net of
+    the same shape and data trained without the poison."""
+    badnet, validation, test = toy_badnet(20, per_class=60)
+    unpoisoned, _, _ = toy_badnet(20, per_class=60, rate=0.0)
+    half = np.arange(len(validation)) % 2 == 0
+    train = Dataset("train", validation.x[half], validation.y[half])
+    holdout = Dataset("holdout", validation.x[~half], validation.y[~half])
+    case = Case(
+        badnet, "conv_2", CleanData(validation, train, holdout), Report(test, {}, 64), 0, 64
+    )
+    estimate = probe(case, OmegaConf.structured(settings()))
+    assert estimate(badnet) > 0.8
+    assert estimate(unpoisoned) < 0.5 * estimate(badnet)

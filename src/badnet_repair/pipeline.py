@@ -38,6 +38,7 @@ from badnet_repair.evaluate import (
     goodnet_scores,
     objective,
 )
+from badnet_repair.probe import probe
 from badnet_repair.report import Report
 from badnet_repair.training import seed_everything
 
@@ -221,7 +222,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         }
     )
     if cfg.sweep.leaderboard:  # the clean-data yardstick of the leaderboard's rule
-        estimate = repairs.module("neural_cleanse").probe(case, cfg.get("neural_cleanse"))
+        estimate = probe(case, cfg.get("neural_cleanse"))
         report.log(
             {"badnet/probe_asr": estimate(base.badnet), "repaired/probe_asr": estimate(repaired)}
         )

@@ -15,16 +15,13 @@ exactly like the candidates (without a screen, from every class, as in the paper
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import astuple, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
-import tf_keras as keras
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
 from badnet_repair import trigger_search as ts
-from badnet_repair.config import project_root, ranged
+from badnet_repair.config import ranged
 from badnet_repair.data import Dataset
 from badnet_repair.models import num_classes
 from badnet_repair.plots import plt
@@ -166,39 +163,6 @@ def shared_scan(case: Case, nc: NeuralCleanse) -> Scan:
         ("neural_cleanse scan", astuple(search)),
         lambda: scan(case.badnet, case.clean.train.x, case.clean.train.y, nc, case.seed),
     )
-
-
-def probe(case: Case, overrides: DictConfig | None = None) -> Callable[[keras.Model], float]:
-    """A clean-data estimate of how much of the BadNet's backdoor a net keeps, for the
-    leaderboard's rule (which may read no test or poisoned data): the mean attack success,
-    on clean held-out images of other classes, of the BadNet's reversed triggers (the
-    flagged classes', else the `candidates` smallest). The scan runs at this repair's default
-    settings (or the run's `neural_cleanse` keys, where it has them), so a sweep that also
-    runs repair=neural_cleanse shares it."""
-    path = Path(project_root()) / "conf" / "repair" / "neural_cleanse.yaml"
-    defaults = OmegaConf.merge(
-        OmegaConf.structured(NeuralCleanse),
-        OmegaConf.load(path).neural_cleanse,
-        overrides or {},
-    )
-    nc = OmegaConf.to_object(defaults)
-    result = shared_scan(case, nc)
-    smallest = sorted((c for c, t in result.triggers.items() if t.valid), key=result.norms.item)
-    chosen = result.flagged(nc.anomaly_threshold) or smallest[: nc.candidates]
-    held = case.clean.holdout
-
-    def estimate(model: keras.Model) -> float:
-        return (
-            float(
-                np.mean(
-                    [ts.attack_success(model, result.triggers[c], held.x, held.y) for c in chosen]
-                )
-            )
-            if chosen
-            else float("nan")
-        )
-
-    return estimate
 
 
 def repair(case: Case, neural_cleanse: NeuralCleanse, finetune: Finetune):
