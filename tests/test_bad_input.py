@@ -237,9 +237,11 @@ def test_sigterm_during_finetuning_ends_the_run_killed(tmp_path, demo_dir):
             break
     proc.send_signal(signal.SIGTERM)
     sent = time.perf_counter()
-    proc.wait(timeout=60)
-    assert time.perf_counter() - sent < 20
-    assert proc.returncode == 130, "".join(lines[-20:])
+    rest, _ = proc.communicate(timeout=90)  # drained, so a full pipe cannot stall it
+    # the 498 epochs left take minutes; ending the run (MLflow, TensorFlow's teardown)
+    # takes seconds, 23 on a 2-core machine busy with two other jobs
+    assert time.perf_counter() - sent < 45
+    assert proc.returncode == 130, "".join(lines[-20:]) + rest[-2000:]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["demo"], output_format="list")
     assert run.info.status == "KILLED"

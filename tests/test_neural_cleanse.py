@@ -23,7 +23,7 @@ from badnet_repair.data import Dataset, save_h5
 from badnet_repair.models import save_model
 from badnet_repair.probe import probe
 from badnet_repair.repairs import Case, CleanData
-from badnet_repair.repairs.neural_cleanse import NeuralCleanse, scan
+from badnet_repair.repairs.neural_cleanse import NeuralCleanse, scan, shared_scan
 from badnet_repair.report import Report
 from badnet_repair.training import finetune, seed_everything
 
@@ -223,3 +223,8 @@ def test_the_leaderboards_probe_finds_the_backdoor_from_clean_data_alone():
     estimate = probe(case, OmegaConf.structured(settings()))
     assert estimate(badnet) > 0.8
     assert estimate(unpoisoned) < 0.5 * estimate(badnet)
+    # its triggers are not the ones repair=neural_cleanse unlearns (a scan of its own seed)
+    (probed,) = [scan for key, scan in case.memo.items() if key[-1] != case.seed]
+    repairs_own = shared_scan(case, settings())
+    assert repairs_own is not probed
+    assert not np.allclose(repairs_own.triggers[TARGET].mask, probed.triggers[TARGET].mask)

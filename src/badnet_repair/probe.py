@@ -13,14 +13,17 @@ from badnet_repair import trigger_search as ts
 from badnet_repair.config import project_root
 from badnet_repair.repairs import Case, neural_cleanse
 
+PROBE_SEED = 7919  # added to the run's seed: the probe's scan is not the repair's
+
 
 def probe(case: Case, overrides: DictConfig | None = None) -> Callable[[keras.Model], float]:
     """A clean-data estimate of how much of the BadNet's backdoor a net keeps, for the
     leaderboard's rule (which may read no test or poisoned data): the mean attack success,
     on clean held-out images of other classes, of the BadNet's reversed triggers (the
     flagged classes', else the `candidates` smallest). The scan runs at Neural Cleanse's default
-    settings (or the run's `neural_cleanse` keys, where it has them), so a sweep that also
-    runs repair=neural_cleanse shares it."""
+    settings (or the run's `neural_cleanse` keys, where it has them) but with a seed of its
+    own: repair=neural_cleanse unlearns the triggers of its own scan, and a repair judged by
+    the very triggers it trained on would look clean whatever it left behind."""
     path = Path(project_root()) / "conf" / "repair" / "neural_cleanse.yaml"
     defaults = OmegaConf.merge(
         OmegaConf.structured(neural_cleanse.NeuralCleanse),
@@ -28,7 +31,7 @@ def probe(case: Case, overrides: DictConfig | None = None) -> Callable[[keras.Mo
         overrides or {},
     )
     nc = OmegaConf.to_object(defaults)
-    result = neural_cleanse.shared_scan(case, nc)
+    result = neural_cleanse.shared_scan(case, nc, seed=case.seed + PROBE_SEED)
     smallest = sorted((c for c, t in result.triggers.items() if t.valid), key=result.norms.item)
     chosen = result.flagged(nc.anomaly_threshold) or smallest[: nc.candidates]
     held = case.clean.holdout

@@ -155,13 +155,14 @@ def scan(model, x: np.ndarray, y: np.ndarray, nc: NeuralCleanse, seed: int) -> S
     return Scan(full, norms, index, [rows[c] for c in range(n)], seconds, population)
 
 
-def shared_scan(case: Case, nc: NeuralCleanse) -> Scan:
-    """The BadNet's scan, once per BadNet and scan settings: sweep points over the
-    threshold and the unlearning, and the leaderboard's probe, share it."""
+def shared_scan(case: Case, nc: NeuralCleanse, seed: int | None = None) -> Scan:
+    """The BadNet's scan (seeded with `seed`, by default the run's), once per BadNet, scan
+    settings and seed: sweep points over the threshold and the unlearning share it."""
     search = replace(nc, anomaly_threshold=1.0, fraction=1.0)  # what the scan depends on
+    seed = case.seed if seed is None else seed
     return case.shared(
-        ("neural_cleanse scan", astuple(search)),
-        lambda: scan(case.badnet, case.clean.train.x, case.clean.train.y, nc, case.seed),
+        ("neural_cleanse scan", astuple(search), seed),
+        lambda: scan(case.badnet, case.clean.train.x, case.clean.train.y, nc, seed),
     )
 
 
