@@ -120,3 +120,24 @@ def test_a_forced_key_the_repair_does_not_read_is_named_in_one_warning(tmp_path,
     )
     pipeline.run(cfg)
     assert "config section prune: not read by repair=finetune (ignored)" in caplog.text
+
+
+def test_the_strength_rule_keeps_the_strongest_within_budget_and_stops_at_the_first_below(
+    caplog,
+):
+    """`strongest_within` on a ladder of held-out accuracies (BadNet's: 0.90, budget 0.02):
+    the strongest before the first fall below 0.88 wins, later ones are not tried; when even
+    the weakest falls below, it is kept and a warning says so."""
+    case = repairs.Case(None, "", None, None, 0, 1, repairs.Memo({"badnet holdout accuracy": 0.9}))
+    held_out = {1: 0.90, 2: 0.885, 3: 0.85, 4: 0.95}
+    tried = []
+
+    def accuracy(strength):
+        tried.append(strength)
+        return held_out[strength]
+
+    caplog.set_level(logging.WARNING, logger="badnet_repair")
+    assert repairs.strongest_within(case, [1, 2, 3, 4], accuracy, 0.02, "rule") == 2
+    assert tried == [1, 2, 3] and "none within" not in caplog.text
+    assert repairs.strongest_within(case, [3, 4], accuracy, 0.02, "rule") == 3
+    assert "rule: none within the budget; the weakest, 3, is kept" in caplog.text

@@ -208,6 +208,8 @@ def strongest_within(
             floor,
         )
         if not within:
+            if candidate is candidates[0]:
+                log.warning("%s: none within the budget; the weakest, %s, is kept", what, chosen)
             break
         chosen = candidate
     return chosen
