@@ -10,7 +10,7 @@ import tf_keras as keras
 
 from badnet_repair import data, detectors, goodnet, models
 from badnet_repair.detectors import badexpert
-from badnet_repair.evaluate import accuracy, predict_classes
+from badnet_repair.evaluate import accuracy, auroc, predict_classes
 from badnet_repair.pruning import copy_model
 from badnet_repair.repairs import CleanData, Memo
 from badnet_repair.training import finetune
@@ -116,15 +116,15 @@ def test_division_free_flag_equals_the_score_rule():
 
 def test_auroc_is_one_where_a_detector_is_perfect():
     clean, poisoned = np.array([-3.0, -2.0, -1.0]), np.array([0.0, 5.0])
-    assert detectors.auroc(clean, poisoned) == 1.0
-    assert detectors.auroc(poisoned, clean) == 0.0
-    assert detectors.auroc(clean, clean) == 0.5  # ties count half
+    assert auroc(clean, poisoned) == 1.0
+    assert auroc(poisoned, clean) == 0.0
+    assert auroc(clean, clean) == 0.5  # ties count half
     rng = np.random.default_rng(0)
     # triggered: E agrees with B (a high), M' does not (b low); clean: the reverse
     a_bad, b_bad = rng.uniform(0.6, 1.0, 200), rng.uniform(0.0, 0.3, 200)
     a_ok, b_ok = rng.uniform(0.0, 0.3, 300), rng.uniform(0.6, 1.0, 300)
     triangle = badexpert.triangle
-    assert detectors.auroc(triangle(a_ok, b_ok), triangle(a_bad, b_bad)) == 1.0
+    assert auroc(triangle(a_ok, b_ok), triangle(a_bad, b_bad)) == 1.0
 
 
 def test_goodnet_with_a_finetuned_auxiliary_follows_the_rule(demo_model, fitted, demo_data):

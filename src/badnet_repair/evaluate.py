@@ -149,6 +149,14 @@ def goodnet_metrics(
     return goodnet_scores(answers, clean, poisoned, num_classes)
 
 
+def auroc(clean_scores: np.ndarray, poisoned_scores: np.ndarray) -> float:
+    """The chance that a poisoned input scores above a clean one (ties count half)."""
+    ranked = np.sort(clean_scores)
+    below = np.searchsorted(ranked, poisoned_scores, side="left")
+    at_most = np.searchsorted(ranked, poisoned_scores, side="right")
+    return float(np.mean((below + at_most) / 2) / len(ranked))
+
+
 def goodnet_scores(
     answers: Answers, clean: Dataset, poisoned: dict[str, Dataset], num_classes: int
 ) -> dict[str, float]:

@@ -34,6 +34,7 @@ from badnet_repair import (
 from badnet_repair.evaluate import (
     Answers,
     accuracy,
+    auroc,
     goodnet_answers,
     goodnet_scores,
     objective,
@@ -271,7 +272,7 @@ def _goodnet(
         if detector.score is not None:
             scored = scores[detector.name] = {t: detector.score(inputs[t]) for t in sets}
             for t in base.poisoned:
-                metrics[f"auroc/{t}"] = detectors.auroc(scored[None], scored[t])
+                metrics[f"auroc/{t}"] = auroc(scored[None], scored[t])
         report.log({f"goodnet/{detector.name}/{key}": value for key, value in metrics.items()})
     good = goodnet.build_goodnet(base.badnet, repaired, fitted)
     answers = goodnet_answers(repaired_answers, good.num_classes, flags)

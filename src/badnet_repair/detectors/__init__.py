@@ -1,4 +1,4 @@
-"""Detectors: what makes the GoodNet answer N ("poisoned"), one module each, chosen with
+"""Detectors: what makes the GoodNet answer N ("triggered"), one module each, chosen with
 `goodnet.detector=NAME` or a list, `goodnet.detector=[strip,disagreement]` (flagged by
 any; `both` is that list).
 
@@ -56,7 +56,7 @@ class Fitted:
     """A detector ready to judge: `score` and `threshold`, or a `rule`; its flag layers."""
 
     name: str
-    flag_layer: Callable[[Any], Any]  # goodnet.Graph -> flag tensor (batch, 1), 1 = poisoned
+    flag_layer: Callable[[Any], Any]  # goodnet.Graph -> flag tensor (batch, 1), 1 = flagged
     score: Callable[[Inputs], np.ndarray] | None = None
     threshold: float | None = None
     rule: Callable[[Inputs], np.ndarray] | None = None
@@ -105,11 +105,3 @@ def threshold_at(clean_scores: np.ndarray, frr: float) -> float:
     """The score above which a share `frr` of these clean images lies: flagging scores
     above it rejects about `frr` of clean inputs."""
     return float(np.quantile(clean_scores, 1.0 - frr))
-
-
-def auroc(clean_scores: np.ndarray, poisoned_scores: np.ndarray) -> float:
-    """The chance that a poisoned input scores above a clean one (ties count half)."""
-    ranked = np.sort(clean_scores)
-    below = np.searchsorted(ranked, poisoned_scores, side="left")
-    at_most = np.searchsorted(ranked, poisoned_scores, side="right")
-    return float(np.mean((below + at_most) / 2) / len(ranked))

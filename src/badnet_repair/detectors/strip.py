@@ -1,10 +1,10 @@
 """STRIP (Gao et al. 2019): a trigger dominates whatever it is superimposed on, so the
-blends of a poisoned input with clean images all get the same confident answer. The score
+blends of a triggered input with clean images all get the same confident answer. The score
 is minus the BadNet's mean prediction entropy over `goodnet.k` blends
 ((1 - alpha) * input + alpha * overlay, alpha = `goodnet.alpha`).
 
 STRIP examines B, the net the attacker trained, not the repaired net: the repair weakens
-the very dominance it looks for (on the demo, STRIP over B' flagged 3% of poisoned inputs,
+the very dominance it looks for (on the demo, STRIP over B' flagged 3% of triggered inputs,
 over B 36%, both at a 3% clean rejection rate). The overlays are `k` clean validation
 images drawn with the run's seed; the threshold is set on the other validation images,
 which B never learned from. Both depend on B alone, so a sweep over one BadNet sets them
