@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from badnet_repair import UserError, goodnet
+from badnet_repair import UserError, goodnet, leaderboard
 from badnet_repair.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,9 @@ def objective(metrics: dict[str, float], name: str, asr_ceiling: float) -> float
     """
     if name == "holdout_acc":
         return metrics["repaired/holdout_acc"]
-    asr = [v for k, v in metrics.items() if k.startswith("repaired/asr/")]
-    badnet_asr = [v for k, v in metrics.items() if k.startswith("badnet/asr/")]
-    worst = max(asr, default=0.0)
     if name == "oracle_der":
-        d_asr = max(badnet_asr, default=0.0) - worst
-        d_acc = metrics["badnet/clean_acc"] - metrics["repaired/clean_acc"]
-        return (max(0.0, d_asr) - max(0.0, d_acc) + 1) / 2
+        return leaderboard.der(metrics)
+    worst = max((v for k, v in metrics.items() if k.startswith("repaired/asr/")), default=0.0)
     if worst <= asr_ceiling:
         return metrics["repaired/clean_acc"]
     return -(worst - asr_ceiling)

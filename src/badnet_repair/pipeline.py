@@ -265,12 +265,13 @@ def _goodnet(
     }
     flags, scores = [], {}
     for detector in fitted:
-        on = {t: detector.flags(inputs[t]) for t in sets}
+        judged = {t: detector.judge(inputs[t]) for t in sets}
+        on = {t: flagged for t, (_, flagged) in judged.items()}
         flags.append(Answers(on[None], {t: on[t] for t in base.poisoned}))
         metrics = {"flag_rate_clean": float(np.mean(on[None])), **detector.metrics}
         metrics.update({f"detect/{t}": float(np.mean(on[t])) for t in base.poisoned})
         if detector.score is not None:
-            scored = scores[detector.name] = {t: detector.score(inputs[t]) for t in sets}
+            scored = scores[detector.name] = {t: s for t, (s, _) in judged.items()}
             for t in base.poisoned:
                 metrics[f"auroc/{t}"] = auroc(scored[None], scored[t])
         report.log({f"goodnet/{detector.name}/{key}": value for key, value in metrics.items()})

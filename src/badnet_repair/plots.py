@@ -52,8 +52,9 @@ def curve_plot(curves: dict[str, Sequence[float]], chosen: int, title: str):
 
 
 def roc_curve(clean: np.ndarray, poisoned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Share of clean and of poisoned scores above each possible threshold, highest first."""
-    cuts = np.concatenate([[np.inf], np.unique(np.concatenate([clean, poisoned]))[::-1]])
+    """Share of clean and of poisoned scores above each possible threshold, highest first,
+    from (0, 0) to (1, 1)."""
+    cuts = np.concatenate([[np.inf], np.unique(np.concatenate([clean, poisoned]))[::-1], [-np.inf]])
     above = [
         1.0 - np.searchsorted(np.sort(s), cuts, side="right") / len(s) for s in (clean, poisoned)
     ]
@@ -70,12 +71,7 @@ def roc_plot(scores: dict[str, dict], flags: dict, triggers: list[str]):
         for j, trigger in enumerate(triggers):
             color = colors[(i * len(triggers) + j) % len(colors)]
             if name in scores:
-                clean, poisoned = scores[name][None], scores[name][trigger]
-                cuts = np.concatenate(
-                    [[np.inf], np.unique(np.concatenate([clean, poisoned]))[::-1], [-np.inf]]
-                )
-                fpr = [(clean > c).mean() for c in cuts]
-                tpr = [(poisoned > c).mean() for c in cuts]
+                fpr, tpr = roc_curve(scores[name][None], scores[name][trigger])
                 ax.plot(fpr, tpr, color=color, lw=1.5, label=f"{name}, {trigger}")
             point = (answers.clean.mean(), answers.poisoned[trigger].mean())
             ax.plot(

@@ -63,10 +63,15 @@ class Fitted:
     metrics: dict[str, float] = field(default_factory=dict)  # logged as goodnet/NAME/...
     parts: dict[str, Any] = field(default_factory=dict)  # what it learned (STRIP's overlays)
 
+    def judge(self, inputs: Inputs) -> tuple[np.ndarray | None, np.ndarray]:
+        """Its scores on `inputs` (None for a rule) and which of them it flags."""
+        if self.score is None:
+            return None, np.asarray(self.rule(inputs), dtype=bool)
+        scores = self.score(inputs)
+        return scores, scores > self.threshold
+
     def flags(self, inputs: Inputs) -> np.ndarray:
-        if self.score is not None:
-            return self.score(inputs) > self.threshold
-        return np.asarray(self.rule(inputs), dtype=bool)
+        return self.judge(inputs)[1]
 
 
 def names() -> list[str]:

@@ -163,9 +163,9 @@ def fit(context: Context) -> Fitted:
 
     x = held.x[correct]
     calibration = Inputs(held.name, x, held.y[correct], held.y[correct])
-    calibration_scores = score(calibration)
-    threshold = threshold_at(calibration_scores, s.frr)
     a, b = ab(calibration)
+    calibration_scores = triangle(a, b)
+    threshold = threshold_at(calibration_scores, s.frr)
     log.info(
         "BaDExpert: threshold %.6g on %d clean held-out images (median a %.3f, b %.3f)",
         threshold,
