@@ -103,6 +103,7 @@ def finetune(
     on_epoch: Callable[[int, dict], None] = lambda epoch, values: None,
     stop: Callable[[int], bool] | None = None,
     check_every: int = 1,
+    name: str = "finetune",
 ) -> keras.Model:
     """Train `model` in place with Adam on `train` (shuffled with `seed`), reporting each
     epoch's loss and `holdout` accuracy. A `pruning` of this model stays in force: its
@@ -144,10 +145,10 @@ def finetune(
                 break
         if pruning and pruning.after_epoch:
             pruning.after_epoch()
-        values = {"finetune/loss": total / seen}
+        values = {f"{name}/loss": total / seen}
         if holdout is not None and len(holdout):
-            values["finetune/val_acc"] = accuracy(model, holdout)
-        shown = ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in values.items())
+            values[f"{name}/val_acc"] = accuracy(model, holdout)
+        shown = ", ".join(f"{k.rsplit('/', 1)[1]}={v:.4f}" for k, v in values.items())
         log.info("epoch %d/%d: %s", epoch, epochs, shown)
         on_epoch(epoch, values)
         if stopped:

@@ -115,26 +115,28 @@ class Case:
 
     # `repairs.finetune` is a repair module: the training function is `training.finetune`
     def finetune(
-        self, model: keras.Model, settings: training.Finetune, pruned=None, series: str = ""
+        self,
+        model: keras.Model,
+        settings: training.Finetune,
+        pruned=None,
+        series: str = "",
+        train: Dataset | None = None,
     ) -> None:
-        """Fine-tune `model` in place on the clean training split (seeded), reporting each
-        epoch's loss and held-out accuracy (as `finetune/<series>/...` when several runs
-        share one MLflow run); a `pruning.Pruned` keeps its pruning in force."""
-
-        def report(epoch: int, values: dict) -> None:
-            named = {k.replace("finetune/", f"finetune/{series}/"): v for k, v in values.items()}
-            self.report.step(epoch, named if series else values)
-
+        """Fine-tune `model` in place on `train` (by default the clean training split),
+        seeded, reporting each epoch's loss and held-out accuracy (as
+        `finetune/<series>/...` when several runs share one MLflow run); a
+        `pruning.Pruned` keeps its pruning in force."""
         training.finetune(
             model,
-            self.clean.train,
+            self.clean.train if train is None else train,
             self.clean.holdout,
             epochs=settings.epochs,
             lr=settings.lr,
             batch_size=settings.batch_size,
             seed=self.seed,
             pruning=pruned,
-            on_epoch=report,
+            on_epoch=self.report.step,
+            name=f"finetune/{series}" if series else "finetune",
         )
 
 

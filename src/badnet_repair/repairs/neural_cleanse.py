@@ -27,7 +27,7 @@ from badnet_repair.models import num_classes
 from badnet_repair.plots import plt
 from badnet_repair.pruning import copy_model
 from badnet_repair.repairs import Case, RepairSettings
-from badnet_repair.training import Finetune, finetune
+from badnet_repair.training import Finetune
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def repair(case: Case, neural_cleanse: NeuralCleanse, finetune: Finetune):
             nc.anomaly_threshold,
         )
         data = clean.train
-    _finetune(model, data, clean.holdout, finetune, case)
+    case.finetune(model, finetune, train=data)
     case.report.log({"neural_cleanse/time/unlearn_s": time.perf_counter() - start})
     after = {
         f"neural_cleanse/trigger_asr_after/{c}": ts.attack_success(
@@ -200,19 +200,6 @@ def repair(case: Case, neural_cleanse: NeuralCleanse, finetune: Finetune):
     }
     case.report.log(after)
     return model
-
-
-def _finetune(model, data: Dataset, holdout: Dataset, settings: Finetune, case: Case) -> None:
-    finetune(
-        model,
-        data,
-        holdout,
-        epochs=settings.epochs,
-        lr=settings.lr,
-        batch_size=settings.batch_size,
-        seed=case.seed,
-        on_epoch=case.report.step,
-    )
 
 
 def _unlearning_set(train: Dataset, triggers: list[ts.Trigger], fraction: float, seed: int):
