@@ -74,14 +74,16 @@ class Baseline:
     poisoned: dict[str, data.Dataset]
     layer: str
     answers: Answers  # the BadNet's classes on the evaluation sets
-    memo: repairs.Memo = field(default_factory=repairs.Memo)  # shared by repairs, detectors
     splits: dict = field(default_factory=dict)
 
-    def clean(self, holdout: float, seed: int) -> repairs.CleanData:
-        """The defender's data: the validation set, and its seeded split."""
+    def clean(self, holdout: float, seed: int) -> tuple[repairs.CleanData, repairs.Memo]:
+        """The defender's data: the validation set and its seeded split; with it, what the
+        repairs and detectors of every run on that split share (a value computed on one
+        split is not another's)."""
         if (holdout, seed) not in self.splits:
             train, held = data.split(self.validation, holdout, seed)
-            self.splits[(holdout, seed)] = repairs.CleanData(self.validation, train, held)
+            clean = repairs.CleanData(self.validation, train, held)
+            self.splits[(holdout, seed)] = clean, repairs.Memo()
         return self.splits[(holdout, seed)]
 
 
@@ -206,10 +208,8 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     topology.output_kind(base.badnet)  # probabilities or raw scores, or refused now
     detectors.check(base.badnet, cfg.goodnet, len(base.validation))
 
-    clean = base.clean(cfg.data.holdout, cfg.seed)
-    case = repairs.Case(
-        base.badnet, base.layer, clean, report, cfg.seed, cfg.eval_batch_size, base.memo
-    )
+    clean, memo = base.clean(cfg.data.holdout, cfg.seed)
+    case = repairs.Case(base.badnet, base.layer, clean, report, cfg.seed, cfg.eval_batch_size, memo)
     seed_everything(cfg.seed)  # the repair starts from the same RNG state, cache hit or not
     repair_start = time.perf_counter()
     repaired = repairs.run(cfg, case)
@@ -218,7 +218,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     report.stage("repaired", answers=repaired_answers)
     report.log(
         {  # what a defender can see of the repair's cost: clean images no repair trains on
-            "badnet/holdout_acc": accuracy(base.badnet, clean.holdout, cfg.eval_batch_size),
+            "badnet/holdout_acc": case.badnet_holdout_accuracy(),
             "repaired/holdout_acc": accuracy(repaired, clean.holdout, cfg.eval_batch_size),
         }
     )
@@ -230,7 +230,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     model_path = models.save_model(repaired, out_dir / "repaired_net.h5")
     mlflow.log_artifact(str(model_path))
 
-    _goodnet(cfg, base, clean, repaired, repaired_answers, report, out_dir)
+    _goodnet(cfg, base, case, repaired, repaired_answers, report, out_dir)
     summary = {"metrics": report.metrics, **report.notes}
     mlflow.log_artifact(
         str(files.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2)))
@@ -246,7 +246,7 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 def _goodnet(
     cfg: DictConfig,
     base: Baseline,
-    clean: repairs.CleanData,
+    case: repairs.Case,
     repaired: keras.Model,
     repaired_answers: Answers,
     report: Report,
@@ -255,7 +255,7 @@ def _goodnet(
     """Fit the detectors on clean data, score each and the GoodNet by its rule on the
     answers in hand (not by running it: STRIP alone costs k + 2 passes per image), save."""
     context = detectors.Context(
-        base.badnet, repaired, clean, cfg.goodnet, cfg.seed, cfg.eval_batch_size, base.memo
+        base.badnet, repaired, case.clean, cfg.goodnet, cfg.seed, cfg.eval_batch_size, case.memo
     )
     fitted = [detectors.fit(name, context) for name in detectors.parse(cfg.goodnet.detector)]
     sets = {None: base.test, **base.poisoned}

@@ -128,7 +128,7 @@ def fit(context: Context) -> Fitted:
             f"classifies correctly, expected at least {MIN_CALIBRATION} (raise data.holdout)"
         )
     expert_key = (s.expert_lr, s.expert_epochs, s.expert_batch_size, s.expert_stop_acc)
-    expert_key = ("badexpert expert", id(clean), *expert_key, context.seed)
+    expert_key = ("badexpert expert", *expert_key, context.seed)
     expert, metrics = context.memo.shared(
         expert_key, lambda: train_expert(badnet, clean, s, context.seed)
     )
@@ -137,7 +137,6 @@ def fit(context: Context) -> Fitted:
     else:
         aux_key = (
             "badexpert auxiliary",
-            id(clean),
             s.aux_lr,
             s.aux_epochs,
             s.expert_batch_size,
