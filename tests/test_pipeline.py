@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -267,3 +268,22 @@ def test_points_over_one_badnet_calibrate_strip_once(tmp_path, demo_dir, caplog)
         == results[1]["goodnet/strip/entropy_threshold"]
     )
     assert results[0]["repaired/clean_acc"] != results[1]["repaired/clean_acc"]
+
+
+def test_runs_on_other_splits_share_nothing_computed_on_one(tmp_path, demo_dir, caplog):
+    """A seed sweep in one process: the second point's budget floor (the BadNet's held-out
+    accuracy less max_acc_drop) is its own split's, as in a process of its own."""
+    caplog.set_level(logging.INFO, logger="badnet_repair")
+    ladder = ["repair=magnitude", "prune.sparsities=[0.5]", "finetune.epochs=1"]
+
+    def floor(name: str, seed: int) -> float:
+        caplog.clear()
+        pipeline.run(compose_config(tmp_path / name, demo_dir, f"seed={seed}", *ladder))
+        (found,) = re.findall(r"floor (\d\.\d+)", caplog.text)
+        return float(found)
+
+    first, second = floor("a", 0), floor("b", 1)
+    pipeline._baseline.clear()
+    alone = floor("c", 1)
+    assert second == alone
+    assert first != alone  # the splits differ, so the shared value must not be reused
