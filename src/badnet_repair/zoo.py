@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair.models import build_deepid
+from badnet_repair import models
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def build_vgg_bn(input_shape: tuple[int, int, int] = (32, 32, 3), num_classes: i
     )
 
 
-ARCHITECTURES = {"deepid": build_deepid, "vgg_bn": build_vgg_bn}
+ARCHITECTURES = {**models.ARCHITECTURES, "vgg_bn": build_vgg_bn}
 
 FACES_55X47 = Identities(
     seed=0, layout_grid=(5, 4), detail_grid=(11, 9), nuisance_grid=(4, 3), shift=3

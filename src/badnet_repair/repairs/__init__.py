@@ -224,10 +224,10 @@ def strongest_run(
     ladder: Sequence[float],
     train: Callable[[float], keras.Model],
     max_acc_drop: float,
-) -> keras.Model:
+) -> tuple[float, keras.Model]:
     """`strongest_within` over whole runs: `train(value)` trains a model from the BadNet at
     each value of the `ladder` (weakest first) until one's clean held-out accuracy falls
-    out of the budget; returns the model of the strongest within it. Logs the value as
+    out of the budget; returns the strongest value within it and its model. Logs the value as
     `name/key` and every run's held-out accuracy as the note `name_ladder`."""
     trained: dict[float, keras.Model] = {}
     held: dict[float, float] = {}
@@ -240,4 +240,4 @@ def strongest_run(
     chosen = strongest_within(case, ladder, run, max_acc_drop, f"{name} {key}")
     case.report.log({f"{name}/{key}": chosen})
     case.report.note(**{f"{name}_ladder": {f"{v:g}": acc for v, acc in held.items()}})
-    return trained[chosen]
+    return chosen, trained[chosen]

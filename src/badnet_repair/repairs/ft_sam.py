@@ -106,4 +106,4 @@ def repair(case: Case, ft_sam: FtSam):
         )
         return model
 
-    return strongest_run(case, "ft_sam", "lr", ft_sam.lrs, train, ft_sam.max_acc_drop)
+    return strongest_run(case, "ft_sam", "lr", ft_sam.lrs, train, ft_sam.max_acc_drop)[1]

@@ -58,19 +58,18 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
         case.finetune(pruned.model, finetune, pruned, series=f"sparsity_{sparsity:g}")
         return pruned.export()
 
-    if prune.sparsity is None:
-        repaired = strongest_run(
+    sparsity, repaired = prune.sparsity, None
+    if sparsity is None:
+        sparsity, repaired = strongest_run(
             case, "prune", "sparsity_chosen", prune.sparsities, train, prune.max_acc_drop
         )
-        chosen = pruned_at(case.report.metrics["prune/sparsity_chosen"])
-    else:
-        chosen = pruned_at(prune.sparsity)
+    chosen = pruned_at(sparsity)
     case.report.log(
         {"prune/channels_pruned": len(chosen.channels_pruned), "prune/sparsity": chosen.sparsity}
     )
     case.report.note(layer=case.layer, pruned_channels=chosen.channels_pruned)
     case.report.stage("pruned", chosen.export())  # the chosen share, before training
-    if prune.sparsity is None:
-        return repaired
-    case.finetune(chosen.model, finetune, chosen)
-    return chosen.export()
+    if repaired is None:
+        case.finetune(chosen.model, finetune, chosen)
+        repaired = chosen.export()
+    return repaired

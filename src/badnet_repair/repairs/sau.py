@@ -158,4 +158,4 @@ def repair(case: Case, sau: Sau):
         case.run_steps(f"sau/eps_{eps:g}", model, step, steps=sau.steps, batch_size=sau.batch_size)
         return model
 
-    return strongest_run(case, "sau", "eps", sau.eps, train, sau.max_acc_drop)
+    return strongest_run(case, "sau", "eps", sau.eps, train, sau.max_acc_drop)[1]
