@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from badnet_repair import data, detectors, goodnet, models
-from badnet_repair.detectors import badexpert
-from badnet_repair.evaluate import accuracy, auroc, predict_classes
-from badnet_repair.pruning import copy_model
-from badnet_repair.repairs import CleanData, Memo
-from badnet_repair.training import finetune
+from badnet_repair import data
+from badnet_repair.defenses import detectors, goodnet
+from badnet_repair.defenses.clean import CleanData, Memo
+from badnet_repair.defenses.detectors import badexpert
+from badnet_repair.experiment.evaluate import auroc
+from badnet_repair.network import models
+from badnet_repair.network.predict import accuracy, predict_classes
+from badnet_repair.network.pruning import copy_model
+from badnet_repair.network.training import finetune
 
 FRR = 0.1
 SETTINGS = dict(

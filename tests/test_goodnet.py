@@ -10,19 +10,22 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from badnet_repair import UserError, answer, data, detectors, goodnet, models, topology
-from badnet_repair.detectors import badexpert
-from badnet_repair.evaluate import (
+from badnet_repair import UserError, data
+from badnet_repair.defenses import detectors, goodnet
+from badnet_repair.defenses.clean import CleanData, Memo
+from badnet_repair.defenses.detectors import badexpert
+from badnet_repair.experiment import answer
+from badnet_repair.experiment.evaluate import (
     Answers,
     classify,
     goodnet_answers,
     goodnet_metrics,
     goodnet_scores,
-    predict_classes,
 )
-from badnet_repair.pruning import activation_prune, channel_count, copy_model, rank_channels
-from badnet_repair.repairs import CleanData, Memo
-from badnet_repair.training import finetune
+from badnet_repair.network import models, topology
+from badnet_repair.network.predict import predict_classes
+from badnet_repair.network.pruning import activation_prune, channel_count, copy_model, rank_channels
+from badnet_repair.network.training import finetune
 
 N = 40
 K = 8
@@ -332,7 +335,7 @@ def test_cli_wrong_image_size_is_a_one_line_error(
     path = goodnet.save_goodnet(gn.model, tmp_path / "goodnet.h5")
     image = write_png(tmp_path / "big.png", np.full((60, 50, 3), 128, dtype=np.uint8))
     done = subprocess.run(
-        [sys.executable, "-m", "badnet_repair.answer", str(path), str(image)],
+        [sys.executable, "-m", "badnet_repair.experiment.answer", str(path), str(image)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from badnet_repair import data, pruning
-from badnet_repair.training import finetune
+from badnet_repair import data
+from badnet_repair.network import pruning
+from badnet_repair.network.training import finetune
 
 
 def test_activation_pruning_zeroes_the_least_active_channels(demo_model, demo_data):
