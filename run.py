@@ -11,7 +11,8 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from badnet_repair import UserError, config  # noqa: E402
+from badnet_repair import UserError  # noqa: E402
+from badnet_repair.experiment import config  # noqa: E402
 
 config.register()
 
