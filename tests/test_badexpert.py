@@ -13,7 +13,7 @@ from badnet_repair.defenses import detectors, goodnet
 from badnet_repair.defenses.clean import CleanData, Memo
 from badnet_repair.defenses.detectors import badexpert
 from badnet_repair.experiment.evaluate import auroc
-from badnet_repair.network import models
+from badnet_repair.network import models, predict
 from badnet_repair.network.predict import accuracy, predict_classes
 from badnet_repair.network.pruning import copy_model
 from badnet_repair.network.training import finetune
@@ -52,8 +52,8 @@ def fitted(demo_model, clean):
 def scores_on(fitted, badnet, x: np.ndarray) -> np.ndarray:
     """The score from its definition, on B's classes of `x`."""
     label, rows = predict_classes(badnet, x), np.arange(len(x))
-    a = badexpert.probabilities(fitted.parts["expert"], x)[rows, label]
-    b = badexpert.probabilities(fitted.parts["auxiliary"], x)[rows, label]
+    a = predict.probabilities(fitted.parts["expert"], x)[rows, label]
+    b = predict.probabilities(fitted.parts["auxiliary"], x)[rows, label]
     return badexpert.triangle(a, b)
 
 

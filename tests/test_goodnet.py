@@ -22,7 +22,7 @@ from badnet_repair.experiment.evaluate import (
     goodnet_metrics,
     goodnet_scores,
 )
-from badnet_repair.network import models, topology
+from badnet_repair.network import models, predict, topology
 from badnet_repair.network.predict import predict_classes
 from badnet_repair.network.pruning import activation_prune, channel_count, copy_model, rank_channels
 from badnet_repair.network.training import finetune
@@ -121,8 +121,8 @@ def reference(badnet, repaired, x, gn: goodnet.GoodNet, fitted: dict):
         expert, aux = fitted["badexpert"].parts["expert"], fitted["badexpert"].parts["auxiliary"]
         label, rows = p_bad.argmax(axis=1), np.arange(len(x))
         s = badexpert.triangle(
-            badexpert.probabilities(expert, x)[rows, label],
-            badexpert.probabilities(aux, x)[rows, label],
+            predict.probabilities(expert, x)[rows, label],
+            predict.probabilities(aux, x)[rows, label],
         )
         threshold = fitted["badexpert"].threshold
         flag |= s > threshold
@@ -242,7 +242,7 @@ def test_detectors_refuse_bad_settings_before_any_work(demo_model):
     assert detectors.parse(["strip", "disagreement", "strip"]) == ["strip", "disagreement"]
     settings = SimpleNamespace(detector="strip", k=30, frr=FRR, alpha=0.5)
     with pytest.raises(UserError, match="goodnet.k=30: expected 1 to 20 for 40 clean images"):
-        detectors.check(demo_model, settings, 40)
+        detectors.check(demo_model, settings, SimpleNamespace(validation=range(40)), 64)
 
 
 def by_the_rule(badnet, repaired, gn, fitted, clean, patch) -> dict[str, float]:

@@ -67,7 +67,7 @@ def test_pruned_channels_stay_zero_through_finetuning(demo_model, demo_data):
 
 def test_magnitude_pruning_reaches_its_sparsity_and_keeps_it(demo_model, demo_data):
     validation = demo_data[0]
-    result = pruning.magnitude_prune(demo_model, "conv_3", 0.8, frequency=100)
+    result = pruning.magnitude_prune(demo_model, "conv_3", 0.8)
     assert result.sparsity == pytest.approx(0.8, abs=0.01)
     train, holdout = data.split(validation, 0.1, seed=0)
     finetune(result.model, train, holdout, 1, 1e-3, 64, pruning=result)

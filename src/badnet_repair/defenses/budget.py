@@ -16,9 +16,18 @@ log = logging.getLogger(__name__)
 
 
 def increasing(ladder: Sequence[float], key: str) -> None:
-    """Check a ladder of strengths for `strongest_within`: values > 0, weakest first."""
-    if not ladder or any(v <= 0 for v in ladder) or sorted(ladder) != list(ladder):
-        raise UserError(f"config key {key}={list(ladder)}: expected values > 0, increasing")
+    """Check a ladder of strengths for `strongest_within`: values > 0, weakest first, no
+    value twice (a repeat would train the same run again)."""
+    steps = zip(ladder, list(ladder)[1:], strict=False)
+    if not ladder or any(v <= 0 for v in ladder) or any(b <= a for a, b in steps):
+        raise UserError(
+            f"config key {key}={list(ladder)}: expected values > 0, strictly increasing"
+        )
+
+
+def shown(ladder: Sequence[float]) -> str:
+    """A ladder in a run's name: `0.01/0.02/0.05`."""
+    return "/".join(f"{value:g}" for value in ladder)
 
 
 def strongest_within(

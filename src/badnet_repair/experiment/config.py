@@ -65,7 +65,7 @@ class DataConfig:
     clean_test: str = MISSING
     poisoned: dict[str, str] = field(default_factory=dict)
     scale: float = ranged(1.0 / 255.0, "> 0")
-    holdout: float = ranged(0.1, "[0, 1)")  # the only section without a file of defaults
+    holdout: float = ranged(0.1, "(0, 1)")  # the only section without a file of defaults
     source: str | None = None
 
 

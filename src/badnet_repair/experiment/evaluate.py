@@ -78,7 +78,7 @@ def objective(metrics: dict[str, float], name: str, asr_ceiling: float) -> float
         return metrics["repaired/holdout_acc"]
     if name == "oracle_der":
         return leaderboard.der(metrics)
-    worst = max((v for k, v in metrics.items() if k.startswith("repaired/asr/")), default=0.0)
+    worst = leaderboard.worst_asr(metrics)
     if worst <= asr_ceiling:
         return metrics["repaired/clean_acc"]
     return -(worst - asr_ceiling)

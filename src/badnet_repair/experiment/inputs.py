@@ -18,6 +18,8 @@ from badnet_repair.zoo import builds
 
 log = logging.getLogger(__name__)
 
+MIN_HOLDOUT = 10  # clean held-out images; fewer make every choice on them noise
+
 
 def require_inputs(paths: list[str], where: str | None) -> None:
     """Stop before any work when input files are missing, naming each and where they
@@ -55,6 +57,12 @@ class Baseline:
         split is not another's)."""
         if (holdout, seed) not in self.splits:
             train, held = data.split(self.validation, holdout, seed)
+            if len(held) < MIN_HOLDOUT or len(train) < MIN_HOLDOUT:
+                raise UserError(
+                    f"config key data.holdout={holdout}: {len(held)} held-out and "
+                    f"{len(train)} training images of {len(self.validation)}; expected at "
+                    f"least {MIN_HOLDOUT} of each (the repairs choose on the held-out part)"
+                )
             clean = CleanData(self.validation, train, held)
             self.splits[(holdout, seed)] = clean, Memo()
         return self.splits[(holdout, seed)]

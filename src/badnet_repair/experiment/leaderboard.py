@@ -30,12 +30,16 @@ def _triggers(row: dict) -> list[str]:
     return sorted(k.split("/", 2)[2] for k in row if k.startswith("repaired/asr/"))
 
 
+def worst_asr(metrics: dict[str, float], stage: str = "repaired") -> float:
+    """The highest ASR of `stage` over the triggers (0 where there is no poisoned set)."""
+    return max((v for k, v in metrics.items() if k.startswith(f"{stage}/asr/")), default=0.0)
+
+
 def der(metrics: dict[str, float]) -> float:
     """The DER rating of a run's metrics: (max(0, dASR) - max(0, dACC) + 1) / 2, with dASR
     the fall of the worst trigger's ASR and dACC the fall of clean accuracy (it reads the
     test and poisoned sets: for reporting, or an oracle objective)."""
-    worst = max((v for k, v in metrics.items() if k.startswith("repaired/asr/")), default=0.0)
-    before = max((v for k, v in metrics.items() if k.startswith("badnet/asr/")), default=0.0)
+    worst, before = worst_asr(metrics), worst_asr(metrics, "badnet")
     d_acc = metrics["badnet/clean_acc"] - metrics["repaired/clean_acc"]
     return (max(0.0, before - worst) - max(0.0, d_acc) + 1) / 2
 
@@ -45,11 +49,10 @@ def entry(run) -> dict:
     m, p = run.data.metrics, run.data.params
     row = {"badnet": p.get("model.name", "?"), "repair": p.get("repair", "?"), **m}
     row["run"], row["run_id"] = run.info.run_name, run.info.run_id
-    asr = [m[f"repaired/asr/{t}"] for t in _triggers(row)]
     row["drop"] = m["badnet/clean_acc"] - m["repaired/clean_acc"]
-    if asr:
+    if _triggers(row):
         row["der"] = der(m)
-        row["goal"] = max(asr) <= GOAL_ASR and row["drop"] <= GOAL_DROP
+        row["goal"] = worst_asr(m) <= GOAL_ASR and row["drop"] <= GOAL_DROP
     return row
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from badnet_repair import files, plots
 from badnet_repair.defenses import detectors, goodnet, repairs
+from badnet_repair.defenses.clean import CleanData, Memo
 from badnet_repair.experiment import config, inputs, sweep, tracking
 from badnet_repair.experiment.evaluate import (
     Answers,
@@ -89,9 +90,10 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     report = Report(base.test, base.poisoned, cfg.eval_batch_size, journal)
     report.stage("badnet", answers=base.answers)
     topology.output_kind(base.badnet)  # probabilities or raw scores, or refused now
-    detectors.check(base.badnet, cfg.goodnet, len(base.validation))
+    clean, memo = base.clean(cfg.data.holdout, cfg.seed)
+    detectors.check(base.badnet, cfg.goodnet, clean, cfg.eval_batch_size)
 
-    case, repaired = _repair(cfg, base, journal)
+    case, repaired = _repair(cfg, base, clean, memo, journal)
     report.handed(case.handed, case.memo)
     repaired_answers = report.answers(repaired)
     report.stage("repaired", answers=repaired_answers)
@@ -105,9 +107,10 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     return journal.metrics
 
 
-def _repair(cfg: DictConfig, base: Baseline, journal: Journal) -> tuple[repairs.Case, keras.Model]:
+def _repair(
+    cfg: DictConfig, base: Baseline, clean: CleanData, memo: Memo, journal: Journal
+) -> tuple[repairs.Case, keras.Model]:
     """The chosen repair, on the BadNet and the defender's clean data only."""
-    clean, memo = base.clean(cfg.data.holdout, cfg.seed)
     case = repairs.Case(
         base.badnet, base.layer, clean, journal, cfg.seed, cfg.eval_batch_size, memo
     )

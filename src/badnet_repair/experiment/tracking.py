@@ -3,14 +3,13 @@
 import logging
 import signal
 import threading
-import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
 from badnet_repair import UserError
@@ -83,19 +82,6 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict | None = None) -> 
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
-
-
-def log_steps(series: dict[str, Sequence[float]]) -> None:
-    """Log whole curves to the active run in one call: value i of each series at step i."""
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(name, float(value), now, step)
-        for name, values in series.items()
-        for step, value in enumerate(values)
-    ]
-    run_id = mlflow.active_run().info.run_id
-    for i in range(0, len(metrics), 1000):
-        mlflow.MlflowClient().log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:

@@ -20,7 +20,7 @@ import tf_keras as keras
 
 from badnet_repair.data import Dataset
 from badnet_repair.network import topology
-from badnet_repair.network.pruning import Channels, channels_of, copy_model, fill_value, kernel_axis
+from badnet_repair.network.pruning import Channels, channels_of, copy_model, fill_value
 
 log = logging.getLogger(__name__)
 
@@ -92,26 +92,18 @@ class _Tail(_Evaluator):
 
 
 class _Whole(_Evaluator):
-    """Accuracy for every k by zeroing channels in a copy of the whole network (any model):
-    the layer's kernel and bias and a following BatchNormalization's scale, shift and
-    moving mean, as `pruning.zero_channels` does."""
+    """Accuracy for every k by zeroing channels in a copy of the whole network (any model),
+    in every variable they live in (`Channels.variables`), as `pruning.zero_channels` does."""
 
     def __init__(self, model: keras.Model, channels: Channels):
         self.model = copy_model(model)
-        target = self.model.get_layer(channels.layer)
-        self.variables = [target.kernel, *([target.bias] if target.use_bias else [])]
-        if channels.norm is not None:
-            norm = self.model.get_layer(channels.norm)
-            self.variables += [
-                v for v in (norm.gamma, norm.beta, norm.moving_mean) if v is not None
-            ]
-        self.originals = [tf.constant(v.numpy()) for v in self.variables]
-        self.kernel_axis = kernel_axis(target)
+        self.variables = channels.variables(self.model)
+        self.originals = [tf.constant(v.numpy()) for v, _ in self.variables]
 
     def _predict(self, state):
         x, keep = state
-        for variable, original in zip(self.variables, self.originals, strict=True):
-            if variable.shape.rank > 1 and self.kernel_axis == -2:  # a transposed kernel
+        for (variable, axis), original in zip(self.variables, self.originals, strict=True):
+            if axis == -2:  # a transposed kernel: channels on the second-to-last axis
                 variable.assign(original * keep[:, None])
             else:
                 variable.assign(original * keep)

@@ -9,8 +9,10 @@ import weakref
 
 import numpy as np
 import tensorflow as tf
+import tf_keras as keras
 
 from badnet_repair.data import Dataset
+from badnet_repair.network import topology
 
 _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -37,3 +39,15 @@ def predict_classes(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
 def accuracy(model, ds: Dataset, batch_size: int = 512) -> float:
     """Share of `ds` predicted as its label: clean accuracy, or ASR on a poisoned set."""
     return float(np.mean(predict_classes(model, ds.x, batch_size) == ds.y))
+
+
+def probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """`model`'s class probabilities (a softmax over raw scores where it has none)."""
+    out = [
+        model(x[i : i + batch_size], training=False).numpy() for i in range(0, len(x), batch_size)
+    ]
+    p = np.concatenate(out).astype(np.float64) if out else np.empty((0, 0))
+    if topology.output_kind(model) == "linear":
+        p = np.exp(p - p.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+    return p

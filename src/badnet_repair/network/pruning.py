@@ -69,6 +69,18 @@ class Channels:
     norm: str | None
     output: str
 
+    def variables(self, model: keras.Model) -> list[tuple[tf.Variable, int]]:
+        """Every variable a channel lives in, with the axis of its channels: the layer's
+        kernel and bias and, after a BatchNormalization, its scale, shift and moving mean
+        (zeroed, they make the channel output exactly the activation of zero)."""
+        layer = model.get_layer(self.layer)
+        found = [(layer.kernel, kernel_axis(layer))]
+        found += [(layer.bias, -1)] if layer.use_bias else []
+        if self.norm is not None:
+            norm = model.get_layer(self.norm)
+            found += [(v, -1) for v in (norm.gamma, norm.beta, norm.moving_mean) if v is not None]
+        return found
+
 
 def channels_of(model: keras.Model, layer: str) -> Channels:
     """The channels of `layer`, following it through a BatchNormalization and a separate
@@ -129,22 +141,12 @@ def kernel_axis(layer) -> int:
 
 
 def zero_channels(model: keras.Model, channels: Channels, indices: np.ndarray) -> None:
-    """Remove output channels `indices`: zero their kernel and bias and, after a
-    BatchNormalization, its scale, shift and moving mean, so each outputs exactly the
-    activation of zero."""
-    layer = model.get_layer(channels.layer)
-    kernel, *rest = layer.get_weights()
-    np.moveaxis(kernel, kernel_axis(layer), -1)[..., indices] = 0.0
-    if rest:
-        rest[0][indices] = 0.0
-    layer.set_weights([kernel, *rest])
-    if channels.norm is not None:
-        norm = model.get_layer(channels.norm)
-        for variable in (norm.gamma, norm.beta, norm.moving_mean):
-            if variable is not None:
-                values = variable.numpy()
-                values[indices] = 0.0
-                variable.assign(values)
+    """Remove output channels `indices`: zero them in every variable they live in
+    (`Channels.variables`), so each outputs exactly the activation of zero."""
+    for variable, axis in channels.variables(model):
+        values = variable.numpy()
+        np.moveaxis(values, axis, -1)[..., indices] = 0.0
+        variable.assign(values)
 
 
 def zeroed_channels(layer) -> list[int]:
@@ -162,15 +164,9 @@ def channel_masks(
 ) -> list[tuple[tf.Variable, np.ndarray]]:
     """The variables `zero_channels` zeroes, each with a 0/1 mask that zeroes them again:
     multiplied in after every training step, they keep the removed channels removed."""
-    layer = model.get_layer(channels.layer)
-    variables = [layer.kernel, *([layer.bias] if layer.use_bias else [])]
-    if channels.norm is not None:
-        norm = model.get_layer(channels.norm)
-        variables += [v for v in (norm.gamma, norm.beta, norm.moving_mean) if v is not None]
     masks = []
-    for variable in variables:
+    for variable, axis in channels.variables(model):
         mask = np.ones(variable.shape, np.float32)
-        axis = kernel_axis(layer) if variable is layer.kernel else -1
         np.moveaxis(mask, axis, -1)[..., indices] = 0.0
         masks.append((variable, mask))
     return masks
@@ -204,14 +200,15 @@ def activation_prune(model: keras.Model, layer: str, order: np.ndarray, k: int) 
     )
 
 
-def magnitude_prune(model: keras.Model, layer: str, sparsity: float, frequency: int) -> Pruned:
+def magnitude_prune(model: keras.Model, layer: str, sparsity: float) -> Pruned:
     """tfmot low-magnitude pruning of every prunable layer at a constant target sparsity.
 
     The first mask update runs now (step 0), so the pruned net can be evaluated before
-    fine-tuning; the wrappers keep updating masks every `frequency` training steps after,
-    and the masks are applied to the weights after every epoch.
+    fine-tuning. Our training loop does not advance tfmot's step counter (its callback
+    belongs to `fit`), so the wrappers recompute their masks at every training step
+    (frequency 1 says so); the masks are applied to the weights after every epoch.
     """
-    schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=frequency)
+    schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=1)
     wrapped = tfmot.sparsity.keras.prune_low_magnitude(copy_model(model), pruning_schedule=schedule)
     wrappers = [w for w in wrapped.layers if hasattr(w, "pruning_obj")]
     for w in wrappers:

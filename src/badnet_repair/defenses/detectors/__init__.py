@@ -3,7 +3,8 @@
 any; `both` is that list).
 
 A detector is the module `badnet_repair/defenses/detectors/NAME.py`, defining
-- `check(badnet, settings, clean_images)`: refuse, before any work, what it cannot handle;
+- `check(badnet, settings, clean, batch_size)`: refuse, before any work, what it cannot
+  handle (a net it cannot run, too little clean data for its threshold);
 - `fit(context) -> Fitted`: everything it learns, from the defender's clean data only.
 A fitted detector has a score per input (higher: more suspicious) and a threshold set
 by `threshold_at` on clean images it has not learned from, for a false-rejection rate
@@ -96,10 +97,10 @@ def parse(value: Any) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def check(badnet: keras.Model, settings: Any, clean_images: int) -> None:
+def check(badnet: keras.Model, settings: Any, clean: CleanData, batch_size: int) -> None:
     """Every chosen detector's check, before any work."""
     for name in parse(settings.detector):
-        module(name).check(badnet, settings, clean_images)
+        module(name).check(badnet, settings, clean, batch_size)
 
 
 def fit(name: str, context: Context) -> Fitted:

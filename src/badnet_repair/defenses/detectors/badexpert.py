@@ -30,8 +30,8 @@ from badnet_repair.data import Dataset
 from badnet_repair.defenses import goodnet
 from badnet_repair.defenses.clean import Memo
 from badnet_repair.defenses.detectors import Context, Fitted, Inputs, threshold_at
-from badnet_repair.network import models, topology
-from badnet_repair.network.predict import accuracy, predict_classes
+from badnet_repair.network import models
+from badnet_repair.network.predict import accuracy, predict_classes, probabilities
 from badnet_repair.network.pruning import copy_model
 from badnet_repair.network.training import finetune, seed_everything
 
@@ -41,9 +41,20 @@ EPS = 1e-8  # the authors' guard on both divisions
 MIN_CALIBRATION = 20  # clean held-out images that B classifies correctly, at least
 
 
-def check(badnet: keras.Model, settings: Any, clean_images: int) -> None:
-    """Any classifier will do; the held-out split is checked when fitting (its size is a
-    data.* setting)."""
+def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:
+    """Any classifier will do, with enough clean held-out images that it classifies
+    correctly to set the threshold on (one forward pass over the held-out split)."""
+    correct = calibration_images(badnet, clean.holdout, batch_size)
+    if correct.sum() < MIN_CALIBRATION:
+        raise UserError(
+            f"goodnet.detector=badexpert: {correct.sum()} clean held-out images that the BadNet "
+            f"classifies correctly, expected at least {MIN_CALIBRATION} (raise data.holdout)"
+        )
+
+
+def calibration_images(badnet: keras.Model, held: Dataset, batch_size: int) -> np.ndarray:
+    """Which clean held-out images the threshold is set on: those B classifies right."""
+    return predict_classes(badnet, held.x, batch_size) == held.y
 
 
 def auxiliary_kind(settings: Any) -> str:
@@ -55,18 +66,6 @@ def triangle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The authors' default score: high where E agrees with B (a) and M' does not (b)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return -np.minimum(2.0 * b / np.maximum(a, EPS), (1.0 - a) / np.maximum(0.5 - b, EPS))
-
-
-def probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """`model`'s class probabilities (a softmax over raw scores where it has none)."""
-    out = [
-        model(x[i : i + batch_size], training=False).numpy() for i in range(0, len(x), batch_size)
-    ]
-    p = np.concatenate(out).astype(np.float64) if out else np.empty((0, 0))
-    if topology.output_kind(model) == "linear":
-        p = np.exp(p - p.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)
-    return p
 
 
 def train_expert(
@@ -123,12 +122,7 @@ def train_auxiliary(badnet: keras.Model, clean: Any, settings: Any, seed: int) -
 def fit(context: Context) -> Fitted:
     s, clean, badnet = context.settings, context.clean, context.badnet
     held = clean.holdout
-    correct = predict_classes(badnet, held.x, context.batch_size) == held.y
-    if correct.sum() < MIN_CALIBRATION:
-        raise UserError(
-            f"goodnet.detector=badexpert: {correct.sum()} clean held-out images that the BadNet "
-            f"classifies correctly, expected at least {MIN_CALIBRATION} (raise data.holdout)"
-        )
+    correct = calibration_images(badnet, held, context.batch_size)
     expert_key = (s.expert_lr, s.expert_epochs, s.expert_batch_size, s.expert_stop_acc)
     expert_key = ("badexpert expert", *expert_key, context.seed)
     expert, metrics = context.memo.shared(

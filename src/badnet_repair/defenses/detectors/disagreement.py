@@ -11,7 +11,7 @@ from badnet_repair.defenses import goodnet
 from badnet_repair.defenses.detectors import Context, Fitted, Inputs
 
 
-def check(badnet: keras.Model, settings: Any, clean_images: int) -> None:
+def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:
     """Nothing to refuse: any two nets of one shape can disagree."""
 
 

@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 MIN_CALIBRATION = 20  # clean images that the threshold is set on, at least
 
 
-def check(badnet: keras.Model, settings: Any, clean_images: int) -> None:
+def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:
     """Enough clean images for the overlays and the threshold, and a BadNet whose every
     layer can run over the blends (a symbolic trial, no weights computed)."""
+    clean_images = len(clean.validation)
     pool = clean_images - MIN_CALIBRATION
     if not 1 <= settings.k <= pool:
         raise UserError(

@@ -21,7 +21,7 @@ import tensorflow as tf
 import tf_keras as keras
 from omegaconf import MISSING
 
-from badnet_repair.defenses.budget import increasing, strongest_run
+from badnet_repair.defenses.budget import increasing, shown, strongest_run
 from badnet_repair.defenses.repairs import Case, RepairSettings
 from badnet_repair.network import training
 from badnet_repair.network.pruning import copy_model
@@ -52,8 +52,7 @@ class Settings(RepairSettings):
 
 
 def describe(ft_sam: FtSam) -> str:
-    rates = "/".join(f"{lr:g}" for lr in ft_sam.lrs)
-    return f"rho {ft_sam.rho:g}, lr {rates}, {ft_sam.steps} steps"
+    return f"rho {ft_sam.rho:g}, lr {shown(ft_sam.lrs)}, {ft_sam.steps} steps"
 
 
 def sam_step(model: keras.Model, settings: FtSam, lr, num_classes: int):

@@ -24,13 +24,11 @@ from badnet_repair.ranges import ranged
 @dataclass
 class Prune:
     """prune.*: `sparsity`, the share of every kernel's weights zeroed, if set; else the
-    largest of `sparsities` within `max_acc_drop`; `frequency`: the training steps
-    between tfmot's mask updates."""
+    largest of `sparsities` within `max_acc_drop`."""
 
     sparsity: float | None = ranged(MISSING, "[0, 1)")
     sparsities: list[float] = MISSING
     max_acc_drop: float = ranged(MISSING, "[0, 1)")
-    frequency: int = ranged(MISSING, ">= 1")
 
     def check(self) -> None:
         increasing(self.sparsities, "prune.sparsities")
@@ -45,14 +43,14 @@ class Settings(RepairSettings):
 
 
 def describe(prune: Prune, finetune: Finetune) -> str:
-    if prune.sparsity is not None:
-        return f"sparsity {prune.sparsity:g}, {finetune.epochs} epochs"
-    return f"sparsity by max_acc_drop {prune.max_acc_drop:g}, {finetune.epochs} epochs"
+    chosen = prune.sparsity is None
+    amount = f"by max_acc_drop {prune.max_acc_drop:g}" if chosen else f"{prune.sparsity:g}"
+    return f"sparsity {amount}, {finetune.epochs} epochs"
 
 
 def repair(case: Case, prune: Prune, finetune: Finetune):
     def pruned_at(sparsity: float):
-        return magnitude_prune(case.badnet, case.layer, sparsity, prune.frequency)
+        return magnitude_prune(case.badnet, case.layer, sparsity)
 
     def train(sparsity: float):
         pruned = pruned_at(sparsity)

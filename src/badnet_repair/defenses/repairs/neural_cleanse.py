@@ -44,7 +44,7 @@ class NeuralCleanse:
     screen_lr: float = ranged(MISSING, "> 0")
     screen_cost: float = ranged(MISSING, "> 0")
     candidates: int = ranged(MISSING, ">= 1")
-    references: int = ranged(MISSING, ">= 0")
+    references: int = ranged(MISSING, ">= 3")  # the MAD of fewer says nothing
     rounds: int = ranged(MISSING, ">= 1")
     early_stop: int = ranged(MISSING, ">= 0")
     round_batches: int = ranged(MISSING, ">= 1")

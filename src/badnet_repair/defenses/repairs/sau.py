@@ -31,7 +31,7 @@ import tensorflow as tf
 import tf_keras as keras
 from omegaconf import MISSING
 
-from badnet_repair.defenses.budget import increasing, strongest_run
+from badnet_repair.defenses.budget import increasing, shown, strongest_run
 from badnet_repair.defenses.repairs import Case, RepairSettings
 from badnet_repair.network import training
 from badnet_repair.network.pruning import copy_model
@@ -63,8 +63,7 @@ class Settings(RepairSettings):
 
 
 def describe(sau: Sau) -> str:
-    bounds = "/".join(f"{eps:g}" for eps in sau.eps)
-    return f"eps {bounds}, lr {sau.lr:g}, {sau.steps} steps"
+    return f"eps {shown(sau.eps)}, lr {sau.lr:g}, {sau.steps} steps"
 
 
 def _cross_entropy(scores, y):
