@@ -1,8 +1,13 @@
-"""Shared fixtures: the demo BadNet is built once per test session (about a minute)."""
+"""Shared fixtures: the demo BadNet is built once per test session (about a minute);
+every test has MLflow pointed at a store of its own; `run_py` runs `run.py` in a
+subprocess."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -35,6 +40,34 @@ TINY = {
     "rnp": ["rnp.unlearn_steps=5", "rnp.mask_steps=5", "rnp.max_acc_drop=0.5"],
     "sau": ["sau.steps=3", "sau.eps=[0.05]", "sau.pgd_steps=2"],
 }
+
+
+# What a run may leave in the checkout: nothing, when tests run (every location under tmp).
+LEAKS = ("mlruns", "outputs", "multirun")
+
+
+def _files_under(root: Path) -> set[Path]:
+    return {p for name in LEAKS for p in (root / name).rglob("*")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_to_the_checkout():
+    """At the end of the session, no test has written an MLflow store, a run folder or a
+    sweep folder into the checkout (files there before the session are left alone)."""
+    before = _files_under(Path(ROOT))
+    yield
+    new = sorted(str(p.relative_to(ROOT)) for p in _files_under(Path(ROOT)) - before)
+    assert not new, f"tests wrote into the checkout {ROOT}: {', '.join(new[:10])}"
+
+
+@pytest.fixture(autouse=True)
+def own_mlflow_store(tmp_path_factory, monkeypatch):
+    """A fresh SQLite MLflow store per test (created on first use), and the working
+    directory a temporary folder, where MLflow puts the artifacts of a run started without
+    an experiment (its default artifact root is ./mlruns)."""
+    tmp = tmp_path_factory.mktemp("mlflow")
+    monkeypatch.chdir(tmp)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +115,31 @@ def compose_config(tmp_path, demo_dir, *overrides: str):
                 *overrides,
             ],
         )
+
+
+def run_py_command(root: Path, data_dir: Path | None, *args: str) -> list[str]:
+    """`python run.py ARGS` with every location under `root` and the demo BadNets read from
+    (or built into) `data_dir`; flags (`-m`) go first."""
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    where = [f"paths.root={root}"] + ([f"paths.data={data_dir}"] if data_dir else [])
+    return [sys.executable, f"{ROOT}/run.py", *flags, *where, *overrides]
+
+
+def run_py(root: Path, data_dir: Path | None, *args: str, timeout: int = 600):
+    """Run `run.py` (see `run_py_command`) from `root` and return the finished process."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        run_py_command(root, data_dir, *args),
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=timeout,
+    )
+
+
+def multirun(root: Path, data_dir: Path | None, *args: str, timeout: int = 900) -> str:
+    """A sweep, `run.py -m ARGS`, that must succeed; its output (stdout and stderr)."""
+    done = run_py(root, data_dir, "-m", *args, timeout=timeout)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout + done.stderr

@@ -1,0 +1,168 @@
+"""Every repair and every detector end to end on the demo, through Hydra's config and
+`pipeline.run`: each is scored by one contract (the stages badnet, the repair's own,
+repaired and goodnet; stages.png and metrics.json; saved nets that load with plain
+tf_keras and give the logged numbers), and none reads the evaluation data: run again on
+the same BadNet and validation file with other clean test and poisoned files of the same
+shapes, it saves bit-identical nets."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from badnet_repair import data
+from badnet_repair.defenses import detectors, repairs
+from badnet_repair.experiment import inputs, pipeline
+from badnet_repair.zoo import builds as demo
+from badnet_repair.zoo import recipes as zoo
+
+from conftest import TINY, compose_config
+
+pytestmark = pytest.mark.slow
+
+# The stages a repair hands back to be scored, beside the BadNet, the repaired net and
+# the GoodNet that every run scores.
+OWN_STAGES = {"fine_pruning": {"pruned"}, "magnitude": {"pruned"}, "rnp": {"unlearned"}}
+EVERY_RUN = {"badnet", "repaired", "goodnet"}
+ARTIFACTS = {"config.yaml", "metrics.json", "repaired_net.h5", "goodnet.h5", "stages.png"}
+PNG = b"\x89PNG\r\n\x1a\n"
+DETECTOR_SETTINGS = ["repair=finetune", "finetune.epochs=1", "goodnet.k=8"]
+
+
+@pytest.fixture(scope="module")
+def other_evaluation_files(tmp_path_factory, demo_dir) -> dict[str, Path]:
+    """Clean test and poisoned files of the demo's shapes holding other data: the test
+    images in another order with other labels, and clean test images labelled 0 in place
+    of the triggered ones."""
+    folder = tmp_path_factory.mktemp("other_evaluation")
+    shape, n = zoo.DEMO.image_shape, zoo.DEMO.num_classes
+    x, y = data.read_h5(demo_dir / demo.CLEAN_FILES["clean_test"], shape)
+    triggered, _ = data.read_h5(demo_dir / demo.poisoned_file("patch"), shape)
+    rng = np.random.default_rng(7)
+    order = rng.permutation(len(x))
+    files = {"clean_test": folder / "clean_test.h5", "patch": folder / "patch.h5"}
+    data.save_h5(files["clean_test"], x[order].transpose(0, 3, 1, 2), (y[order] + 1) % n)
+    untriggered = x[rng.choice(len(x), len(triggered), replace=False)]
+    data.save_h5(files["patch"], untriggered.transpose(0, 3, 1, 2), np.zeros(len(triggered)))
+    return files
+
+
+def run(folder: Path, demo_dir: Path, *overrides: str):
+    """`pipeline.run` from nothing cached: the BadNet, its data and every shared value
+    loaded or computed afresh."""
+    inputs._baseline.clear()
+    cfg = compose_config(folder, demo_dir, *overrides)
+    return cfg, pipeline.run(cfg)
+
+
+def run_twice(tmp_path, demo_dir, files, *overrides: str):
+    """The run on the demo's evaluation files, and on the other ones."""
+    real = run(tmp_path / "real", demo_dir, *overrides)
+    other = [f"data.clean_test={files['clean_test']}", f"data.poisoned.patch={files['patch']}"]
+    swapped = run(tmp_path / "swapped", demo_dir, *overrides, *other)
+    assert swapped[1]["repaired/clean_acc"] != real[1]["repaired/clean_acc"]  # other files read
+    return real
+
+
+def plain(path: Path) -> keras.Model:
+    """A saved net, loaded by tf_keras itself."""
+    return keras.models.load_model(path, compile=False)
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    a, b = plain(first), plain(second)
+    assert [w.name for w in a.weights] == [w.name for w in b.weights]
+    differ = [
+        w.name for w, v in zip(a.weights, b.weights, strict=True) if not np.array_equal(w, v)
+    ]
+    assert not differ, f"{first.name}: weights differ with other evaluation files: {differ}"
+
+
+def classes(model: keras.Model, ds: data.Dataset) -> np.ndarray:
+    return np.argmax(model.predict(ds.x, batch_size=512, verbose=0), axis=1)
+
+
+def the_run(cfg):
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    (found,) = mlflow.search_runs(experiment_names=["demo"], output_format="list")
+    return found
+
+
+def assert_scored_by_the_contract(cfg, metrics, own: set[str], demo_data, demo_model) -> None:
+    """The stages scored, what is logged and saved, and the saved repaired net's answers."""
+    _, test, poisoned = demo_data
+    scored = {key.split("/")[0] for key in metrics if key.endswith("/clean_acc")}
+    assert scored == EVERY_RUN | own
+    for stage in scored:
+        assert f"{stage}/asr/patch" in metrics, stage
+    assert {"goodnet/flag_rate_clean", "goodnet/detect/patch", "time/repair_s"} <= set(metrics)
+
+    found = the_run(cfg)
+    assert found.info.status == "FINISHED" and found.data.params["repair"] == cfg.repair
+    assert found.info.run_name.startswith(f"demo {cfg.repair} (")
+    for key, value in metrics.items():
+        assert found.data.metrics[key] == pytest.approx(value, abs=1e-12), key
+    client = mlflow.MlflowClient()
+    assert ARTIFACTS <= {a.path for a in client.list_artifacts(found.info.run_id)}
+    local = Path(client.download_artifacts(found.info.run_id, "", str(Path(cfg.paths.root))))
+    assert (local / "stages.png").read_bytes().startswith(PNG)
+    logged = json.loads((local / "metrics.json").read_text())
+    assert logged["metrics"] == {k: v for k, v in metrics.items() if k != "objective"}
+
+    repaired = plain(local / "repaired_net.h5")
+    assert float(np.mean(classes(repaired, test) == test.y)) == metrics["repaired/clean_acc"]
+    asr = float(np.mean(classes(repaired, poisoned) == poisoned.y))
+    assert asr == metrics["repaired/asr/patch"]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(repaired.get_weights(), demo_model.get_weights(), strict=True)
+    ]
+    assert any(changed)  # a repair, not the BadNet handed back
+
+
+@pytest.mark.parametrize("name", repairs.names())
+def test_each_repair_is_scored_alike_and_never_reads_the_evaluation_data(
+    tmp_path, demo_dir, demo_data, demo_model, other_evaluation_files, name
+):
+    overrides = [f"repair={name}", *TINY.get(name, [])]
+    cfg, metrics = run_twice(tmp_path, demo_dir, other_evaluation_files, *overrides)
+    assert_scored_by_the_contract(cfg, metrics, OWN_STAGES.get(name, set()), demo_data, demo_model)
+    for file in ("repaired_net.h5", "goodnet.h5"):
+        assert_same_weights(tmp_path / "real/out" / file, tmp_path / "swapped/out" / file)
+
+
+@pytest.mark.parametrize("name", detectors.names())
+def test_each_detector_is_scored_alike_and_never_reads_the_evaluation_data(
+    tmp_path, demo_dir, demo_data, demo_model, other_evaluation_files, name
+):
+    """The GoodNet of each detector alone: its flags logged, and the saved goodnet.h5,
+    loaded by tf_keras and run, gives the logged numbers (the run scores it by its rule on
+    answers in hand, not by running it)."""
+    _, test, poisoned = demo_data
+    overrides = [*DETECTOR_SETTINGS, f"goodnet.detector={name}"]
+    cfg, metrics = run_twice(tmp_path, demo_dir, other_evaluation_files, *overrides)
+    assert_scored_by_the_contract(cfg, metrics, set(), demo_data, demo_model)
+    own = {key.split("/", 2)[2] for key in metrics if key.startswith(f"goodnet/{name}/")}
+    assert {"flag_rate_clean", "detect/patch"} <= own
+    assert ("auroc/patch" in own) == (name != "disagreement")  # a scored detector
+    others = [d for d in detectors.names() if d != name]
+    assert not [k for k in metrics if k.startswith(tuple(f"goodnet/{d}/" for d in others))]
+
+    good = plain(tmp_path / "real/out/goodnet.h5")
+    n = zoo.DEMO.num_classes
+    assert good.output_shape == (None, n + 1)
+    on_test, on_poisoned = classes(good, test), classes(good, poisoned)
+    ran = {
+        "goodnet/clean_acc": np.mean(on_test == test.y),
+        "goodnet/flag_rate_clean": np.mean(on_test == n),
+        "goodnet/asr/patch": np.mean(on_poisoned == poisoned.y),
+        "goodnet/detect/patch": np.mean(on_poisoned == n),
+    }
+    for key, value in ran.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-9), key
+    assert 0 < metrics["goodnet/flag_rate_clean"] < 1  # both kinds of answer compared
+    for file in ("repaired_net.h5", "goodnet.h5"):
+        assert_same_weights(tmp_path / "real/out" / file, tmp_path / "swapped/out" / file)
