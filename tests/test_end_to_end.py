@@ -75,9 +75,7 @@ def plain(path: Path) -> keras.Model:
 def assert_same_weights(first: Path, second: Path) -> None:
     a, b = plain(first), plain(second)
     assert [w.name for w in a.weights] == [w.name for w in b.weights]
-    differ = [
-        w.name for w, v in zip(a.weights, b.weights, strict=True) if not np.array_equal(w, v)
-    ]
+    differ = [w.name for w, v in zip(a.weights, b.weights, strict=True) if not np.array_equal(w, v)]
     assert not differ, f"{first.name}: weights differ with other evaluation files: {differ}"
 
 
