@@ -1,86 +1,40 @@
-"""Repairs as plug-ins: every `repair` choice composes, runs end to end on the demo and is
-scored by the same shared code; keys a repair does not read are never silently ignored."""
+"""Repairs as plug-ins: fine-tuning alone, the strength rule repairs share, and keys a
+repair does not read, never silently ignored (every repair end to end: test_end_to_end)."""
 
-import json
 import logging
-import subprocess
-import sys
 
 import mlflow
 import numpy as np
 import pytest
 
+from badnet_repair import data
 from badnet_repair.defenses import budget, repairs
-from badnet_repair.defenses.clean import Memo
+from badnet_repair.defenses.clean import CleanData, Memo
+from badnet_repair.defenses.repairs import finetune
 from badnet_repair.experiment import pipeline
-from badnet_repair.network import models
+from badnet_repair.journal import Journal
+from badnet_repair.network.training import Finetune
 
-from conftest import ROOT, TINY, compose_config
-
-SHARED_METRICS = {
-    "badnet/clean_acc",
-    "badnet/asr/patch",
-    "repaired/clean_acc",
-    "repaired/asr/patch",
-}
-SHARED_METRICS |= {"goodnet/clean_acc", "goodnet/flag_rate_clean", "goodnet/detect/patch"}
+from conftest import compose_config, run_py
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", repairs.names())
-def test_every_repair_runs_end_to_end_and_is_scored_alike(tmp_path, demo_dir, demo_model, name):
-    cfg = compose_config(tmp_path, demo_dir, f"repair={name}", *TINY.get(name, []))
-    metrics = pipeline.run(cfg)
-    assert SHARED_METRICS <= set(metrics)
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    (run,) = mlflow.search_runs(experiment_names=["demo"], output_format="list")
-    assert run.info.status == "FINISHED" and run.data.params["repair"] == name
-    assert run.info.run_name.startswith(f"demo {name} (")
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {
-        "config.yaml",
-        "metrics.json",
-        "repaired_net.h5",
-        "goodnet.h5",
-        "stages.png",
-    } <= artifacts
-    logged = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert logged["metrics"] == {k: v for k, v in metrics.items() if k != "objective"}
-    repaired = models.load_model(tmp_path / "out" / "repaired_net.h5")
-    changed = [
-        not np.array_equal(a, b)
-        for a, b in zip(repaired.get_weights(), demo_model.get_weights(), strict=True)
-    ]
-    assert any(changed)  # a repair, not the BadNet handed back
-    assert "time/repair_s" in run.data.metrics
-
-
-@pytest.mark.slow
-def test_finetune_alone_trains_every_layer_and_adds_no_stage(tmp_path, demo_dir, demo_model):
-    cfg = compose_config(tmp_path, demo_dir, "repair=finetune", "finetune.epochs=1")
-    metrics = pipeline.run(cfg)
-    assert not any(k.startswith(("pruned/", "prune/")) for k in metrics)
-    repaired = models.load_model(tmp_path / "out" / "repaired_net.h5")
+def test_finetune_alone_trains_every_layer_and_hands_back_no_stage(demo_model, demo_data):
+    """The repair itself on the demo and its clean data: every layer trained, one epoch
+    logged as a series, nothing handed back to be scored but the repaired net."""
+    train, holdout = data.split(demo_data[0], 0.1, seed=0)
+    journal = Journal()
+    case = repairs.Case(
+        demo_model, "conv_3", CleanData(demo_data[0], train, holdout), journal, 0, 512
+    )
+    with mlflow.start_run() as run:
+        repaired = finetune.repair(case, Finetune(epochs=1, lr=1e-3, batch_size=64))
+    assert case.handed == []
     for layer in ("conv_1", "conv_3", "fc_2", "output"):
         before = demo_model.get_layer(layer).get_weights()[0]
         assert not np.array_equal(repaired.get_layer(layer).get_weights()[0], before)
-    history = mlflow.MlflowClient().get_metric_history(
-        mlflow.search_runs(experiment_names=["demo"], output_format="list")[0].info.run_id,
-        "finetune/val_acc",
-    )
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "finetune/val_acc")
     assert [m.step for m in history] == [1]
-
-
-def cli(tmp_path, demo_dir, *args):
-    flags = [a for a in args if a.startswith("-")]
-    overrides = [a for a in args if not a.startswith("-")]
-    root = [f"paths.root={tmp_path}", f"paths.data={demo_dir.parent}"]
-    return subprocess.run(
-        [sys.executable, f"{ROOT}/run.py", *flags, *root, *overrides],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    assert journal.series == {"finetune/loss", "finetune/val_acc"}
 
 
 @pytest.mark.parametrize(
@@ -106,16 +60,18 @@ def cli(tmp_path, demo_dir, *args):
     ],
     ids=["single run", "sweep over repairs", "old prune group"],
 )
+@pytest.mark.slow
 def test_a_key_the_repair_does_not_read_is_one_line_before_any_work(
     tmp_path, demo_dir, overrides, expected
 ):
-    done = cli(tmp_path, demo_dir, *overrides)
+    done = run_py(tmp_path, demo_dir, *overrides)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == expected
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.slow
 def test_a_forced_key_the_repair_does_not_read_is_named_in_one_warning(tmp_path, demo_dir, caplog):
     caplog.set_level(logging.WARNING, logger="badnet_repair")
     cfg = compose_config(
