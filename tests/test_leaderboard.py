@@ -1,56 +1,34 @@
-"""The leaderboard: every repair on a BadNet (defense_comparison), every BadNet of the zoo
-(zoo), resumable like every sweep, rebuilt from the store; the clean rule that marks the
-best repair reads no test or poisoned data."""
+"""The leaderboard: a sweep over repairs on every BadNet of the zoo (`+experiment=zoo`, two
+repairs here; every repair end to end is test_end_to_end's), resumable like every sweep,
+rebuilt from the store; the clean rule that marks the best repair reads no test or
+poisoned data."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from badnet_repair import UserError
 from badnet_repair.defenses import repairs
-from badnet_repair.experiment import leaderboard
+from badnet_repair.experiment import config, leaderboard
+from badnet_repair.zoo import recipes as zoo
 
-from conftest import ROOT, TINY
-
-pytestmark = pytest.mark.slow
+from conftest import TINY, multirun
 
 SCALE = "model.build_scale=0.05"  # tiny demo builds: the mechanics, not the figures
-
-
-def tiny_settings() -> list[str]:
-    """Every repair's tiny settings, forced in for a sweep over repairs (`++`: set where
-    a repair reads them, ignored with a warning elsewhere)."""
-    return sorted({f"++{o}" for settings in TINY.values() for o in settings})
-
-
-def multirun(root: Path, *overrides: str) -> str:
-    done = subprocess.run(
-        [
-            sys.executable,
-            f"{ROOT}/run.py",
-            "-m",
-            f"paths.root={root}",
-            f"paths.data={root}/data",
-            SCALE,
-            "goodnet.k=8",
-            *tiny_settings(),
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    return done.stdout + done.stderr
+REPAIRS = ("finetune", "fine_pruning")
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("comparison")
-    first = multirun(root, "+experiment=defense_comparison")
-    again = multirun(root, "+experiment=defense_comparison")
+def swept(tmp_path_factory):
+    """`+experiment=zoo` over two repairs, run twice: the second finds every point done.
+    The leaderboard's probe scans at Neural Cleanse's tiny settings (forced in with ++)."""
+    root = tmp_path_factory.mktemp("zoo")
+    probe = [f"++{o}" for o in TINY["neural_cleanse"] if not o.startswith("finetune.")]
+    args = ["+experiment=zoo", f"repair={','.join(REPAIRS)}", SCALE, "goodnet.k=8"]
+    args += ["finetune.epochs=1", *probe]
+    first = multirun(root, root / "data", *args)
+    again = multirun(root, root / "data", *args)
     return root, first, again
 
 
@@ -61,20 +39,25 @@ def parent_of(root: Path, experiment: str):
     return parent
 
 
-def test_defense_comparison_runs_every_repair_once_and_resumes(compared):
-    root, first, again = compared
-    parent = parent_of(root, "demo")
-    rows = leaderboard.runs(["demo"], parent.info.run_id)
-    assert sorted(row["repair"] for row in rows) == repairs.names()
-    assert again.count("already FINISHED") == len(repairs.names())
+@pytest.mark.slow
+def test_zoo_runs_every_demo_badnet_in_one_experiment_and_resumes(swept):
+    root, first, again = swept
+    parent = parent_of(root, "zoo")
+    rows = leaderboard.runs(["zoo"], parent.info.run_id)
+    assert {(r["badnet"], r["repair"]) for r in rows} == {
+        (badnet, repair) for badnet in zoo.BUILDERS for repair in REPAIRS
+    }
+    assert again.count("already FINISHED") == len(rows)
     assert "Leaderboard:" in first and "| badnet | repair | best |" in first
+    assert "asr/glasses" in first and "asr/blend" in first  # every trigger has its column
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"leaderboard.md", "leaderboard.csv", "leaderboard.png", "summary.md"} <= artifacts
 
 
-def test_the_leaderboard_is_rebuilt_from_the_store(compared, tmp_path, capsys):
-    root, *_ = compared
-    parent = parent_of(root, "demo")
+@pytest.mark.slow
+def test_the_leaderboard_is_rebuilt_from_the_store(swept, tmp_path, capsys):
+    root, *_ = swept
+    parent = parent_of(root, "zoo")
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
     argv = ["--tracking-uri", uri, "--parent", parent.info.run_id, "--out", str(tmp_path)]
     assert leaderboard.main(argv) == 0
@@ -84,15 +67,14 @@ def test_the_leaderboard_is_rebuilt_from_the_store(compared, tmp_path, capsys):
     assert leaderboard.main(["--tracking-uri", uri, "--experiment", "absent"]) == 1
 
 
-def test_zoo_runs_every_demo_badnet_in_one_experiment(tmp_path):
-    out = multirun(tmp_path, "+experiment=zoo", "repair=finetune,fine_pruning")
-    parent = parent_of(tmp_path, "zoo")
-    rows = leaderboard.runs(["zoo"], parent.info.run_id)
-    badnets = {"demo", "demo_blend", "demo_bn", "demo_lowrate", "demo_multi"}
-    assert {(r["badnet"], r["repair"]) for r in rows} == {
-        (b, r) for b in badnets for r in ("finetune", "fine_pruning")
-    }
-    assert "asr/glasses" in out and "asr/blend" in out  # every trigger has its column
+@pytest.mark.parametrize("experiment", ["defense_comparison", "zoo"])
+def test_the_comparisons_sweep_every_repair(experiment):
+    """`+experiment=defense_comparison` and `zoo` sweep over every repair, whatever repairs
+    there are: a key of one repair's section is refused, naming every other repair."""
+    with pytest.raises(UserError) as err:
+        config.check_overrides([f"+experiment={experiment}", "prune.sparsity=0.5"])
+    others = [name for name in repairs.names() if "prune" not in repairs.sections(name)]
+    assert f"not read by repair={','.join(others)} (read by" in str(err.value)
 
 
 def finished_run(client, experiment_id: str, badnet: str, repair: str, **metrics) -> None:

@@ -14,33 +14,10 @@ import pytest
 
 from badnet_repair.experiment import evaluate, sweep
 
-from conftest import ROOT
-
-pytestmark = pytest.mark.slow
+from conftest import multirun, run_py, run_py_command
 
 
-def command(root: Path, demo_dir: Path, *overrides: str) -> list[str]:
-    """`run.py -m` on the demo with everything stored under `root`, one epoch per point."""
-    return [
-        sys.executable,
-        f"{ROOT}/run.py",
-        "-m",
-        f"paths.root={root}",
-        f"paths.data={demo_dir.parent}",
-        "finetune.epochs=1",
-        *overrides,
-    ]
-
-
-def multirun(root: Path, demo_dir: Path, *overrides: str, timeout: int = 600):
-    done = subprocess.run(
-        command(root, demo_dir, *overrides),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    return done.stdout + done.stderr
+EPOCH = "finetune.epochs=1"  # one epoch per point
 
 
 def parents_and_children(root: Path):
@@ -58,7 +35,7 @@ def parents_and_children(root: Path):
 def swept(tmp_path_factory, demo_dir):
     """A 3-point sparsity sweep, interrupted after its first point and then rerun."""
     root = tmp_path_factory.mktemp("sweep")
-    cmd = command(root, demo_dir, "prune.sparsity=0.3,0.6,0.9")
+    cmd = run_py_command(root, demo_dir, "-m", EPOCH, "prune.sparsity=0.3,0.6,0.9")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = []
     for line in proc.stdout:
@@ -71,11 +48,12 @@ def swept(tmp_path_factory, demo_dir):
     (parent,), children = parents_and_children(root)
     statuses = sorted(c.info.status for c in children[parent.info.run_id])
     interrupted = {"code": proc.returncode, "parent": parent.info.status, "children": statuses}
-    second = multirun(root, demo_dir, "prune.sparsity=0.3,0.6,0.9")
-    third = multirun(root, demo_dir, "prune.sparsity=0.3,0.6,0.9")
+    second = multirun(root, demo_dir, EPOCH, "prune.sparsity=0.3,0.6,0.9")
+    third = multirun(root, demo_dir, EPOCH, "prune.sparsity=0.3,0.6,0.9")
     return root, "".join(first), second, third, interrupted
 
 
+@pytest.mark.slow
 def test_sweep_has_one_parent_with_a_child_per_point(swept):
     root, _, second, *_ = swept
     parents, children = parents_and_children(root)
@@ -92,6 +70,7 @@ def test_sweep_has_one_parent_with_a_child_per_point(swept):
     assert "| run | prune.sparsity |" in second and "Sweep " in second
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_reruns_only_missing_points_then_skips_all(swept):
     root, first, second, third, interrupted = swept
     assert "#0 :" in first
@@ -106,6 +85,7 @@ def test_interrupted_sweep_reruns_only_missing_points_then_skips_all(swept):
     assert len(finished) == 3
 
 
+@pytest.mark.slow
 def test_parent_holds_summary_table_and_plot(swept):
     root, *_ = swept
     (parent,), _ = parents_and_children(root)
@@ -129,6 +109,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_mlflow_server_serves_the_sweep_over_rest(swept):
     root, *_ = swept
     port = free_port()
@@ -190,6 +171,7 @@ def test_mlflow_server_serves_the_sweep_over_rest(swept):
         assert {"badnet/clean_acc", "repaired/asr/patch", "finetune/loss"} <= metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "launcher",
     [
@@ -199,17 +181,19 @@ def test_mlflow_server_serves_the_sweep_over_rest(swept):
     ids=["joblib", "submitit_local"],
 )
 def test_parallel_launchers_share_one_sqlite_store(tmp_path, demo_dir, launcher):
-    out = multirun(tmp_path, demo_dir, *launcher, "prune.sparsity=0.4,0.8")
+    out = multirun(tmp_path, demo_dir, EPOCH, *launcher, "prune.sparsity=0.4,0.8")
     (parent,), children = parents_and_children(tmp_path)
     kids = children[parent.info.run_id]
     assert sorted(c.info.status for c in kids) == ["FINISHED", "FINISHED"]
     assert parent.info.status == "FINISHED" and "| run | prune.sparsity |" in out
 
 
+@pytest.mark.slow
 def test_optuna_search_logs_every_trial_and_maximises_the_objective(tmp_path, demo_dir):
     out = multirun(
         tmp_path,
         demo_dir,
+        EPOCH,
         "+hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
         "sweep.objective=oracle_der",
@@ -249,22 +233,19 @@ def test_objectives_by_hand(name, expected):
         assert evaluate.objective(metrics, name, 0.05) == pytest.approx(-0.05)
 
 
+@pytest.mark.slow
 def test_resume_false_reruns_points(tmp_path, demo_dir):
-    multirun(tmp_path, demo_dir, "prune.sparsity=0.5")
-    out = multirun(tmp_path, demo_dir, "prune.sparsity=0.5", "sweep.resume=false")
+    multirun(tmp_path, demo_dir, EPOCH, "prune.sparsity=0.5")
+    out = multirun(tmp_path, demo_dir, EPOCH, "prune.sparsity=0.5", "sweep.resume=false")
     assert "already FINISHED" not in out
     (parent,), children = parents_and_children(tmp_path)
     assert len(children[parent.info.run_id]) == 2
     assert sweep.read_parent(tmp_path / "absent") is None
 
 
+@pytest.mark.slow
 def test_sweep_stopped_by_bad_input_ends_its_parent_failed(tmp_path, demo_dir):
-    done = subprocess.run(
-        command(tmp_path, demo_dir, "prune.sparsity=1.5"), capture_output=True, text=True
-    )
+    done = run_py(tmp_path, demo_dir, "-m", "finetune.lr=0,0.001")
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == (
-        "error: config key prune.sparsity=1.5: expected in [0, 1)"
-    )
-    (parent,), _ = parents_and_children(tmp_path)
-    assert parent.info.status == "FAILED"
+    (parent,), children = parents_and_children(tmp_path)
+    assert parent.info.status == "FAILED" and children[parent.info.run_id] == []
