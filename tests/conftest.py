@@ -117,20 +117,21 @@ def compose_config(tmp_path, demo_dir, *overrides: str):
         )
 
 
-def run_py_command(root: Path, data_dir: Path | None, *args: str) -> list[str]:
+def run_py_command(root: Path, data: Path | None, *args: str) -> list[str]:
     """`python run.py ARGS` with every location under `root` and the demo BadNets read from
-    (or built into) `data_dir`; flags (`-m`) go first."""
+    (or built into) the folder `data` (paths.data: `demo_dir.parent` for the session's
+    demo); flags (`-m`) go first."""
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
-    where = [f"paths.root={root}"] + ([f"paths.data={data_dir}"] if data_dir else [])
+    where = [f"paths.root={root}"] + ([f"paths.data={data}"] if data else [])
     return [sys.executable, f"{ROOT}/run.py", *flags, *where, *overrides]
 
 
-def run_py(root: Path, data_dir: Path | None, *args: str, timeout: int = 600):
+def run_py(root: Path, data: Path | None, *args: str, timeout: int = 600):
     """Run `run.py` (see `run_py_command`) from `root` and return the finished process."""
     Path(root).mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        run_py_command(root, data_dir, *args),
+        run_py_command(root, data, *args),
         capture_output=True,
         text=True,
         cwd=root,
@@ -138,8 +139,8 @@ def run_py(root: Path, data_dir: Path | None, *args: str, timeout: int = 600):
     )
 
 
-def multirun(root: Path, data_dir: Path | None, *args: str, timeout: int = 900) -> str:
+def multirun(root: Path, data: Path | None, *args: str, timeout: int = 900) -> str:
     """A sweep, `run.py -m ARGS`, that must succeed; its output (stdout and stderr)."""
-    done = run_py(root, data_dir, "-m", *args, timeout=timeout)
+    done = run_py(root, data, "-m", *args, timeout=timeout)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return done.stdout + done.stderr

@@ -1,6 +1,7 @@
 """Class-agnostic repairs (FT-SAM, RNP, SAU): each one's mechanism on two small nets built
 here, a functional one without BatchNorm (two branches meeting in an Add, like DeepID) and
-a Sequential one with BatchNorm and another input size; and each end to end on the demo."""
+a Sequential one with BatchNorm and another input size; and FT-SAM against fine-pruning on
+the demo (every repair end to end: test_end_to_end)."""
 
 import mlflow
 import numpy as np
@@ -11,7 +12,7 @@ import tf_keras as keras
 from badnet_repair import data
 from badnet_repair.defenses.clean import CleanData
 from badnet_repair.defenses.repairs import Case, ft_sam, rnp, sau
-from badnet_repair.experiment import pipeline
+from badnet_repair.experiment import pipeline, tracking
 from badnet_repair.journal import Journal
 from badnet_repair.network import models, training
 from badnet_repair.network.channels import Masks, units
@@ -82,19 +83,21 @@ def labelled(model: keras.Model, n: int, seed: int, name: str) -> data.Dataset:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One real MLflow store for the module (creating one takes seconds)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlruns')}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    return uri
+    """One real MLflow store for the module (creating one takes seconds), with an
+    experiment whose artifacts stay in the temporary folder."""
+    root = tmp_path_factory.mktemp("mlruns")
+    uri = f"sqlite:///{root}/mlflow.db"
+    return uri, tracking.prepare(uri, "agnostic", str(root / "artifacts"))
 
 
 @pytest.fixture
 def case(net, store):
     """A Case over `net` with a real Journal inside a real MLflow run."""
-    mlflow.set_tracking_uri(store)
+    uri, experiment = store
+    mlflow.set_tracking_uri(uri)
     train, holdout = labelled(net, 96, 1, "train"), labelled(net, 48, 2, "holdout")
     everything = data.Dataset("validation", np.concatenate([train.x, holdout.x]), None)
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment):
         yield Case(net, "conv_b", CleanData(everything, train, holdout), Journal(), 0, 64)
 
 
@@ -209,10 +212,9 @@ def test_sau_perturbation_stays_within_eps(net, eps):
     y = tf.constant(np.argmax(net.predict(x, verbose=0), axis=1))
     h, h0 = training.scores(other), training.scores(net)
     for step in (eps, 3 * eps):
-        delta, shared = sau.shared_pgd(h, h0, x, y, eps, step, 5)
+        delta, _ = sau.shared_pgd(h, h0, x, y, eps, step, 5)
         assert delta.shape == x.shape
         assert float(tf.reduce_max(tf.abs(delta))) <= eps * (1 + 1e-6)
-        assert 0 <= float(shared) <= 1
 
 
 def test_sau_shared_loss_keeps_its_gradient_where_the_probability_saturates():
@@ -280,31 +282,12 @@ def fine_pruning_asr(tmp_path_factory, demo_dir):
     return pipeline.run(compose_config(tmp, demo_dir, "repair=fine_pruning"))["repaired/asr/patch"]
 
 
-# Cheaper settings: one strong rung of each ladder (SAU at the reference eps), fewer steps.
-CHEAP = {
-    "ft_sam": ["ft_sam.lrs=[0.05]", "ft_sam.steps=60"],
-    "rnp": ["rnp.mask_steps=30"],
-    "sau": ["sau.eps=[0.2]", "sau.steps=5"],
-}
-MEASURED = (
-    "measured on the demo: {} leaves its patch trigger in (ASR above 0.9 at every setting "
-    "that kept clean accuracy); untargeted perturbations and unlearning of this net all "
-    "fall into one other class, not the backdoor's target"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [
-        "ft_sam",
-        pytest.param("rnp", marks=pytest.mark.xfail(strict=True, reason=MEASURED.format("RNP"))),
-        pytest.param("sau", marks=pytest.mark.xfail(strict=True, reason=MEASURED.format("SAU"))),
-    ],
-)
-def test_each_lowers_the_demos_asr_well_below_fine_pruning(
-    tmp_path, demo_dir, fine_pruning_asr, name
-):
-    metrics = pipeline.run(compose_config(tmp_path, demo_dir, f"repair={name}", *CHEAP[name]))
-    assert metrics["repaired/asr/patch"] < fine_pruning_asr - 0.2  # 20 points below, at least
+def test_ft_sam_lowers_the_demos_asr_well_below_fine_pruning(tmp_path, demo_dir, fine_pruning_asr):
+    """At cheaper settings (one strong learning rate, 60 steps), FT-SAM leaves 20 points
+    less ASR than fine-pruning at its defaults, for at most 10 points of clean accuracy.
+    (RNP and SAU leave the demo's backdoor in: measured on the leaderboard, docs/leaderboard.md.)"""
+    cheap = ["repair=ft_sam", "ft_sam.lrs=[0.05]", "ft_sam.steps=60"]
+    metrics = pipeline.run(compose_config(tmp_path, demo_dir, *cheap))
+    assert metrics["repaired/asr/patch"] < fine_pruning_asr - 0.2
     assert metrics["repaired/clean_acc"] > metrics["badnet/clean_acc"] - 0.1

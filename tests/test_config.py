@@ -58,8 +58,7 @@ def test_project_root_does_not_depend_on_the_working_directory(monkeypatch, tmp_
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        ("prune.sparsity=1.0", "prune.sparsity"),
-        ("prune.sparsity=-0.1", "prune.sparsity"),
+        ("prune.max_acc_drop=1.0", "prune.max_acc_drop"),
         ("finetune.epochs=-1", "finetune.epochs"),
         ("finetune.lr=0", "finetune.lr"),
         ("finetune.batch_size=0", "finetune.batch_size"),

@@ -14,7 +14,7 @@ from badnet_repair import UserError, data
 from badnet_repair.experiment import config, pipeline
 from badnet_repair.network import models, pruning
 
-from conftest import ROOT, SHARED, compose_config
+from conftest import SHARED, compose_config, run_py
 
 NETS = {
     "sunglasses": "models/sunglasses_bd_weights.h5",
@@ -159,22 +159,16 @@ def unseen_badnet(tmp_path_factory):
 def test_a_badnet_never_seen_runs_through_overrides_alone(unseen_badnet, tmp_path):
     files = sorted(unseen_badnet.iterdir())
     before = {f: sha256(f) for f in files}
-    done = subprocess.run(
-        [
-            sys.executable,
-            f"{ROOT}/run.py",
-            "model=custom",
-            f"paths.root={tmp_path}",
-            f"model.file={unseen_badnet}/net.keras",
-            f"data.clean_validation={unseen_badnet}/val.h5",
-            f"data.clean_test={unseen_badnet}/test.h5",
-            f"+data.poisoned.corner={unseen_badnet}/corner.h5",
-            "finetune.epochs=1",
-            "prune.sparsity=0.5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_py(
+        tmp_path,
+        None,
+        "model=custom",
+        f"model.file={unseen_badnet}/net.keras",
+        f"data.clean_validation={unseen_badnet}/val.h5",
+        f"data.clean_test={unseen_badnet}/test.h5",
+        f"+data.poisoned.corner={unseen_badnet}/corner.h5",
+        "finetune.epochs=1",
+        "prune.sparsity=0.5",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "6 of 12 channels of features_b zeroed" in done.stderr + done.stdout

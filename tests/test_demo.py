@@ -12,7 +12,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import tensorflow as tf
 import tf_keras as keras
 
 from badnet_repair import UserError, data
@@ -108,29 +107,31 @@ def test_poisoned_sets_are_triggered_test_images_of_the_other_classes(tiny_zoo, 
     assert len({t.target for t in recipe.triggers}) == len({t.name for t in recipe.triggers})
 
 
-def test_the_zoo_holds_what_its_configs_promise():
-    recipes = zoo.RECIPES
-    assert recipes["demo_multi"].triggers[0].target != recipes["demo_multi"].triggers[1].target
-    assert recipes["demo_lowrate"].poison_rate == 0.01
-    assert {type(t).__name__ for t in recipes["demo_blend"].triggers} == {"Blend"}
-    assert recipes["demo_blend"].identities == recipes["demo"].identities
-    assert recipes["demo_bn"].layout == "channels_last"
-    assert {r.layout for n, r in recipes.items() if n != "demo_bn"} == {"channels_first"}
+@pytest.mark.parametrize("name", zoo.BUILDERS)
+def test_a_builds_record_holds_what_its_files_measure(tiny_zoo, name):
+    """build.json's clean accuracy and ASR are what the saved net gives on the saved files."""
+    recipe, folder = zoo.RECIPES[name], tiny_zoo[0][name]
+    record = json.loads((folder / demo.RECORD_FILE).read_text())
+    model = models.load_model(folder / demo.MODEL_FILE)
+
+    def measured(file: str) -> float:
+        ds = data.load_h5(folder / file, recipe.image_shape, recipe.num_classes, 1 / 255, file)
+        return accuracy(model, ds)
+
+    assert record["clean_acc"] == measured(demo.CLEAN_FILES["clean_test"])
+    assert record["asr"] == {t.name: measured(demo.poisoned_file(t.name)) for t in recipe.triggers}
 
 
-def test_every_build_records_what_was_built(tiny_zoo):
-    for name, folder in tiny_zoo[0].items():
-        recipe = zoo.RECIPES[name]
-        record = json.loads((folder / demo.RECORD_FILE).read_text())
-        assert (record["recipe"], record["build_seed"], record["scale"]) == (
-            name,
-            recipe.seed,
-            TINY_SCALE,
-        )
-        assert record["declaration"] == {"procedure": demo.PROCEDURE, **recipe.describe()}
-        assert set(record["asr"]) == {t.name for t in recipe.triggers}
-        assert 0 <= record["clean_acc"] <= 1 and all(0 <= v <= 1 for v in record["asr"].values())
-        assert record["versions"]["tensorflow"] == tf.__version__
+def test_a_build_of_a_changed_recipe_is_refused(tiny_zoo, tmp_path):
+    """A folder built by another version of the recipe (here: its record says another
+    learning rate) is not used as this recipe's build."""
+    folder = shutil.copytree(tiny_zoo[0]["demo"], tmp_path / "demo")
+    assert demo.ensure(folder, "demo", TINY_SCALE) == folder
+    record = json.loads((folder / demo.RECORD_FILE).read_text())
+    record["declaration"]["lr"] *= 2
+    (folder / demo.RECORD_FILE).write_text(json.dumps(record))
+    with pytest.raises(UserError, match="holds a build of demo at scale 0.02, not of this"):
+        demo.ensure(folder, "demo", TINY_SCALE)
 
 
 @pytest.mark.parametrize("name", zoo.BUILDERS)

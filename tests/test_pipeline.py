@@ -132,7 +132,7 @@ def test_a_run_failing_midway_ends_failed(tmp_path, demo_dir):
 
 @pytest.mark.slow
 def test_command_line_bad_value_is_one_line_and_nonzero(tmp_path, demo_dir):
-    done = run_py(tmp_path, demo_dir, "prune.sparsity=1.5")
+    done = run_py(tmp_path, demo_dir.parent, "prune.sparsity=1.5")
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1] == (
         "error: config key prune.sparsity=1.5: expected in [0, 1)"
@@ -148,7 +148,8 @@ def test_command_line_runs_give_the_same_numbers_in_fresh_processes(tmp_path, de
     results = []
     for attempt, seed in (("a", 0), ("b", 0), ("c", 1)):
         root = tmp_path / attempt
-        done = run_py(root, demo_dir, "finetune.epochs=1", "prune.sparsity=0.7", f"seed={seed}")
+        settings = ["finetune.epochs=1", "prune.sparsity=0.7", f"seed={seed}"]
+        done = run_py(root, demo_dir.parent, *settings)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "repaired: clean_acc=" in done.stderr + done.stdout
         assert only_run(root).info.status == "FINISHED"

@@ -64,7 +64,7 @@ def test_finetune_alone_trains_every_layer_and_hands_back_no_stage(demo_model, d
 def test_a_key_the_repair_does_not_read_is_one_line_before_any_work(
     tmp_path, demo_dir, overrides, expected
 ):
-    done = run_py(tmp_path, demo_dir, *overrides)
+    done = run_py(tmp_path, demo_dir.parent, *overrides)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == expected
     assert "Traceback" not in done.stderr

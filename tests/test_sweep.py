@@ -16,7 +16,6 @@ from badnet_repair.experiment import evaluate, sweep
 
 from conftest import multirun, run_py, run_py_command
 
-
 EPOCH = "finetune.epochs=1"  # one epoch per point
 
 
@@ -35,7 +34,7 @@ def parents_and_children(root: Path):
 def swept(tmp_path_factory, demo_dir):
     """A 3-point sparsity sweep, interrupted after its first point and then rerun."""
     root = tmp_path_factory.mktemp("sweep")
-    cmd = run_py_command(root, demo_dir, "-m", EPOCH, "prune.sparsity=0.3,0.6,0.9")
+    cmd = run_py_command(root, demo_dir.parent, "-m", EPOCH, "prune.sparsity=0.3,0.6,0.9")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = []
     for line in proc.stdout:
@@ -48,8 +47,8 @@ def swept(tmp_path_factory, demo_dir):
     (parent,), children = parents_and_children(root)
     statuses = sorted(c.info.status for c in children[parent.info.run_id])
     interrupted = {"code": proc.returncode, "parent": parent.info.status, "children": statuses}
-    second = multirun(root, demo_dir, EPOCH, "prune.sparsity=0.3,0.6,0.9")
-    third = multirun(root, demo_dir, EPOCH, "prune.sparsity=0.3,0.6,0.9")
+    second = multirun(root, demo_dir.parent, EPOCH, "prune.sparsity=0.3,0.6,0.9")
+    third = multirun(root, demo_dir.parent, EPOCH, "prune.sparsity=0.3,0.6,0.9")
     return root, "".join(first), second, third, interrupted
 
 
@@ -181,7 +180,7 @@ def test_mlflow_server_serves_the_sweep_over_rest(swept):
     ids=["joblib", "submitit_local"],
 )
 def test_parallel_launchers_share_one_sqlite_store(tmp_path, demo_dir, launcher):
-    out = multirun(tmp_path, demo_dir, EPOCH, *launcher, "prune.sparsity=0.4,0.8")
+    out = multirun(tmp_path, demo_dir.parent, EPOCH, *launcher, "prune.sparsity=0.4,0.8")
     (parent,), children = parents_and_children(tmp_path)
     kids = children[parent.info.run_id]
     assert sorted(c.info.status for c in kids) == ["FINISHED", "FINISHED"]
@@ -192,7 +191,7 @@ def test_parallel_launchers_share_one_sqlite_store(tmp_path, demo_dir, launcher)
 def test_optuna_search_logs_every_trial_and_maximises_the_objective(tmp_path, demo_dir):
     out = multirun(
         tmp_path,
-        demo_dir,
+        demo_dir.parent,
         EPOCH,
         "+hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
@@ -235,8 +234,8 @@ def test_objectives_by_hand(name, expected):
 
 @pytest.mark.slow
 def test_resume_false_reruns_points(tmp_path, demo_dir):
-    multirun(tmp_path, demo_dir, EPOCH, "prune.sparsity=0.5")
-    out = multirun(tmp_path, demo_dir, EPOCH, "prune.sparsity=0.5", "sweep.resume=false")
+    multirun(tmp_path, demo_dir.parent, EPOCH, "prune.sparsity=0.5")
+    out = multirun(tmp_path, demo_dir.parent, EPOCH, "prune.sparsity=0.5", "sweep.resume=false")
     assert "already FINISHED" not in out
     (parent,), children = parents_and_children(tmp_path)
     assert len(children[parent.info.run_id]) == 2
@@ -245,7 +244,7 @@ def test_resume_false_reruns_points(tmp_path, demo_dir):
 
 @pytest.mark.slow
 def test_sweep_stopped_by_bad_input_ends_its_parent_failed(tmp_path, demo_dir):
-    done = run_py(tmp_path, demo_dir, "-m", "finetune.lr=0,0.001")
+    done = run_py(tmp_path, demo_dir.parent, "-m", "finetune.lr=0,0.001")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     (parent,), children = parents_and_children(tmp_path)
     assert parent.info.status == "FAILED" and children[parent.info.run_id] == []
