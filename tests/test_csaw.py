@@ -108,7 +108,6 @@ def test_whole_pipeline_on_real_weights_with_stand_in_data(net, csaw_root, tmp_p
         f"{s}/asr/{t}" for s in ("badnet", "pruned", "repaired") for t in cfg.data.poisoned
     }
     assert expected <= set(run.data.metrics)
-    assert not any("/asr/" in k for k in run.data.metrics) or cfg.data.poisoned
     saved = models.load_model(tmp_path / "out" / "repaired_net.h5")
     assert len(pruning.zeroed_channels(saved.get_layer("conv_3"))) == 30
 

@@ -63,6 +63,7 @@ def tiny_zoo(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
     return here, {name: root / "b" / name for name in zoo.BUILDERS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.BUILDERS)
 def test_every_recipe_builds_the_same_files_in_two_processes(tiny_zoo, name):
     first, second = arrays(tiny_zoo[0][name]), arrays(tiny_zoo[1][name])
@@ -72,6 +73,7 @@ def test_every_recipe_builds_the_same_files_in_two_processes(tiny_zoo, name):
         np.testing.assert_array_equal(value, second[key], err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.BUILDERS)
 def test_every_recipe_writes_the_competition_format(tiny_zoo, name):
     recipe, folder = zoo.RECIPES[name], tiny_zoo[0][name]
@@ -93,6 +95,7 @@ def test_every_recipe_writes_the_competition_format(tiny_zoo, name):
         assert kinds[:3] == ["Conv2D", "BatchNormalization", "ReLU"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.BUILDERS)
 def test_poisoned_sets_are_triggered_test_images_of_the_other_classes(tiny_zoo, name):
     recipe, folder = zoo.RECIPES[name], tiny_zoo[0][name]
@@ -107,6 +110,7 @@ def test_poisoned_sets_are_triggered_test_images_of_the_other_classes(tiny_zoo, 
     assert len({t.target for t in recipe.triggers}) == len({t.name for t in recipe.triggers})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.BUILDERS)
 def test_a_builds_record_holds_what_its_files_measure(tiny_zoo, name):
     """build.json's clean accuracy and ASR are what the saved net gives on the saved files."""
@@ -122,6 +126,7 @@ def test_a_builds_record_holds_what_its_files_measure(tiny_zoo, name):
     assert record["asr"] == {t.name: measured(demo.poisoned_file(t.name)) for t in recipe.triggers}
 
 
+@pytest.mark.slow
 def test_a_build_of_a_changed_recipe_is_refused(tiny_zoo, tmp_path):
     """A folder built by another version of the recipe (here: its record says another
     learning rate) is not used as this recipe's build."""
@@ -134,6 +139,7 @@ def test_a_build_of_a_changed_recipe_is_refused(tiny_zoo, tmp_path):
         demo.ensure(folder, "demo", TINY_SCALE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", zoo.BUILDERS)
 def test_model_config_loads_the_recipe_through_the_pipeline(tmp_path, tiny_zoo, name):
     recipe, folder = zoo.RECIPES[name], tiny_zoo[0][name]
@@ -152,6 +158,7 @@ def test_model_config_loads_the_recipe_through_the_pipeline(tmp_path, tiny_zoo, 
         assert layer is models.prunable_layer(model, None)  # the last convolution
 
 
+@pytest.mark.slow
 def test_a_folder_holding_another_build_is_refused(tiny_zoo):
     with pytest.raises(
         UserError, match="holds a build of demo at scale 0.02, not .* demo recipe at scale 1"
@@ -163,6 +170,7 @@ def test_a_folder_holding_another_build_is_refused(tiny_zoo):
         demo.ensure(tiny_zoo[0]["demo"], "demo_nope", TINY_SCALE)
 
 
+@pytest.mark.slow
 def test_an_interrupted_build_is_never_taken_for_a_complete_one(tmp_path):
     """A build killed midway (data written, no model yet) stays a hidden temporary folder;
     moved into place by hand it is refused; `ensure` removes it and builds afresh."""

@@ -194,6 +194,7 @@ def test_the_target_is_flagged_and_unlearned_far_below_fine_pruning(tmp_path, de
     assert metrics["repaired/clean_acc"] > metrics["badnet/clean_acc"] - 0.02
 
 
+@pytest.mark.slow
 def test_nothing_flagged_falls_back_to_plain_finetuning_and_says_so(
     tmp_path, demo_dir, toy_files, caplog
 ):
