@@ -156,9 +156,15 @@ def write_bad(kind, path):
     writers[kind]()
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One MLflow store for every case (creating one takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+
+
 @pytest.mark.parametrize(("case", "bad", "overrides", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(
-    tmp_path, demo_dir, monkeypatch, case, bad, overrides, expected
+    tmp_path, demo_dir, store, monkeypatch, case, bad, overrides, expected
 ):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -173,6 +179,7 @@ def test_bad_input_is_one_clear_line(
         f"data.clean_test={demo_dir}/clean_test_data.h5",
         f"+data.poisoned.patch={demo_dir}/patch_poisoned_data.h5",
         "finetune.epochs=1",
+        f"tracking.uri={store}",
     ]
     given_overrides = [o.format(tmp=tmp_path, bad=bad_path, demo=demo_dir) for o in overrides]
     if expected == "compose":
@@ -185,11 +192,9 @@ def test_bad_input_is_one_clear_line(
         pipeline.run(cfg)
     assert "\n" not in str(err.value)
     assert time.perf_counter() - start < 30  # before any training
-    store = tmp_path / "mlruns" / "mlflow.db"
-    if store.exists():
-        mlflow.set_tracking_uri(f"sqlite:///{store}")
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
-        assert all(run.info.status != "RUNNING" for run in runs)
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert not [run.info.run_name for run in runs if run.info.status == "RUNNING"]
 
 
 def test_a_missing_data_path_for_the_demo_is_one_line_before_any_work(tmp_path, demo_dir):
