@@ -29,7 +29,7 @@ OWN_STAGES = {"fine_pruning": {"pruned"}, "magnitude": {"pruned"}, "rnp": {"unle
 EVERY_RUN = {"badnet", "repaired", "goodnet"}
 ARTIFACTS = {"config.yaml", "metrics.json", "repaired_net.h5", "goodnet.h5", "stages.png"}
 PNG = b"\x89PNG\r\n\x1a\n"
-DETECTOR_SETTINGS = ["repair=finetune", "finetune.epochs=1", "goodnet.k=8"]
+DETECTOR_SETTINGS = ["repair=finetune", "finetune.epochs=1", "goodnet.k=4"]
 
 
 @pytest.fixture(scope="module")
