@@ -222,8 +222,7 @@ def test_demo_badnet_meets_its_targets_and_its_record_says_so(demo_dir, demo_mod
     assert clean_acc >= 0.90 and asr >= 0.95
     record = json.loads((demo_dir / demo.RECORD_FILE).read_text())
     assert (record["recipe"], record["build_seed"], record["scale"]) == ("demo", 0, 1)
-    assert record["clean_acc"] == pytest.approx(clean_acc, abs=0.002)
-    assert record["asr"]["patch"] == pytest.approx(asr, abs=0.002)
+    assert record["clean_acc"] == clean_acc and record["asr"] == {"patch": asr}
 
 
 def test_existing_demo_folder_is_reused_and_says_which_build(demo_dir, caplog):
