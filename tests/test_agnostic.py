@@ -1,7 +1,7 @@
 """Class-agnostic repairs (FT-SAM, RNP, SAU): each one's mechanism on two small nets built
 here, a functional one without BatchNorm (two branches meeting in an Add, like DeepID) and
-a Sequential one with BatchNorm and another input size; and FT-SAM against fine-pruning on
-the demo (every repair end to end: test_end_to_end)."""
+a Sequential one with BatchNorm and another input size; and what FT-SAM leaves of the
+demo's backdoor (every repair end to end: test_end_to_end)."""
 
 import mlflow
 import numpy as np
@@ -275,19 +275,13 @@ def test_ft_sam_step_restores_the_weights_and_differs_from_plain_sgd(net):
     assert any(moved)
 
 
-@pytest.fixture(scope="module")
-def fine_pruning_asr(tmp_path_factory, demo_dir):
-    """Fine-pruning's ASR on the demo at its defaults: what each repair is compared with."""
-    tmp = tmp_path_factory.mktemp("fine_pruning")
-    return pipeline.run(compose_config(tmp, demo_dir, "repair=fine_pruning"))["repaired/asr/patch"]
-
-
 @pytest.mark.slow
-def test_ft_sam_lowers_the_demos_asr_well_below_fine_pruning(tmp_path, demo_dir, fine_pruning_asr):
-    """At cheaper settings (one strong learning rate, 60 steps), FT-SAM leaves 20 points
-    less ASR than fine-pruning at its defaults, for at most 10 points of clean accuracy.
-    (RNP and SAU leave the demo's backdoor in: measured on the leaderboard, docs/leaderboard.md.)"""
+def test_ft_sam_removes_much_of_the_demos_backdoor(tmp_path, demo_dir):
+    """At cheaper settings (one strong learning rate, 60 steps), FT-SAM leaves at least
+    20 points less ASR than the BadNet's (fine-pruning, at its defaults, 3 points less), for
+    at most 10 points of clean accuracy. (RNP and SAU leave the demo's backdoor in: measured
+    on the leaderboard, docs/leaderboard.md.)"""
     cheap = ["repair=ft_sam", "ft_sam.lrs=[0.05]", "ft_sam.steps=60"]
     metrics = pipeline.run(compose_config(tmp_path, demo_dir, *cheap))
-    assert metrics["repaired/asr/patch"] < fine_pruning_asr - 0.2
+    assert metrics["repaired/asr/patch"] < metrics["badnet/asr/patch"] - 0.2
     assert metrics["repaired/clean_acc"] > metrics["badnet/clean_acc"] - 0.1
