@@ -21,6 +21,7 @@ from badnet_repair import UserError
 from badnet_repair.defenses import goodnet
 from badnet_repair.defenses.detectors import Context, Fitted, Inputs, threshold_at
 from badnet_repair.network import models, topology
+from badnet_repair.network.predict import probabilities
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ def blend(x: np.ndarray, overlays: np.ndarray, alpha: float) -> np.ndarray:
     return (1.0 - alpha) * x[:, None] + alpha * overlays[None]
 
 
-def predict_probs(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Forward passes in batches, without Keras predict's overhead."""
-    out = [
-        model(x[i : i + batch_size], training=False).numpy() for i in range(0, len(x), batch_size)
-    ]
-    return np.concatenate(out)
-
-
 def mean_entropy(
     model: keras.Model,
     x: np.ndarray,
@@ -89,14 +82,10 @@ def mean_entropy(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Mean prediction entropy of `model` over each image's blends with `overlays` (numpy)."""
-    k, scores = len(overlays), topology.output_kind(model) == "linear"
-    out = []
+    k, out = len(overlays), []
     for i in range(0, len(x), batch_size):
         blends = blend(x[i : i + batch_size], overlays, alpha).astype(np.float32)
-        p = predict_probs(model, blends.reshape(-1, *x.shape[1:]), 4096).astype(np.float64)
-        if scores:
-            p = np.exp(p - p.max(axis=-1, keepdims=True))
-            p /= p.sum(axis=-1, keepdims=True)
+        p = probabilities(model, blends.reshape(-1, *x.shape[1:]), 4096)
         h = -np.sum(p * np.log(np.maximum(p, np.finfo(np.float64).tiny)), axis=-1)
         out.append(h.reshape(-1, k).mean(axis=1))
     return np.concatenate(out) if out else np.empty(0)
