@@ -44,10 +44,18 @@ def der(metrics: dict[str, float]) -> float:
     return (max(0.0, before - worst) - max(0.0, d_acc) + 1) / 2
 
 
+def badnet_name(params: dict[str, str]) -> str:
+    """A BadNet's name in the leaderboard: its model config's, or for `model=custom` its
+    file's (a user brings several nets through that one config)."""
+    name = params.get("model.name", "?")
+    return Path(params.get("model.file", "?")).stem if name == "custom" else name
+
+
 def entry(run) -> dict:
     """One leaderboard row from a FINISHED run of the pipeline."""
     m, p = run.data.metrics, run.data.params
-    row = {"badnet": p.get("model.name", "?"), "repair": p.get("repair", "?"), **m}
+    row = {"badnet": badnet_name(p), "repair": p.get("repair", "?"), **m}
+    row["model_hash"] = run.data.tags.get("model.content_hash", "")
     row["run"], row["run_id"] = run.info.run_name, run.info.run_id
     row["drop"] = m["badnet/clean_acc"] - m["repaired/clean_acc"]
     if _triggers(row):
@@ -69,9 +77,14 @@ def runs(experiments: list[str], parent: str | None = None) -> list[dict]:
     )
     found = [run for run in found if "repair" in run.data.params]  # not sweep parents
     latest = {run.data.tags.get("config_hash", run.info.run_id): run for run in found}
-    return sorted(
-        (entry(r) for r in latest.values()), key=lambda row: (row["badnet"], row["repair"])
-    )
+    rows = [entry(r) for r in latest.values()]
+    hashes: dict[str, set[str]] = {}
+    for row in rows:
+        hashes.setdefault(row["badnet"], set()).add(row["model_hash"])
+    for row in rows:  # two different files of one name: the content hash tells them apart
+        if len(hashes[row["badnet"]]) > 1:
+            row["badnet"] += f"@{row['model_hash'][:8] or 'unknown'}"
+    return sorted(rows, key=lambda row: (row["badnet"], row["repair"]))
 
 
 def best(rows: list[dict]) -> dict[str, str]:

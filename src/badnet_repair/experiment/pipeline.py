@@ -68,6 +68,7 @@ def run(
             )
             return _with_objective(dict(done[-1].data.metrics), cfg)
     inputs.build_if_needed(cfg)
+    tags["model.content_hash"] = files.content_hash(cfg.model.file)  # tells nets apart
     with tracking.tracked_run(experiment_id, run_name, tags) as run_id:
         log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)
         mlflow.log_params(tracking.flatten(cfg))

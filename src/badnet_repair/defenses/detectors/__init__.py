@@ -6,12 +6,20 @@ A detector is the module `badnet_repair/defenses/detectors/NAME.py`, defining
 - `check(badnet, settings, clean, batch_size)`: refuse, before any work, what it cannot
   handle (a net it cannot run, too little clean data for its threshold);
 - `fit(context) -> Fitted`: everything it learns, from the defender's clean data only.
-A fitted detector has a score per input (higher: more suspicious) and a threshold set
-by `threshold_at` on clean images it has not learned from, for a false-rejection rate
-`goodnet.frr`; or, for a rule with no score (disagreement), the rule itself. It also
-builds its flag from standard Keras layers inside the GoodNet (`goodnet.Graph`).
+- `SCORED`: whether it flags by a score above a threshold (else by a rule).
+A fitted detector has a score per input (higher: more suspicious) and a conformal
+threshold (`calibrate`) set on clean images it has not learned from, so that it rejects
+at most its share of `goodnet.frr` of new clean inputs in expectation; or, for a rule
+with no score (disagreement), the rule itself, whose false rejection is measured, not
+promised. It also builds its flag from standard Keras layers inside the GoodNet
+(`goodnet.Graph`).
+
+The GoodNet flags an input when any of its detectors does, so the scored detectors
+split `goodnet.frr` evenly (Bonferroni): with m of them, each is calibrated at frr / m,
+and the union rejects at most frr of clean inputs in expectation.
 """
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -24,6 +32,7 @@ from badnet_repair import UserError
 from badnet_repair.defenses.clean import CleanData, Memo
 from badnet_repair.registry import Registry
 
+log = logging.getLogger(__name__)
 REGISTRY = Registry(__name__, __path__)
 ALIASES = {"both": ["disagreement", "strip"]}
 
@@ -107,7 +116,48 @@ def fit(name: str, context: Context) -> Fitted:
     return module(name).fit(context)
 
 
-def threshold_at(clean_scores: np.ndarray, frr: float) -> float:
-    """The score above which a share `frr` of these clean images lies: flagging scores
-    above it rejects about `frr` of clean inputs."""
-    return float(np.quantile(clean_scores, 1.0 - frr))
+def frr_each(settings: Any) -> float:
+    """Each scored detector's share of `goodnet.frr` (Bonferroni over the scored ones)."""
+    scored = [name for name in parse(settings.detector) if module(name).SCORED]
+    return settings.frr / max(1, len(scored))
+
+
+@dataclass
+class Calibration:
+    """A conformal threshold: flagging scores above `threshold` rejects at most `bound`
+    of new clean inputs in expectation, for inputs exchangeable with the `size` clean
+    calibration images (split conformal: `bound` = 1 - rank / (size + 1))."""
+
+    threshold: float
+    size: int
+    bound: float
+
+    def metrics(self) -> dict[str, float]:
+        return {"calibration_images": float(self.size), "frr_bound": self.bound}
+
+
+def calibrate(clean_scores: np.ndarray, frr: float, who: str) -> Calibration:
+    """The smallest threshold whose expected false rejection on new clean inputs is at
+    most `frr`: the rank ceil((n + 1)(1 - frr)) score of the n clean `clean_scores`
+    (a sample quantile would promise `frr` and keep about frr + 1/n). With fewer than
+    1/frr - 1 scores no rank keeps the promise: the largest score is used, which
+    promises 1/(n + 1), and a warning says so."""
+    ranked = np.sort(np.asarray(clean_scores, np.float64))
+    n = len(ranked)
+    rank = int(np.ceil((n + 1) * (1.0 - frr) - 1e-9))
+    if rank > n:
+        log.warning(
+            "%s: %d clean calibration images support a false-rejection rate of %.4f at "
+            "best, not the %.4f asked; using that (more clean validation data, or a larger "
+            "data.holdout, would do)",
+            who,
+            n,
+            1.0 / (n + 1),
+            frr,
+        )
+        rank = n
+    bound = 1.0 - rank / (n + 1)
+    log.info(
+        "%s: threshold at rank %d of %d clean scores, false rejection <= %.4f", who, rank, n, bound
+    )
+    return Calibration(float(ranked[rank - 1]), n, bound)

@@ -4,8 +4,10 @@ backdoor, as no triggered image ever tells it otherwise; an auxiliary model M' (
 repaired net) keeps the normal task and has lost the backdoor. On an input where B
 answers y, a = E's probability of y and b = M''s: a triggered input has a high, b low;
 a clean one the reverse. The score is the authors' default ('triangle'),
--min(2b / max(a, 1e-8), (1 - a) / max(0.5 - b, 1e-8)), flagged above the (1 - frr)
-quantile of the scores of the clean held-out images that B classifies correctly.
+-min(2b / max(a, 1e-8), (1 - a) / max(0.5 - b, 1e-8)), flagged above a conformal
+threshold set on every clean held-out image (on the class B answers, right or wrong, as
+on any new input), so that at most its share of `goodnet.frr` of new clean inputs is
+rejected in expectation.
 
 E stops as soon as its accuracy on the clean held-out images falls below
 `goodnet.expert_stop_acc`, checked after every step, or when its epochs end. The paper
@@ -29,7 +31,8 @@ from badnet_repair import UserError
 from badnet_repair.data import Dataset
 from badnet_repair.defenses import goodnet
 from badnet_repair.defenses.clean import Memo
-from badnet_repair.defenses.detectors import Context, Fitted, Inputs, threshold_at
+from badnet_repair.defenses.detectors import Context, Fitted, Inputs, frr_each
+from badnet_repair.defenses.detectors import calibrate as conformal
 from badnet_repair.network import models
 from badnet_repair.network.predict import accuracy, predict_classes, probabilities
 from badnet_repair.network.pruning import copy_model
@@ -38,23 +41,17 @@ from badnet_repair.network.training import finetune, seed_everything
 log = logging.getLogger(__name__)
 
 EPS = 1e-8  # the authors' guard on both divisions
-MIN_CALIBRATION = 20  # clean held-out images that B classifies correctly, at least
+MIN_CALIBRATION = 20  # clean held-out images the threshold is set on, at least
+SCORED = True
 
 
 def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:
-    """Any classifier will do, with enough clean held-out images that it classifies
-    correctly to set the threshold on (one forward pass over the held-out split)."""
-    correct = calibration_images(badnet, clean.holdout, batch_size)
-    if correct.sum() < MIN_CALIBRATION:
+    """Any classifier will do, with enough clean held-out images to set the threshold on."""
+    if len(clean.holdout) < MIN_CALIBRATION:
         raise UserError(
-            f"goodnet.detector=badexpert: {correct.sum()} clean held-out images that the BadNet "
-            f"classifies correctly, expected at least {MIN_CALIBRATION} (raise data.holdout)"
+            f"goodnet.detector=badexpert: {len(clean.holdout)} clean held-out images, "
+            f"expected at least {MIN_CALIBRATION} for its threshold (raise data.holdout)"
         )
-
-
-def calibration_images(badnet: keras.Model, held: Dataset, batch_size: int) -> np.ndarray:
-    """Which clean held-out images the threshold is set on: those B classifies right."""
-    return predict_classes(badnet, held.x, batch_size) == held.y
 
 
 def auxiliary_kind(settings: Any) -> str:
@@ -122,7 +119,7 @@ def train_auxiliary(badnet: keras.Model, clean: Any, settings: Any, seed: int) -
 def fit(context: Context) -> Fitted:
     s, clean, badnet = context.settings, context.clean, context.badnet
     held = clean.holdout
-    correct = calibration_images(badnet, held, context.batch_size)
+    answered = predict_classes(badnet, held.x, context.batch_size)
     expert_key = (s.expert_lr, s.expert_epochs, s.expert_batch_size, s.expert_stop_acc)
     expert_key = ("badexpert expert", *expert_key, context.seed)
     expert, metrics = context.memo.shared(
@@ -156,15 +153,14 @@ def fit(context: Context) -> Fitted:
     def score(inputs: Inputs) -> np.ndarray:
         return triangle(*ab(inputs))
 
-    x = held.x[correct]
-    calibration = Inputs(held.name, x, held.y[correct], held.y[correct])
-    a, b = ab(calibration)
+    a, b = ab(Inputs(held.name, held.x, answered, answered))
     calibration_scores = triangle(a, b)
-    threshold = threshold_at(calibration_scores, s.frr)
+    calibration = conformal(calibration_scores, frr_each(s), "BaDExpert")
+    threshold = calibration.threshold
     log.info(
         "BaDExpert: threshold %.6g on %d clean held-out images (median a %.3f, b %.3f)",
         threshold,
-        len(x),
+        calibration.size,
         np.median(a),
         np.median(b),
     )
@@ -173,7 +169,7 @@ def fit(context: Context) -> Fitted:
         flag_layer=lambda graph: flag_layer(graph, expert, aux, threshold),
         score=score,
         threshold=threshold,
-        metrics={**metrics, "threshold": threshold, "calibration_images": float(len(x))},
+        metrics={**metrics, "threshold": threshold, **calibration.metrics()},
         parts={"expert": expert, "auxiliary": aux, "calibration_scores": calibration_scores},
     )
 

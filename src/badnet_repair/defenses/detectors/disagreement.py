@@ -10,6 +10,8 @@ import tf_keras as keras
 from badnet_repair.defenses import goodnet
 from badnet_repair.defenses.detectors import Context, Fitted, Inputs
 
+SCORED = False  # a rule: its false rejection is measured, not promised
+
 
 def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:
     """Nothing to refuse: any two nets of one shape can disagree."""

@@ -19,12 +19,15 @@ import tf_keras as keras
 
 from badnet_repair import UserError
 from badnet_repair.defenses import goodnet
-from badnet_repair.defenses.detectors import Context, Fitted, Inputs, threshold_at
+from badnet_repair.defenses.detectors import Calibration, Context, Fitted, Inputs, frr_each
+from badnet_repair.defenses.detectors import calibrate as conformal
 from badnet_repair.network import models, topology
+from badnet_repair.network.predict import probabilities
 
 log = logging.getLogger(__name__)
 
 MIN_CALIBRATION = 20  # clean images that the threshold is set on, at least
+SCORED = True
 
 
 def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:
@@ -43,11 +46,13 @@ def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> No
 
 def fit(context: Context) -> Fitted:
     s, badnet = context.settings, context.badnet
-    key = (s.k, s.alpha, s.frr, context.seed)
-    overlays, threshold, entropies = context.memo.shared(
+    frr = frr_each(s)
+    key = (s.k, s.alpha, frr, context.seed)
+    overlays, calibration, entropies = context.memo.shared(
         ("strip", *key),
-        lambda: calibrate(badnet, context.clean.validation.x, s.k, s.frr, s.alpha, context.seed),
+        lambda: calibrate(badnet, context.clean.validation.x, s.k, frr, s.alpha, context.seed),
     )
+    threshold = -calibration.threshold
 
     def score(inputs: Inputs) -> np.ndarray:
         def compute() -> np.ndarray:
@@ -62,8 +67,8 @@ def fit(context: Context) -> Fitted:
         "strip",
         flag_layer=lambda graph: flag_layer(graph, overlays, s.alpha, threshold),
         score=score,
-        threshold=-threshold,
-        metrics={"entropy_threshold": threshold},
+        threshold=calibration.threshold,
+        metrics={"entropy_threshold": threshold, **calibration.metrics()},
         parts={"overlays": overlays, "alpha": s.alpha, "entropies": entropies},
     )
 
@@ -71,14 +76,6 @@ def fit(context: Context) -> Fitted:
 def blend(x: np.ndarray, overlays: np.ndarray, alpha: float) -> np.ndarray:
     """All k blends of each image: (n, k, H, W, C), `alpha` of each overlay."""
     return (1.0 - alpha) * x[:, None] + alpha * overlays[None]
-
-
-def predict_probs(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Forward passes in batches, without Keras predict's overhead."""
-    out = [
-        model(x[i : i + batch_size], training=False).numpy() for i in range(0, len(x), batch_size)
-    ]
-    return np.concatenate(out)
 
 
 def mean_entropy(
@@ -89,14 +86,10 @@ def mean_entropy(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Mean prediction entropy of `model` over each image's blends with `overlays` (numpy)."""
-    k, scores = len(overlays), topology.output_kind(model) == "linear"
-    out = []
+    k, out = len(overlays), []
     for i in range(0, len(x), batch_size):
         blends = blend(x[i : i + batch_size], overlays, alpha).astype(np.float32)
-        p = predict_probs(model, blends.reshape(-1, *x.shape[1:]), 4096).astype(np.float64)
-        if scores:
-            p = np.exp(p - p.max(axis=-1, keepdims=True))
-            p /= p.sum(axis=-1, keepdims=True)
+        p = probabilities(model, blends.reshape(-1, *x.shape[1:]), 4096)
         h = -np.sum(p * np.log(np.maximum(p, np.finfo(np.float64).tiny)), axis=-1)
         out.append(h.reshape(-1, k).mean(axis=1))
     return np.concatenate(out) if out else np.empty(0)
@@ -109,10 +102,11 @@ def calibrate(
     frr: float = 0.05,
     alpha: float = 0.5,
     seed: int = 0,
-) -> tuple[np.ndarray, float, np.ndarray]:
-    """STRIP's overlays (`k` of `clean_x`, drawn with `seed`) and its entropy threshold,
-    below which a share `frr` of `model`'s mean entropies on the rest of `clean_x` lies,
-    so the overlays never judge themselves. Returns (overlays, threshold, entropies)."""
+) -> tuple[np.ndarray, Calibration, np.ndarray]:
+    """STRIP's overlays (`k` of `clean_x`, drawn with `seed`) and its conformal threshold
+    on the negated mean entropy, set on the rest of `clean_x` (so the overlays never judge
+    themselves) for a false rejection of at most `frr`. Returns (overlays, calibration
+    of the score -entropy, entropies)."""
     order = np.random.default_rng(seed).permutation(len(clean_x))
     calibration_x = clean_x[order[k:]]
     overlays = clean_x[np.sort(order[:k])].astype(np.float32)
@@ -120,7 +114,7 @@ def calibrate(
         "STRIP: setting the threshold on %d clean images, %d blends each", len(calibration_x), k
     )
     entropies = mean_entropy(model, calibration_x, overlays, alpha)
-    return overlays, -threshold_at(-entropies, frr), entropies
+    return overlays, conformal(-entropies, frr, "STRIP"), entropies
 
 
 def flag_layer(graph: goodnet.Graph, overlays: np.ndarray, alpha: float, threshold: float) -> Any:
