@@ -62,12 +62,16 @@ def nothing_written_to_the_checkout():
 
 @pytest.fixture(autouse=True)
 def own_mlflow_store(tmp_path_factory, monkeypatch):
-    """A fresh SQLite MLflow store per test (created on first use), and the working
-    directory a temporary folder, where MLflow puts the artifacts of a run started without
-    an experiment (its default artifact root is ./mlruns)."""
+    """A fresh SQLite MLflow store per test (created on first use), no experiment chosen,
+    and the working directory a temporary folder, where MLflow puts the artifacts of a run
+    started without an experiment (its default artifact root is ./mlruns)."""
     tmp = tmp_path_factory.mktemp("mlflow")
     monkeypatch.chdir(tmp)
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
+    # no experiment chosen by an earlier test's mlflow.set_experiment (in another store)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
 
 
 @pytest.fixture(autouse=True)
