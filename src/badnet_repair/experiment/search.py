@@ -214,6 +214,8 @@ def shown(storage: Any) -> str:
     """A storage as logged: an URL's password hidden."""
     if storage is None:
         return "in memory"
+    if not isinstance(storage, str):
+        return type(storage).__name__
     return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", str(storage))
 
 
