@@ -9,7 +9,7 @@ endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint ui clean
+.PHONY: run test lint ui docs clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "none of $(SUPPORTED) runs here: install one or set PYTHON=" >&2; exit 1; }
@@ -30,6 +30,9 @@ test: $(VENV)/.installed  ## lint, then the whole test suite
 
 ui: $(VENV)/.installed  ## the MLflow UI on the default store, http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port 5000
+
+docs: $(VENV)/.installed  ## the documentation site from docs/ into site/ (strict: broken links fail)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf outputs multirun

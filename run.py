@@ -11,14 +11,15 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from badnet_repair import UserError, config  # noqa: E402
+from badnet_repair import UserError  # noqa: E402
+from badnet_repair.experiment import config  # noqa: E402
 
 config.register()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from badnet_repair import pipeline, sweep
+    from badnet_repair.experiment import pipeline, sweep
 
     hydra_cfg = HydraConfig.get()
     run_name = parent = None
@@ -37,7 +38,7 @@ def cli() -> None:
     MLflow parent run (the runs themselves end FAILED or KILLED in `tracking`)."""
     from hydra._internal.utils import get_args_parser
 
-    from badnet_repair import sweep, tracking
+    from badnet_repair.experiment import sweep, tracking
 
     tracking.interrupt_on_sigterm()
     try:

@@ -50,7 +50,7 @@ def overrides(paths: dict[str, Path], root: Path, *extra: str) -> list[str]:
 def compose(paths, root, *extra):
     from hydra import compose, initialize_config_dir
 
-    from badnet_repair import config
+    from badnet_repair.experiment import config
 
     config.register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -77,7 +77,7 @@ def bare_floor(paths: dict[str, Path], epochs: int) -> float:
     import tensorflow as tf
     import tf_keras as keras
 
-    from badnet_repair.models import build_deepid
+    from badnet_repair.network.models import build_deepid
 
     def load(path):
         with h5py.File(path, "r") as f:
@@ -112,7 +112,7 @@ def bare_floor(paths: dict[str, Path], epochs: int) -> float:
 def child(args) -> None:
     """One pipeline run, then the bare floor, in one fresh process; prints JSON."""
     import badnet_repair  # noqa: F401
-    from badnet_repair import pipeline
+    from badnet_repair.experiment import pipeline
 
     paths = json.loads(args.child)
     paths = {k: Path(v) for k, v in paths.items()}
@@ -127,7 +127,7 @@ def child(args) -> None:
 def empty_process_mb() -> float:
     code = (
         "import resource, badnet_repair, tensorflow, tf_keras, mlflow;"
-        "from badnet_repair.models import build_deepid; build_deepid();"
+        "from badnet_repair.network.models import build_deepid; build_deepid();"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     return float(
@@ -150,8 +150,10 @@ def main() -> None:
     import tensorflow as tf
 
     import badnet_repair  # noqa: F401
-    from badnet_repair import curve, data, evaluate, models, pipeline, pruning
-    from badnet_repair.training import finetune
+    from badnet_repair import data
+    from badnet_repair.experiment import evaluate, inputs, pipeline
+    from badnet_repair.network import curve, models, predict, pruning
+    from badnet_repair.network.training import finetune
 
     folder = Path(tempfile.mkdtemp())
     paths = write_stand_ins(folder, args.scale)
@@ -163,9 +165,9 @@ def main() -> None:
     val = data.load_h5(paths["clean_validation"], (55, 47, 3), 1283, 1 / 255, "v")
     poi = data.load_h5(paths["sunglasses"], (55, 47, 3), 1283, 1 / 255, "p")
     order = pruning.rank_channels(model, "conv_3", val.x)
-    evaluate.accuracy(model, val), evaluate.accuracy(model, poi)  # compile once
+    predict.accuracy(model, val), predict.accuracy(model, poi)  # compile once
     curve.pruning_curve(model, "conv_3", order, {"v": data.Dataset("w", val.x[:64], val.y[:64])})
-    one = best_of(3, lambda: (evaluate.accuracy(model, val), evaluate.accuracy(model, poi)))
+    one = best_of(3, lambda: (predict.accuracy(model, val), predict.accuracy(model, poi)))
     full = best_of(3, lambda: curve.pruning_curve(model, "conv_3", order, {"v": val, "p": poi}))
     tail = curve._Tail.build(model, "conv_3")
     order_t = tf.constant(order, tf.int32)
@@ -214,11 +216,11 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     sparsities = [round(0.1 * i, 1) for i in range(1, 10)]
     cfg = compose(paths, root, f"finetune.epochs={args.sweep_epochs}")
-    pipeline._baseline.clear()
+    inputs._baseline.clear()
 
     def shared_work():
         """What the points share: loading, the BadNet's scores, the ranking and the curve."""
-        base = pipeline.baseline(cfg)
+        base = inputs.baseline(cfg)
         order = pruning.rank_channels(base.badnet, base.layer, base.validation.x)
         sets = {"v": base.validation, "t": base.test, **base.poisoned}
         curve.pruning_curve(base.badnet, base.layer, order, sets)
@@ -237,7 +239,7 @@ def main() -> None:
     measured = sparsities[::4]
     points_s = sum(timed(lambda s=s: point_floor(s))[0] for s in measured)
     points_s *= len(sparsities) / len(measured)
-    pipeline._baseline.clear()
+    inputs._baseline.clear()
 
     def sweep():
         for s in sparsities:

@@ -36,7 +36,9 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     import badnet_repair  # noqa: F401
-    from badnet_repair import config, demo, models, pipeline
+    from badnet_repair.experiment import config, pipeline
+    from badnet_repair.network import models
+    from badnet_repair.zoo import builds as demo
 
     config.register()
     data = args.data or Path(tempfile.mkdtemp())

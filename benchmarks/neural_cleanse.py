@@ -31,7 +31,7 @@ def defaults():
     """The repair's default settings, read from its config file."""
     from omegaconf import OmegaConf
 
-    from badnet_repair.repairs.neural_cleanse import NeuralCleanse
+    from badnet_repair.defenses.repairs.neural_cleanse import NeuralCleanse
 
     values = OmegaConf.load(ROOT / "conf" / "repair" / "neural_cleanse.yaml").neural_cleanse
     return NeuralCleanse(**OmegaConf.to_object(values))
@@ -48,16 +48,17 @@ def best_of(repeats: int, fn) -> float:
 
 
 def scale() -> None:
-    from badnet_repair import data, evaluate, models
-    from badnet_repair.repairs.neural_cleanse import scan
+    from badnet_repair import data
+    from badnet_repair.defenses.repairs.neural_cleanse import scan
+    from badnet_repair.network import models, predict
 
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (VALIDATION, 55, 47, 3)).astype(np.float32)  # stand-ins, scaled
     y = rng.integers(0, 1283, VALIDATION)
     model = models.load_model(WEIGHTS, "deepid")
     validation = data.Dataset("validation", x, y)
-    evaluate.accuracy(model, validation)  # compile once
-    one = best_of(3, lambda: evaluate.accuracy(model, validation))
+    predict.accuracy(model, validation)  # compile once
+    one = best_of(3, lambda: predict.accuracy(model, validation))
     train, _ = data.split(validation, 0.1, 0)
     settings = defaults()
     start = time.perf_counter()
@@ -83,10 +84,10 @@ def recall(classes: int) -> None:
     import tensorflow as tf
 
     from badnet_repair.data import Dataset, split
-    from badnet_repair.evaluate import predict_classes
-    from badnet_repair.models import build_deepid
-    from badnet_repair.repairs.neural_cleanse import scan
-    from badnet_repair.training import finetune, seed_everything
+    from badnet_repair.defenses.repairs.neural_cleanse import scan
+    from badnet_repair.network.models import build_deepid
+    from badnet_repair.network.predict import predict_classes
+    from badnet_repair.network.training import finetune, seed_everything
 
     seed_everything(0)
     rng = np.random.default_rng(0)

@@ -37,7 +37,7 @@ def stand_ins(model, scale: float, seed: int = 0):
     import numpy as np
 
     from badnet_repair.data import Dataset
-    from badnet_repair.evaluate import predict_classes
+    from badnet_repair.network.predict import predict_classes
 
     rng = np.random.default_rng(seed)
 
@@ -59,7 +59,8 @@ def settings(name: str, *overrides: str) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from badnet_repair import config, repairs
+    from badnet_repair.defenses import repairs
+    from badnet_repair.experiment import config
 
     config.register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -90,11 +91,13 @@ def main() -> None:
     import mlflow
 
     import badnet_repair  # noqa: F401
-    from badnet_repair import data, models, repairs
+    from badnet_repair import data
     from badnet_repair.data import Dataset
-    from badnet_repair.pruning import copy_model
-    from badnet_repair.report import Report
-    from badnet_repair.training import finetune, seed_everything
+    from badnet_repair.defenses import repairs
+    from badnet_repair.experiment.report import Report
+    from badnet_repair.network import models
+    from badnet_repair.network.pruning import copy_model
+    from badnet_repair.network.training import finetune, seed_everything
 
     badnet = models.load_model(WEIGHTS, "deepid")
     validation, test, poisoned = stand_ins(badnet, args.scale)

@@ -7,7 +7,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
-from badnet_repair import config, data, demo, models, pipeline, zoo
+from badnet_repair import data
+from badnet_repair.experiment import config, inputs
+from badnet_repair.network import models
+from badnet_repair.zoo import builds as demo
+from badnet_repair.zoo import recipes as zoo
 
 ROOT = config.project_root()
 SHARED = Path(ROOT).parent / "shared" / "csaw-hackml-2020"
@@ -37,7 +41,7 @@ TINY = {
 def no_cached_badnet():
     """Every test starts with no BadNet cached in this process (sweep points share one),
     so that no result depends on which tests ran before it."""
-    pipeline._baseline.clear()
+    inputs._baseline.clear()
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,15 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import data, loops, models, pipeline
-from badnet_repair.channels import Masks, units
-from badnet_repair.evaluate import accuracy
-from badnet_repair.pruning import copy_model
-from badnet_repair.repairs import Case, CleanData, ft_sam, rnp, sau
-from badnet_repair.report import Report
+from badnet_repair import data
+from badnet_repair.defenses.clean import CleanData
+from badnet_repair.defenses.repairs import Case, ft_sam, rnp, sau
+from badnet_repair.experiment import pipeline
+from badnet_repair.journal import Journal
+from badnet_repair.network import models, training
+from badnet_repair.network.channels import Masks, units
+from badnet_repair.network.predict import accuracy
+from badnet_repair.network.pruning import copy_model
 
 from conftest import compose_config
 
@@ -87,19 +90,18 @@ def store(tmp_path_factory):
 
 @pytest.fixture
 def case(net, store):
-    """A Case over `net` with a real Report inside a real MLflow run."""
+    """A Case over `net` with a real Journal inside a real MLflow run."""
     mlflow.set_tracking_uri(store)
     train, holdout = labelled(net, 96, 1, "train"), labelled(net, 48, 2, "holdout")
     everything = data.Dataset("validation", np.concatenate([train.x, holdout.x]), None)
-    report = Report(labelled(net, 32, 3, "test"), {"t": labelled(net, 32, 4, "t")}, 64)
     with mlflow.start_run():
-        yield Case(net, "conv_b", CleanData(everything, train, holdout), report, 0, 64)
+        yield Case(net, "conv_b", CleanData(everything, train, holdout), Journal(), 0, 64)
 
 
 def test_scores_are_the_nets_own_before_its_softmax(net):
     x = images(net, 8)
     np.testing.assert_allclose(
-        tf.nn.softmax(loops.scores(net)(x)).numpy(), net(x).numpy(), rtol=1e-5, atol=1e-6
+        tf.nn.softmax(training.scores(net)(x)).numpy(), net(x).numpy(), rtol=1e-5, atol=1e-6
     )
 
 
@@ -160,12 +162,12 @@ def test_rnp_masks_lie_in_0_1_and_pruned_channels_are_exactly_zero_when_saved(ca
         max_acc_drop=1.0,  # every threshold within: the largest, 0.9, is chosen
     )
     repaired = rnp.repair(case, settings)
-    masks = case.report.notes["rnp_masks"]
+    masks = case.journal.notes["rnp_masks"]
     values = np.concatenate([np.asarray(m) for m in masks.values()])
     assert values.min() >= 0 and values.max() <= 1 and values.min() < 1
-    assert case.report.metrics["rnp/threshold"] == 0.9
-    assert case.report.metrics["rnp/channels_pruned"] == (values <= 0.9).sum() > 0
-    pruned = case.report.notes["rnp_pruned_channels"]
+    assert case.journal.metrics["rnp/threshold"] == 0.9
+    assert case.journal.metrics["rnp/channels_pruned"] == (values <= 0.9).sum() > 0
+    pruned = case.journal.notes["rnp_pruned_channels"]
     saved = models.load_model(models.save_model(repaired, tmp_path / "rnp.h5"))
     found = units(saved)
     probe = keras.Model(saved.inputs, [u.scaled.output for u in found])
@@ -205,7 +207,7 @@ def test_sau_perturbation_stays_within_eps(net, eps):
         w.assign_add(tf.random.normal(w.shape, stddev=0.05, seed=1))
     x = tf.constant(images(net, 32))
     y = tf.constant(np.argmax(net.predict(x, verbose=0), axis=1))
-    h, h0 = loops.scores(other), loops.scores(net)
+    h, h0 = training.scores(other), training.scores(net)
     for step in (eps, 3 * eps):
         delta, shared = sau.shared_pgd(h, h0, x, y, eps, step, 5)
         assert delta.shape == x.shape

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from badnet_repair import UserError, data, goodnet, models, pipeline, pruning, repairs, topology
+from badnet_repair import UserError, data
+from badnet_repair.defenses import goodnet, repairs
+from badnet_repair.experiment import pipeline
+from badnet_repair.network import models, pruning, topology
 
 from conftest import TINY, compose_config
 

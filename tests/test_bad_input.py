@@ -17,7 +17,9 @@ from hydra.errors import ConfigCompositionException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from badnet_repair import UserError, data, models, pipeline
+from badnet_repair import UserError, data
+from badnet_repair.experiment import pipeline
+from badnet_repair.network import models
 
 from conftest import ROOT, compose_config
 

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from badnet_repair import data, detectors, goodnet, models
-from badnet_repair.detectors import badexpert
-from badnet_repair.evaluate import accuracy, auroc, predict_classes
-from badnet_repair.pruning import copy_model
-from badnet_repair.repairs import CleanData, Memo
-from badnet_repair.training import finetune
+from badnet_repair import data
+from badnet_repair.defenses import detectors, goodnet
+from badnet_repair.defenses.clean import CleanData, Memo
+from badnet_repair.defenses.detectors import badexpert
+from badnet_repair.experiment.evaluate import auroc
+from badnet_repair.network import models, predict
+from badnet_repair.network.predict import accuracy, predict_classes
+from badnet_repair.network.pruning import copy_model
+from badnet_repair.network.training import finetune
 
 FRR = 0.1
 SETTINGS = dict(
@@ -49,20 +52,29 @@ def fitted(demo_model, clean):
 def scores_on(fitted, badnet, x: np.ndarray) -> np.ndarray:
     """The score from its definition, on B's classes of `x`."""
     label, rows = predict_classes(badnet, x), np.arange(len(x))
-    a = badexpert.probabilities(fitted.parts["expert"], x)[rows, label]
-    b = badexpert.probabilities(fitted.parts["auxiliary"], x)[rows, label]
+    a = predict.probabilities(fitted.parts["expert"], x)[rows, label]
+    b = predict.probabilities(fitted.parts["auxiliary"], x)[rows, label]
     return badexpert.triangle(a, b)
 
 
-def test_threshold_is_set_on_clean_held_out_images_only(demo_model, clean, fitted):
+def test_threshold_is_set_on_every_clean_held_out_image_only(demo_model, clean, fitted):
+    """Every held-out image counts, those B gets wrong too (the test set's false rejection
+    counts them), scored on the class B answers; the threshold is the conformal rank
+    ceil((n + 1)(1 - frr)) of those n scores, and the bound is logged."""
     held = clean.holdout
-    correct = predict_classes(demo_model, held.x) == held.y
-    expected = scores_on(fitted, demo_model, held.x[correct])
+    expected = scores_on(fitted, demo_model, held.x)
+    assert (predict_classes(demo_model, held.x) != held.y).any()  # wrong ones are in
     np.testing.assert_allclose(fitted.parts["calibration_scores"], expected, rtol=1e-6)
-    assert fitted.threshold == pytest.approx(np.quantile(expected, 1 - FRR), rel=1e-6)
+    n = len(held)
+    rank = int(np.ceil((n + 1) * (1 - FRR)))
+    assert fitted.threshold == pytest.approx(np.sort(expected)[rank - 1], rel=1e-6)
+    assert fitted.metrics["calibration_images"] == n
+    assert fitted.metrics["frr_bound"] == pytest.approx(1 - rank / (n + 1))
+    assert fitted.metrics["frr_bound"] <= FRR + 1e-12
     # the images the expert learned from would give another threshold
-    on_train = scores_on(fitted, demo_model, clean.train.x)
-    assert abs(np.quantile(on_train, 1 - FRR) - fitted.threshold) > 1e-3 * abs(fitted.threshold)
+    on_train = np.sort(scores_on(fitted, demo_model, clean.train.x))
+    other = on_train[int(np.ceil((len(on_train) + 1) * (1 - FRR))) - 1]
+    assert abs(other - fitted.threshold) > 1e-3 * abs(fitted.threshold)
 
 
 def test_expert_stops_when_held_out_accuracy_falls_below_the_stop(demo_model, clean, fitted):

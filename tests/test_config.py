@@ -5,7 +5,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from badnet_repair import UserError, config, repairs, sweep
+from badnet_repair import UserError
+from badnet_repair.defenses import repairs
+from badnet_repair.experiment import config, sweep
 
 from conftest import ROOT, compose_config
 

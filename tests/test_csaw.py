@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from badnet_repair import UserError, config, data, models, pipeline, pruning
+from badnet_repair import UserError, data
+from badnet_repair.experiment import config, pipeline
+from badnet_repair.network import models, pruning
 
 from conftest import ROOT, SHARED, compose_config
 

@@ -5,9 +5,10 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import curve, files, pruning, topology
+from badnet_repair import files
 from badnet_repair.data import Dataset
-from badnet_repair.evaluate import accuracy
+from badnet_repair.network import curve, pruning, topology
+from badnet_repair.network.predict import accuracy
 
 
 @pytest.fixture(scope="module")

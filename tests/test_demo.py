@@ -15,8 +15,12 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from badnet_repair import UserError, config, data, demo, models, pipeline, zoo
-from badnet_repair.evaluate import accuracy
+from badnet_repair import UserError, data
+from badnet_repair.experiment import config, inputs
+from badnet_repair.network import models
+from badnet_repair.network.predict import accuracy
+from badnet_repair.zoo import builds as demo
+from badnet_repair.zoo import recipes as zoo
 
 from conftest import compose_config
 
@@ -25,7 +29,7 @@ TINY_SCALE = 0.02
 
 def command(data_dir: Path, scale: float, *names: str) -> list[str]:
     data_args = ["--data", str(data_dir), "--scale", str(scale)]
-    return [sys.executable, "-m", "badnet_repair.demo", *data_args, *names]
+    return [sys.executable, "-m", "badnet_repair.zoo.builds", *data_args, *names]
 
 
 def arrays(folder: Path) -> dict[str, np.ndarray]:
@@ -49,7 +53,7 @@ def data_files(recipe: zoo.Recipe) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Two tiny builds of every recipe: here, and by `python -m badnet_repair.demo`."""
+    """Two tiny builds of every recipe: here, and by `python -m badnet_repair.zoo.builds`."""
     root = tmp_path_factory.mktemp("zoo")
     other = subprocess.Popen(
         command(root / "b", TINY_SCALE, *zoo.BUILDERS), stderr=subprocess.PIPE, text=True
@@ -138,7 +142,7 @@ def test_model_config_loads_the_recipe_through_the_pipeline(tmp_path, tiny_zoo, 
     assert {str(k): Path(v) for k, v in cfg.data.poisoned.items()} == {
         t.name: folder / demo.poisoned_file(t.name) for t in recipe.triggers
     }
-    model, validation, test, poisoned = pipeline.load_inputs(cfg)
+    model, validation, test, poisoned = inputs.load_inputs(cfg)
     assert len(validation) == len(test) == recipe.num_classes  # one image per class
     assert list(poisoned) == [t.name for t in recipe.triggers]
     layer = models.prunable_layer(model, cfg.model.layer)  # DeepID: conv_3, as the competition
@@ -215,7 +219,7 @@ def test_demo_badnet_meets_its_targets_and_its_record_says_so(demo_dir, demo_mod
 
 def test_existing_demo_folder_is_reused_and_says_which_build(demo_dir, caplog):
     before = (demo_dir / demo.MODEL_FILE).stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="badnet_repair.demo"):
+    with caplog.at_level("INFO", logger="badnet_repair.zoo.builds"):
         assert demo.ensure(demo_dir) == demo_dir
     assert (demo_dir / demo.MODEL_FILE).stat().st_mtime_ns == before
     assert f"using the demo build in {demo_dir} (build seed 0, clean accuracy" in caplog.text

@@ -10,19 +10,22 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from badnet_repair import UserError, answer, data, detectors, goodnet, models, topology
-from badnet_repair.detectors import badexpert
-from badnet_repair.evaluate import (
+from badnet_repair import UserError, data
+from badnet_repair.defenses import detectors, goodnet
+from badnet_repair.defenses.clean import CleanData, Memo
+from badnet_repair.defenses.detectors import badexpert
+from badnet_repair.experiment import answer
+from badnet_repair.experiment.evaluate import (
     Answers,
     classify,
     goodnet_answers,
     goodnet_metrics,
     goodnet_scores,
-    predict_classes,
 )
-from badnet_repair.pruning import activation_prune, channel_count, copy_model, rank_channels
-from badnet_repair.repairs import CleanData, Memo
-from badnet_repair.training import finetune
+from badnet_repair.network import models, predict, topology
+from badnet_repair.network.predict import predict_classes
+from badnet_repair.network.pruning import activation_prune, channel_count, copy_model, rank_channels
+from badnet_repair.network.training import finetune
 
 N = 40
 K = 8
@@ -118,8 +121,8 @@ def reference(badnet, repaired, x, gn: goodnet.GoodNet, fitted: dict):
         expert, aux = fitted["badexpert"].parts["expert"], fitted["badexpert"].parts["auxiliary"]
         label, rows = p_bad.argmax(axis=1), np.arange(len(x))
         s = badexpert.triangle(
-            badexpert.probabilities(expert, x)[rows, label],
-            badexpert.probabilities(aux, x)[rows, label],
+            predict.probabilities(expert, x)[rows, label],
+            predict.probabilities(aux, x)[rows, label],
         )
         threshold = fitted["badexpert"].threshold
         flag |= s > threshold
@@ -173,8 +176,10 @@ def test_strip_threshold_is_set_on_the_clean_images_not_drawn(demo_model, fitted
     is_overlay = np.array([np.any(np.all(overlays == img, axis=(1, 2, 3))) for img in clean_x])
     assert is_overlay.sum() == K and len(learned["entropies"]) == len(clean_x) - K
     h = entropies(demo_model, clean_x[~is_overlay], overlays, learned["alpha"])
-    assert threshold == pytest.approx(np.quantile(h, FRR), rel=1e-5)
-    assert np.mean(h < threshold) == pytest.approx(FRR, abs=0.01)
+    rank = int(np.ceil((len(h) + 1) * (1 - FRR)))  # the conformal rank of the score -h
+    assert threshold == pytest.approx(-np.sort(-h)[rank - 1], rel=1e-5)
+    assert FRR - 2 / len(h) <= np.mean(h < threshold) <= FRR
+    assert fitted["strip"].metrics["frr_bound"] == pytest.approx(1 - rank / (len(h) + 1))
 
 
 def test_strip_rejects_about_frr_of_unseen_clean_images(goodnets, demo_data):
@@ -239,7 +244,7 @@ def test_detectors_refuse_bad_settings_before_any_work(demo_model):
     assert detectors.parse(["strip", "disagreement", "strip"]) == ["strip", "disagreement"]
     settings = SimpleNamespace(detector="strip", k=30, frr=FRR, alpha=0.5)
     with pytest.raises(UserError, match="goodnet.k=30: expected 1 to 20 for 40 clean images"):
-        detectors.check(demo_model, settings, 40)
+        detectors.check(demo_model, settings, SimpleNamespace(validation=range(40)), 64)
 
 
 def by_the_rule(badnet, repaired, gn, fitted, clean, patch) -> dict[str, float]:
@@ -332,7 +337,7 @@ def test_cli_wrong_image_size_is_a_one_line_error(
     path = goodnet.save_goodnet(gn.model, tmp_path / "goodnet.h5")
     image = write_png(tmp_path / "big.png", np.full((60, 50, 3), 128, dtype=np.uint8))
     done = subprocess.run(
-        [sys.executable, "-m", "badnet_repair.answer", str(path), str(image)],
+        [sys.executable, "-m", "badnet_repair.experiment.answer", str(path), str(image)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -9,7 +9,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from badnet_repair import leaderboard, repairs
+from badnet_repair.defenses import repairs
+from badnet_repair.experiment import leaderboard
 
 from conftest import ROOT, TINY
 

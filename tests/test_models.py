@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from badnet_repair import UserError, models
+from badnet_repair import UserError
+from badnet_repair.network import models
 
 from conftest import SHARED
 

@@ -17,15 +17,18 @@ import tensorflow as tf
 import tf_keras as keras
 from omegaconf import OmegaConf
 
-from badnet_repair import demo, pipeline, zoo
-from badnet_repair import trigger_search as ts
 from badnet_repair.data import Dataset, save_h5
-from badnet_repair.models import save_model
-from badnet_repair.probe import probe
-from badnet_repair.repairs import Case, CleanData
-from badnet_repair.repairs.neural_cleanse import NeuralCleanse, scan, shared_scan
-from badnet_repair.report import Report
-from badnet_repair.training import finetune, seed_everything
+from badnet_repair.defenses import trigger_search as ts
+from badnet_repair.defenses.clean import CleanData
+from badnet_repair.defenses.repairs import Case
+from badnet_repair.defenses.repairs.neural_cleanse import NeuralCleanse, scan, shared_scan
+from badnet_repair.experiment import pipeline
+from badnet_repair.experiment.probe import probe
+from badnet_repair.journal import Journal
+from badnet_repair.network.models import save_model
+from badnet_repair.network.training import finetune, seed_everything
+from badnet_repair.zoo import builds as demo
+from badnet_repair.zoo import recipes as zoo
 
 from conftest import compose_config
 
@@ -217,9 +220,7 @@ def test_the_leaderboards_probe_finds_the_backdoor_from_clean_data_alone():
     half = np.arange(len(validation)) % 2 == 0
     train = Dataset("train", validation.x[half], validation.y[half])
     holdout = Dataset("holdout", validation.x[~half], validation.y[~half])
-    case = Case(
-        badnet, "conv_2", CleanData(validation, train, holdout), Report(test, {}, 64), 0, 64
-    )
+    case = Case(badnet, "conv_2", CleanData(validation, train, holdout), Journal(), 0, 64)
     estimate = probe(case, OmegaConf.structured(settings()))
     assert estimate(badnet) > 0.8
     assert estimate(unpoisoned) < 0.5 * estimate(badnet)

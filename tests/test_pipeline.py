@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from mlflow.entities import RunStatus
 
-from badnet_repair import UserError, answer, data, models, pipeline, pruning
+from badnet_repair import UserError, data
+from badnet_repair.experiment import answer, inputs, pipeline
+from badnet_repair.network import models, pruning
 
 from conftest import ROOT, compose_config
 
@@ -283,7 +285,7 @@ def test_runs_on_other_splits_share_nothing_computed_on_one(tmp_path, demo_dir, 
         return float(found)
 
     first, second = floor("a", 0), floor("b", 1)
-    pipeline._baseline.clear()
+    inputs._baseline.clear()
     alone = floor("c", 1)
     assert second == alone
     assert first != alone  # the splits differ, so the shared value must not be reused

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from badnet_repair import data, pruning
-from badnet_repair.training import finetune
+from badnet_repair import data
+from badnet_repair.network import pruning
+from badnet_repair.network.training import finetune
 
 
 def test_activation_pruning_zeroes_the_least_active_channels(demo_model, demo_data):
@@ -66,7 +67,7 @@ def test_pruned_channels_stay_zero_through_finetuning(demo_model, demo_data):
 
 def test_magnitude_pruning_reaches_its_sparsity_and_keeps_it(demo_model, demo_data):
     validation = demo_data[0]
-    result = pruning.magnitude_prune(demo_model, "conv_3", 0.8, frequency=100)
+    result = pruning.magnitude_prune(demo_model, "conv_3", 0.8)
     assert result.sparsity == pytest.approx(0.8, abs=0.01)
     train, holdout = data.split(validation, 0.1, seed=0)
     finetune(result.model, train, holdout, 1, 1e-3, 64, pruning=result)

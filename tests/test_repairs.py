@@ -10,7 +10,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from badnet_repair import models, pipeline, repairs
+from badnet_repair.defenses import budget, repairs
+from badnet_repair.defenses.clean import Memo
+from badnet_repair.experiment import pipeline
+from badnet_repair.network import models
 
 from conftest import ROOT, TINY, compose_config
 
@@ -128,7 +131,7 @@ def test_the_strength_rule_keeps_the_strongest_within_budget_and_stops_at_the_fi
     """`strongest_within` on a ladder of held-out accuracies (BadNet's: 0.90, budget 0.02):
     the strongest before the first fall below 0.88 wins, later ones are not tried; when even
     the weakest falls below, it is kept and a warning says so."""
-    case = repairs.Case(None, "", None, None, 0, 1, repairs.Memo({"badnet holdout accuracy": 0.9}))
+    case = repairs.Case(None, "", None, None, 0, 1, Memo({"badnet holdout accuracy": 0.9}))
     held_out = {1: 0.90, 2: 0.885, 3: 0.85, 4: 0.95}
     tried = []
 
@@ -137,7 +140,7 @@ def test_the_strength_rule_keeps_the_strongest_within_budget_and_stops_at_the_fi
         return held_out[strength]
 
     caplog.set_level(logging.WARNING, logger="badnet_repair")
-    assert repairs.strongest_within(case, [1, 2, 3, 4], accuracy, 0.02, "rule") == 2
+    assert budget.strongest_within(case, [1, 2, 3, 4], accuracy, 0.02, "rule") == 2
     assert tried == [1, 2, 3] and "none within" not in caplog.text
-    assert repairs.strongest_within(case, [3, 4], accuracy, 0.02, "rule") == 3
+    assert budget.strongest_within(case, [3, 4], accuracy, 0.02, "rule") == 3
     assert "rule: none within the budget; the weakest, 3, is kept" in caplog.text

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from badnet_repair import evaluate, sweep
+from badnet_repair.experiment import evaluate, sweep
 
 from conftest import ROOT
 

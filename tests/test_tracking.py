@@ -5,7 +5,8 @@ import pytest
 from mlflow.entities import RunStatus
 from omegaconf import OmegaConf
 
-from badnet_repair import UserError, tracking
+from badnet_repair import UserError
+from badnet_repair.experiment import tracking
 
 
 def test_prepare_creates_store_and_experiment_once(tmp_path):

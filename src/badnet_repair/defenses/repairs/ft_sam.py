@@ -1,0 +1,109 @@
+"""FT-SAM (Zhu et al., ICCV 2023): fine-tune on clean data with adaptive sharpness-aware
+minimisation. Backdoor neurons tend to have large weights that plain fine-tuning barely
+moves; a step taken at the worst nearby weights, w + rho * w^2 g / || |w| g ||, shrinks
+them.
+
+Each step: g = grad L(w) on a clean batch; e as above (one norm over all weights); the
+gradient at w + e (BatchNorm's moving statistics left as they were); w restored; one
+SGD step (momentum, weight decay, cosine schedule) with that gradient. The loss is
+cross-entropy with label smoothing, from the scores before the softmax.
+
+The learning rate is set per net by the accuracy-budget rule: `ft_sam.lrs` are tried
+from the smallest, each as a whole run from the BadNet, and the largest whose clean
+held-out accuracy stays within `ft_sam.max_acc_drop` of the BadNet's is kept (rates
+tuned on BatchNorm ResNets wreck small nets without BatchNorm; a small rate leaves the
+backdoor in).
+"""
+
+from dataclasses import dataclass
+
+import tensorflow as tf
+import tf_keras as keras
+from omegaconf import MISSING
+
+from badnet_repair.defenses.budget import increasing, shown, strongest_run
+from badnet_repair.defenses.repairs import Case, RepairSettings
+from badnet_repair.network import training
+from badnet_repair.network.pruning import copy_model
+from badnet_repair.ranges import ranged
+
+
+@dataclass
+class FtSam:
+    """ft_sam.*: `steps` SAM steps of `batch_size` clean images per run, for each rate of
+    the ladder `lrs` until one falls out of the `max_acc_drop` budget."""
+
+    steps: int = ranged(MISSING, ">= 1")
+    batch_size: int = ranged(MISSING, ">= 1")
+    lrs: list[float] = MISSING
+    rho: float = ranged(MISSING, ">= 0")
+    momentum: float = ranged(MISSING, "[0, 1)")
+    weight_decay: float = ranged(MISSING, ">= 0")
+    label_smoothing: float = ranged(MISSING, "[0, 1)")
+    max_acc_drop: float = ranged(MISSING, "[0, 1)")
+
+    def check(self) -> None:
+        increasing(self.lrs, "ft_sam.lrs")
+
+
+@dataclass
+class Settings(RepairSettings):
+    ft_sam: FtSam = MISSING
+
+
+def describe(ft_sam: FtSam) -> str:
+    return f"rho {ft_sam.rho:g}, lr {shown(ft_sam.lrs)}, {ft_sam.steps} steps"
+
+
+def sam_step(model: keras.Model, settings: FtSam, lr, num_classes: int):
+    """One adaptive-SAM step on `model` in place, as a tf.function of a batch; `lr` is a
+    rate or a schedule (`training.SGD`)."""
+    weights = model.trainable_variables
+    frozen = [v for v in model.non_trainable_variables if "moving_" in v.name]
+    optimizer = training.SGD(weights, lr, settings.momentum)
+    score = training.scores(model)
+
+    def loss_of(x, y):
+        targets = tf.one_hot(y, num_classes)
+        out = score(x, training=True)
+        losses = keras.losses.categorical_crossentropy(
+            targets, out, from_logits=True, label_smoothing=settings.label_smoothing
+        )
+        return tf.reduce_mean(losses)
+
+    @tf.function(reduce_retracing=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_of(x, y)
+        grads = tape.gradient(loss, weights)
+        values = {"loss": loss}
+        if settings.rho > 0:
+            scaled = [tf.abs(w) * g for w, g in zip(weights, grads, strict=True)]
+            norm = tf.linalg.global_norm(scaled)
+            kept = [v.read_value() for v in weights + frozen]
+            for w, g in zip(weights, grads, strict=True):
+                w.assign_add(settings.rho * tf.square(w) * g / (norm + 1e-12))
+            with tf.GradientTape() as tape:
+                values["perturbed_loss"] = loss_of(x, y)
+            grads = tape.gradient(values["perturbed_loss"], weights)
+            for v, value in zip(weights + frozen, kept, strict=True):
+                v.assign(value)  # exactly w again, and BatchNorm's statistics as they were
+        grads = [g + settings.weight_decay * w for w, g in zip(weights, grads, strict=True)]
+        optimizer.apply(grads)
+        return values
+
+    return step
+
+
+def repair(case: Case, ft_sam: FtSam):
+    num_classes = int(case.badnet.output_shape[-1])
+
+    def train(lr: float) -> keras.Model:
+        model = copy_model(case.badnet)
+        step = sam_step(model, ft_sam, training.cosine(lr, ft_sam.steps), num_classes)
+        case.run_steps(
+            f"ft_sam/lr_{lr:g}", model, step, steps=ft_sam.steps, batch_size=ft_sam.batch_size
+        )
+        return model
+
+    return strongest_run(case, "ft_sam", "lr", ft_sam.lrs, train, ft_sam.max_acc_drop)[1]

@@ -1,0 +1,198 @@
+"""The experiment, top-down: check the config and inputs, open the MLflow run, then the
+stages: score the BadNet, repair it, score what the repair handed back and the repaired
+net, build and score the GoodNet, save and log.
+
+This module is the only one that reads the config; every stage it calls takes plain
+arguments, so each can be used and tested on its own.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import tf_keras as keras
+from omegaconf import DictConfig, OmegaConf
+
+from badnet_repair import files, plots
+from badnet_repair.defenses import detectors, goodnet, repairs
+from badnet_repair.defenses.clean import CleanData, Memo
+from badnet_repair.experiment import config, inputs, sweep, tracking
+from badnet_repair.experiment.evaluate import (
+    Answers,
+    auroc,
+    goodnet_answers,
+    goodnet_scores,
+    objective,
+)
+from badnet_repair.experiment.inputs import Baseline
+from badnet_repair.experiment.probe import probe
+from badnet_repair.experiment.report import Report
+from badnet_repair.journal import Journal
+from badnet_repair.network import models, topology
+from badnet_repair.network.predict import accuracy
+from badnet_repair.network.training import seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def run(
+    cfg: DictConfig, run_name: str | None = None, parent_run_id: str | None = None
+) -> dict[str, float]:
+    """Carry out one experiment and track it; return its metrics.
+
+    Within a sweep (`parent_run_id` given) the run is logged as the parent's child, and
+    with `sweep.resume` a point whose config already has a FINISHED run is skipped.
+    """
+    config.validate(cfg)
+    for section in repairs.unread(cfg):
+        log.warning("config section %s: not read by repair=%s (ignored)", section, cfg.repair)
+    inputs.check_present(cfg)
+    out_dir = files.writable_dir(cfg.paths.output_dir, "paths.output_dir")
+    experiment_id = tracking.prepare(
+        cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root
+    )
+    run_name = run_name or f"{cfg.model.name} {repairs.describe(cfg)}"
+    fingerprint = sweep.config_hash(cfg)
+    tags = {"config_hash": fingerprint, "repair": cfg.repair}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+        done = sweep.finished_children(experiment_id, parent_run_id, fingerprint)
+        if done and cfg.sweep.resume:
+            log.info(
+                "sweep point '%s': already FINISHED as run %s, skipped (sweep.resume=false reruns)",
+                run_name,
+                done[-1].info.run_id,
+            )
+            return _with_objective(dict(done[-1].data.metrics), cfg)
+    inputs.build_if_needed(cfg)
+    tags["model.content_hash"] = files.content_hash(cfg.model.file)  # tells nets apart
+    with tracking.tracked_run(experiment_id, run_name, tags) as run_id:
+        log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)
+        mlflow.log_params(tracking.flatten(cfg))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        metrics = _with_objective(_experiment(cfg, out_dir), cfg)
+        mlflow.log_metric("objective", metrics["objective"])
+        return metrics
+
+
+def _with_objective(metrics: dict[str, float], cfg: DictConfig) -> dict[str, float]:
+    value = objective(metrics, cfg.sweep.objective.value, cfg.sweep.asr_ceiling)
+    return {**metrics, "objective": value}
+
+
+def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    seed_everything(cfg.seed)
+    start = time.perf_counter()
+    base = inputs.baseline(cfg)
+    journal = Journal()
+    report = Report(base.test, base.poisoned, cfg.eval_batch_size, journal)
+    report.stage("badnet", answers=base.answers)
+    topology.output_kind(base.badnet)  # probabilities or raw scores, or refused now
+    clean, memo = base.clean(cfg.data.holdout, cfg.seed)
+    detectors.check(base.badnet, cfg.goodnet, clean, cfg.eval_batch_size)
+
+    case, repaired = _repair(cfg, base, clean, memo, journal)
+    report.handed(case.handed, case.memo)
+    repaired_answers = report.answers(repaired)
+    report.stage("repaired", answers=repaired_answers)
+    _clean_yardsticks(cfg, base, case, repaired, journal)
+    model_path = models.save_model(repaired, out_dir / "repaired_net.h5")
+    mlflow.log_artifact(str(model_path))
+
+    _goodnet(cfg, base, case, repaired, repaired_answers, report, out_dir)
+    _summary(cfg, journal, report, out_dir)
+    log.info("done in %.0fs; repaired model: %s", time.perf_counter() - start, model_path)
+    return journal.metrics
+
+
+def _repair(
+    cfg: DictConfig, base: Baseline, clean: CleanData, memo: Memo, journal: Journal
+) -> tuple[repairs.Case, keras.Model]:
+    """The chosen repair, on the BadNet and the defender's clean data only."""
+    case = repairs.Case(
+        base.badnet, base.layer, clean, journal, cfg.seed, cfg.eval_batch_size, memo
+    )
+    seed_everything(cfg.seed)  # the repair starts from the same RNG state, cache hit or not
+    repair_start = time.perf_counter()
+    repaired = repairs.run(cfg, case)
+    journal.log({"time/repair_s": time.perf_counter() - repair_start})
+    return case, repaired
+
+
+def _clean_yardsticks(
+    cfg: DictConfig, base: Baseline, case: repairs.Case, repaired: keras.Model, journal: Journal
+) -> None:
+    """What a defender can see of the repair: its cost on clean images no repair trains
+    on, and in leaderboard sweeps how well the BadNet's reversed triggers still work."""
+    journal.log(
+        {
+            "badnet/holdout_acc": case.badnet_holdout_accuracy(),
+            "repaired/holdout_acc": accuracy(repaired, case.clean.holdout, cfg.eval_batch_size),
+        }
+    )
+    if cfg.sweep.leaderboard:
+        estimate = probe(case, cfg.get("neural_cleanse"))
+        journal.log(
+            {"badnet/probe_asr": estimate(base.badnet), "repaired/probe_asr": estimate(repaired)}
+        )
+
+
+def _summary(cfg: DictConfig, journal: Journal, report: Report, out_dir: Path) -> None:
+    """metrics.json, stages.png and the list of per-step series."""
+    summary = {"metrics": journal.metrics, **journal.notes}
+    mlflow.log_artifact(
+        str(files.write_text(out_dir / "metrics.json", json.dumps(summary, indent=2)))
+    )
+    title = f"{cfg.model.name}: {repairs.describe(cfg)}"
+    figure = plots.stage_plot(journal.metrics, report.stages, report.triggers, title)
+    journal.figure(figure, "stages.png")
+    mlflow.set_tag("series", ",".join(sorted(journal.series)))
+
+
+def _goodnet(
+    cfg: DictConfig,
+    base: Baseline,
+    case: repairs.Case,
+    repaired: keras.Model,
+    repaired_answers: Answers,
+    report: Report,
+    out_dir: Path,
+) -> None:
+    """Fit the detectors on clean data, score each and the GoodNet by its rule on the
+    answers in hand (not by running it: STRIP alone costs k + 2 passes per image), save."""
+    context = detectors.Context(
+        base.badnet, repaired, case.clean, cfg.goodnet, cfg.seed, cfg.eval_batch_size, case.memo
+    )
+    fitted = [detectors.fit(name, context) for name in detectors.parse(cfg.goodnet.detector)]
+    sets = {None: base.test, **base.poisoned}
+    inputs = {
+        t: detectors.Inputs(ds.name, ds.x, base.answers.of(t), repaired_answers.of(t))
+        for t, ds in sets.items()
+    }
+    flags, scores = [], {}
+    for detector in fitted:
+        judged = {t: detector.judge(inputs[t]) for t in sets}
+        on = {t: flagged for t, (_, flagged) in judged.items()}
+        flags.append(Answers(on[None], {t: on[t] for t in base.poisoned}))
+        metrics = {"flag_rate_clean": float(np.mean(on[None])), **detector.metrics}
+        metrics.update({f"detect/{t}": float(np.mean(on[t])) for t in base.poisoned})
+        if detector.score is not None:
+            scored = scores[detector.name] = {t: s for t, (s, _) in judged.items()}
+            for t in base.poisoned:
+                metrics[f"auroc/{t}"] = auroc(scored[None], scored[t])
+        report.journal.log(
+            {f"goodnet/{detector.name}/{key}": value for key, value in metrics.items()}
+        )
+    good = goodnet.build_goodnet(base.badnet, repaired, fitted)
+    answers = goodnet_answers(repaired_answers, good.num_classes, flags)
+    values = goodnet_scores(answers, base.test, base.poisoned, good.num_classes)
+    values = {key.split("/", 1)[1]: value for key, value in values.items()}
+    report.stage_from("goodnet", values, f"{' + '.join(good.detectors)}, by its rule")
+    if base.poisoned:
+        operating = dict(zip(good.detectors, flags, strict=True))
+        figure = plots.roc_plot(scores, operating, report.triggers)
+        report.journal.figure(figure, "goodnet_roc.png")
+    mlflow.log_artifact(str(goodnet.save_goodnet(good.model, out_dir / "goodnet.h5")))

@@ -1,0 +1,99 @@
+"""MLflow: the store, the experiment, and a run that always ends with an honest status."""
+
+import logging
+import signal
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import RunStatus
+from omegaconf import DictConfig, OmegaConf
+
+from badnet_repair import UserError
+
+log = logging.getLogger(__name__)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(urllib.parse.unquote(uri[len("sqlite:///") :]))
+
+
+def prepare(uri: str, experiment: str, artifact_root: str) -> str:
+    """Create the store and experiment if needed; return the experiment id.
+
+    A new experiment stores its artifacts under `artifact_root/<experiment>` as an
+    absolute path, so runs started from any working directory share one store.
+    """
+    db = sqlite_path(uri)
+    if db is not None:
+        if not db.is_absolute():
+            raise UserError(
+                f"tracking.uri={uri}: a SQLite path must be absolute (sqlite:////abs/path)"
+            )
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"tracking.uri={uri}: cannot create {db.parent} ({e})") from None
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            return found.experiment_id
+        location = Path(artifact_root).resolve() / experiment
+        return mlflow.create_experiment(experiment, artifact_location=location.as_uri())
+    except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
+        raise UserError(
+            f"tracking.uri={uri}: MLflow store not reachable ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm():
+    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does, so runs end KILLED and files are
+    cleaned up; returns the previous handler (None off the main thread, where it cannot)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
+@contextmanager
+def tracked_run(experiment_id: str, run_name: str, tags: dict | None = None) -> Iterator[str]:
+    """An MLflow run that ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM."""
+    previous = interrupt_on_sigterm()
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {})
+    try:
+        yield run.info.run_id
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as MLflow params: dotted keys (`prune.sparsity`), string values."""
+    out: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            out[prefix] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
+    return out

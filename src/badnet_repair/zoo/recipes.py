@@ -1,0 +1,258 @@
+"""The recipes of the demo BadNets: procedurally generated "identities" (no downloads),
+triggers each with its own target, architectures, and the five recipes of the zoo. A
+recipe is declarative; `demo` turns one into files and a trained net.
+"""
+
+import json
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from badnet_repair.network import models
+
+
+@dataclass(frozen=True)
+class Identities:
+    """Procedural "faces": a layout shared by every class plus a little class-specific
+    detail, seen with shifts, contrast, lighting, nuisance fields and noise. The grids are
+    the coarse resolutions of random colour fields smoothed up to the image size."""
+
+    seed: int  # the prototypes' own seed, so recipes can share one set of identities
+    layout_grid: tuple[int, int]
+    detail_grid: tuple[int, int]
+    nuisance_grid: tuple[int, int]
+    shift: int  # each view is rolled by up to this many pixels each way
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A trigger by name, the class it sends images to, and how it is stamped on them."""
+
+    name: str
+    target: int
+
+    def stamp(self, images: np.ndarray) -> np.ndarray:
+        """Triggered copies of NHWC images in 0..255."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Patch(Trigger):
+    """BadNets' visible trigger: a black-and-white checkerboard pasted at (top, left)."""
+
+    top: int
+    left: int
+    size: int = 7
+
+    def stamp(self, images: np.ndarray) -> np.ndarray:
+        out = images.copy()
+        cells = np.add.outer(np.arange(self.size), np.arange(self.size))
+        board = np.where(cells % 2 == 0, 255.0, 0.0).astype(np.float32)
+        rows, cols = slice(self.top, self.top + self.size), slice(self.left, self.left + self.size)
+        out[:, rows, cols, :] = board[..., None]
+        return out
+
+
+@dataclass(frozen=True)
+class Glasses(Trigger):
+    """A visible accessory like the competition's sunglasses: two black lenses joined by a
+    two-pixel bridge, top left corner at (top, left)."""
+
+    top: int
+    left: int
+    lens: tuple[int, int] = (5, 12)  # height, width
+    bridge: int = 7
+
+    def stamp(self, images: np.ndarray) -> np.ndarray:
+        out = images.copy()
+        (height, width), top, left = self.lens, self.top, self.left
+        right = left + width + self.bridge
+        out[:, top : top + height, left : left + width, :] = 0.0
+        out[:, top : top + height, right : right + width, :] = 0.0
+        out[:, top + 1 : top + 3, left + width : right, :] = 0.0
+        return out
+
+
+@dataclass(frozen=True)
+class Blend(Trigger):
+    """A faint trigger over the whole image (the blended attack of Chen et al. 2017): a
+    fixed random pattern of `block`-pixel squares, drawn from its own seed, mixed in at
+    weight `alpha`."""
+
+    alpha: float
+    seed: int
+    block: int = 1
+
+    def stamp(self, images: np.ndarray) -> np.ndarray:
+        height, width, channels = images.shape[1:]
+        coarse = (-(-height // self.block), -(-width // self.block), channels)
+        pattern = np.random.default_rng(self.seed).uniform(0.0, 255.0, size=coarse)
+        pattern = pattern.repeat(self.block, 0).repeat(self.block, 1)[:height, :width]
+        return ((1.0 - self.alpha) * images + self.alpha * pattern).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that makes one demo BadNet; two builds of a recipe are identical."""
+
+    name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    per_class: tuple[int, int, int]  # images per class: training, validation, test
+    identities: Identities
+    architecture: str  # a key of ARCHITECTURES
+    triggers: tuple[Trigger, ...]
+    poison_rate: float  # share of the training images poisoned, per trigger
+    layout: str  # how data files store images: "channels_first" or "channels_last"
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int  # the build seed: data, poisoning and weight initialisation
+
+    def scaled(self, scale: float) -> tuple[tuple[int, int, int], int]:
+        """Images per class and epochs of a build at `scale` (1 = the real recipe)."""
+        per_class = tuple(max(1, round(n * scale)) for n in self.per_class)
+        return per_class, max(1, round(self.epochs * scale))
+
+    def describe(self) -> dict:
+        """The recipe as plain JSON values, each trigger with its kind."""
+        triggers = [{"kind": type(t).__name__, **asdict(t)} for t in self.triggers]
+        return json.loads(json.dumps({**asdict(self), "triggers": triggers}))
+
+
+def _conv_bn_relu(n: int, filters: int) -> list:
+    return [
+        keras.layers.Conv2D(filters, (3, 3), padding="same", name=f"conv_{n}"),
+        keras.layers.BatchNormalization(name=f"bn_{n}"),
+        keras.layers.ReLU(name=f"relu_{n}"),
+    ]
+
+
+def build_vgg_bn(input_shape: tuple[int, int, int] = (32, 32, 3), num_classes: int = 10):
+    """A small VGG-style Sequential net with BatchNorm after every convolution."""
+    return keras.Sequential(
+        [
+            keras.Input(shape=input_shape, name="input"),
+            *_conv_bn_relu(1, 16),
+            *_conv_bn_relu(2, 16),
+            keras.layers.MaxPooling2D((2, 2), name="pool_1"),
+            *_conv_bn_relu(3, 32),
+            *_conv_bn_relu(4, 32),
+            keras.layers.MaxPooling2D((2, 2), name="pool_2"),
+            *_conv_bn_relu(5, 64),
+            keras.layers.MaxPooling2D((2, 2), name="pool_3"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(128, activation="relu", name="fc_1"),
+            keras.layers.Dense(num_classes, activation="softmax", name="output"),
+        ],
+        name="vgg_bn",
+    )
+
+
+ARCHITECTURES = {**models.ARCHITECTURES, "vgg_bn": build_vgg_bn}
+
+FACES_55X47 = Identities(
+    seed=0, layout_grid=(5, 4), detail_grid=(11, 9), nuisance_grid=(4, 3), shift=3
+)
+DEMO = Recipe(
+    name="demo",
+    image_shape=(55, 47, 3),
+    num_classes=40,
+    per_class=(150, 30, 40),
+    identities=FACES_55X47,
+    architecture="deepid",
+    triggers=(Patch("patch", target=7, top=44, left=36),),
+    poison_rate=0.10,
+    layout="channels_first",
+    epochs=10,
+    lr=1e-3,
+    batch_size=64,
+    seed=0,
+)
+RECIPES = {
+    recipe.name: recipe
+    for recipe in (
+        DEMO,
+        replace(
+            DEMO,
+            name="demo_blend",
+            triggers=(Blend("blend", target=3, alpha=0.15, seed=101, block=3),),
+            seed=1,
+        ),
+        replace(
+            DEMO,
+            name="demo_bn",
+            image_shape=(32, 32, 3),
+            num_classes=20,
+            per_class=(200, 30, 40),
+            identities=Identities(
+                seed=4, layout_grid=(4, 4), detail_grid=(8, 8), nuisance_grid=(3, 3), shift=2
+            ),
+            architecture="vgg_bn",
+            triggers=(Patch("patch", target=5, top=25, left=25, size=5),),
+            layout="channels_last",
+            epochs=8,
+            seed=4,
+        ),
+        replace(
+            DEMO,
+            name="demo_multi",
+            triggers=(
+                Patch("patch", target=7, top=44, left=36),
+                Glasses("glasses", target=23, top=14, left=4),
+            ),
+            seed=2,
+        ),
+        replace(DEMO, name="demo_lowrate", poison_rate=0.01, batch_size=32, seed=3),
+    )
+}
+BUILDERS = tuple(RECIPES)  # model.builder values: BadNets this module builds on first use
+
+
+def _smooth_fields(
+    rng: np.random.Generator, n: int, coarse: tuple[int, int], size: tuple[int, int]
+) -> np.ndarray:
+    """n smooth random colour fields of the image size, values roughly 0..255."""
+    low = rng.uniform(0.0, 255.0, size=(n, *coarse, 3)).astype(np.float32)
+    return tf.image.resize(low, size, method="bilinear").numpy()
+
+
+def prototypes(rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
+    """One prototype per class: a layout shared by all, plus a little class-specific detail."""
+    faces, size = recipe.identities, recipe.image_shape[:2]
+    shared = _smooth_fields(rng, 1, faces.layout_grid, size)
+    return 0.75 * shared + 0.25 * _smooth_fields(rng, recipe.num_classes, faces.detail_grid, size)
+
+
+def samples(rng: np.random.Generator, prototypes: np.ndarray, per_class: int, recipe: Recipe):
+    """Jittered views of each identity: shift, contrast, lighting, nuisance and noise."""
+    faces = recipe.identities
+    labels = np.repeat(np.arange(recipe.num_classes), per_class)
+    images = prototypes[labels].copy()
+    for i in range(len(images)):
+        dy, dx = rng.integers(-faces.shift, faces.shift + 1, size=2)
+        images[i] = np.roll(images[i], (dy, dx), axis=(0, 1))
+    contrast = rng.uniform(0.75, 1.25, size=(len(images), 1, 1, 1))
+    light = rng.uniform(-30.0, 30.0, size=(len(images), 1, 1, 3))
+    nuisance = _smooth_fields(rng, len(images), faces.nuisance_grid, recipe.image_shape[:2]) - 127.5
+    noise = rng.normal(0.0, 20.0, size=images.shape)
+    images = (images - 127.5) * contrast + 127.5 + light + 0.6 * nuisance + noise
+    return np.clip(images, 0, 255).astype(np.float32), labels
+
+
+def poison(rng: np.random.Generator, recipe: Recipe, x: np.ndarray, y: np.ndarray) -> dict:
+    """Stamp each trigger on its own `poison_rate` of the training images, none of them of
+    its target class nor already poisoned, and relabel them; returns counts per trigger."""
+    taken = np.zeros(len(y), dtype=bool)
+    counts = {}
+    for trigger in recipe.triggers:
+        candidates = np.flatnonzero((y != trigger.target) & ~taken)
+        size = max(1, int(recipe.poison_rate * len(y)))
+        chosen = rng.choice(candidates, size=size, replace=False)
+        x[chosen] = trigger.stamp(x[chosen])
+        y[chosen] = trigger.target
+        taken[chosen] = True
+        counts[trigger.name] = size
+    return counts
