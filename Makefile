@@ -1,11 +1,20 @@
 # Everyday commands. Each target sets up the virtual environment first if needed.
-PYTHON ?= python3.11
+# The newest of python3.13, python3.12, python3.11 on PATH that runs (a pyenv shim is on
+# PATH for every installed version but runs only the selected ones); PYTHON=... picks one.
+# After changing it, remove .venv to rebuild it with the new interpreter.
+SUPPORTED := python3.13 python3.12 python3.11
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(firstword $(foreach p,$(SUPPORTED),$(shell $(p) -c '' >/dev/null 2>&1 && echo $(p))))
+endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 .PHONY: run test lint ui docs clean
 
 $(VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON)" || { echo "none of $(SUPPORTED) runs here: install one or set PYTHON=" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] < (3, 14))' \
+		|| { echo "$(PYTHON) is not Python 3.11, 3.12 or 3.13" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
