@@ -131,6 +131,26 @@ def test_a_run_failing_midway_ends_failed(tmp_path, demo_dir):
 
 
 @pytest.mark.slow
+def test_a_repair_with_no_strength_within_budget_declines_and_saves_no_wreck(
+    tmp_path, demo_dir, caplog
+):
+    """FT-SAM at a learning rate that wrecks the demo even after five halvings: the run
+    says so in one line and a tag, ends FINISHED, saves no repaired net or GoodNet and
+    logs nothing as repaired; a search would rank it below every other run."""
+    caplog.set_level(logging.WARNING, logger="badnet_repair")
+    cfg = compose_config(tmp_path, demo_dir, "repair=ft_sam", "ft_sam.lrs=[1e6]", "ft_sam.steps=3")
+    metrics = pipeline.run(cfg)
+    run = only_run(tmp_path)
+    assert run.info.status == RunStatus.to_string(RunStatus.FINISHED)
+    assert "ft_sam lr: no value down to 31250 keeps" in run.data.tags["repair.declined"]
+    assert "repair declined: ft_sam lr: no value down to 31250" in caplog.text
+    assert not any(key.startswith(("repaired/", "goodnet/")) for key in metrics)
+    assert metrics["objective"] == -1.0 and "badnet/clean_acc" in metrics
+    assert not (tmp_path / "out" / "repaired_net.h5").exists()
+    assert not (tmp_path / "out" / "goodnet.h5").exists()
+
+
+@pytest.mark.slow
 def test_command_line_bad_value_is_one_line_and_nonzero(tmp_path, demo_dir):
     done = run_py(tmp_path, demo_dir.parent, "prune.sparsity=1.5")
     assert done.returncode != 0

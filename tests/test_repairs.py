@@ -6,6 +6,7 @@ import logging
 import mlflow
 import numpy as np
 import pytest
+from tf_keras import models as keras_models
 
 from badnet_repair import data
 from badnet_repair.defenses import budget, repairs
@@ -13,6 +14,7 @@ from badnet_repair.defenses.clean import CleanData, Memo
 from badnet_repair.defenses.repairs import finetune
 from badnet_repair.experiment import pipeline
 from badnet_repair.journal import Journal
+from badnet_repair.network.predict import accuracy
 from badnet_repair.network.training import Finetune
 
 from conftest import compose_config, run_py
@@ -86,7 +88,7 @@ def test_the_strength_rule_keeps_the_strongest_within_budget_and_stops_at_the_fi
 ):
     """`strongest_within` on a ladder of held-out accuracies (BadNet's: 0.90, budget 0.02):
     the strongest before the first fall below 0.88 wins, later ones are not tried; when even
-    the weakest falls below, it is kept and a warning says so."""
+    the weakest falls below, none is kept: it raises."""
     case = repairs.Case(None, "", None, None, 0, 1, Memo({"badnet holdout accuracy": 0.9}))
     held_out = {1: 0.90, 2: 0.885, 3: 0.85, 4: 0.95}
     tried = []
@@ -98,5 +100,53 @@ def test_the_strength_rule_keeps_the_strongest_within_budget_and_stops_at_the_fi
     caplog.set_level(logging.WARNING, logger="badnet_repair")
     assert budget.strongest_within(case, [1, 2, 3, 4], accuracy, 0.02, "rule") == 2
     assert tried == [1, 2, 3] and "none within" not in caplog.text
-    assert budget.strongest_within(case, [3, 4], accuracy, 0.02, "rule") == 3
-    assert "rule: none within the budget; the weakest, 3, is kept" in caplog.text
+    with pytest.raises(budget.NoneWithinBudget, match="rule: no value tried keeps"):
+        budget.strongest_within(case, [3, 4], accuracy, 0.02, "rule")
+    assert tried[-1] == 3  # the first below ends it
+
+
+def _noisy(model, scale: float):
+    """`model` with Gaussian noise of `scale` times each weight array's spread added: a
+    stand-in for a repair whose strength wrecks the net as it grows."""
+    rng = np.random.default_rng(0)
+    noisy = keras_models.clone_model(model)
+    noisy.set_weights(
+        [w + scale * w.std() * rng.standard_normal(w.shape) for w in model.get_weights()]
+    )
+    return noisy
+
+
+@pytest.fixture(scope="module")
+def demo_case(demo_model, demo_data):
+    train, holdout = data.split(demo_data[0], 0.1, seed=0)
+    return repairs.Case(
+        demo_model, "conv_3", CleanData(demo_data[0], train, holdout), Journal(), 0, 512
+    )
+
+
+def test_a_ladder_whose_weakest_rung_wrecks_the_net_goes_on_down_to_one_that_works(demo_case):
+    """Noise at 4 times each weight's spread collapses the demo; the ladder halves
+    downward from there and keeps the first rung within 2 points, a working net."""
+    chosen, model = budget.strongest_run(
+        demo_case, "noise", "scale", [4.0], lambda s: _noisy(demo_case.badnet, s), 0.02
+    )
+    held = demo_case.journal.notes["noise_ladder"]
+    assert held["4"] < 0.5 * demo_case.badnet_holdout_accuracy()  # the first rung wrecks
+    assert chosen < 4.0 and list(held)[-1] == f"{chosen:g}"
+    assert (
+        accuracy(model, demo_case.clean.holdout, 512) >= demo_case.badnet_holdout_accuracy() - 0.02
+    )
+    assert demo_case.journal.metrics["noise/scale"] == chosen
+
+
+def test_a_ladder_with_no_working_rung_declines_after_its_halvings(demo_case):
+    tried = []
+
+    def wreck(scale):
+        tried.append(scale)
+        return _noisy(demo_case.badnet, 1000.0)
+
+    with pytest.raises(budget.NoneWithinBudget, match="no value down to 0.25 keeps"):
+        budget.strongest_run(demo_case, "wreck", "scale", [8.0], wreck, 0.02)
+    assert tried == [8.0 / 2**i for i in range(budget.HALVINGS + 1)]
+    assert list(demo_case.journal.notes["wreck_ladder"]) == [f"{v:g}" for v in tried]

@@ -14,6 +14,13 @@ from badnet_repair.network.predict import accuracy
 
 log = logging.getLogger(__name__)
 
+HALVINGS = 5  # below a ladder's weakest rung: at most this many halvings (down to 1/32 of it)
+
+
+class NoneWithinBudget(Exception):
+    """No strength a repair tried kept the clean held-out accuracy within its budget: the
+    repair declines rather than hand back a wreck (the run says so and saves no net)."""
+
 
 def increasing(ladder: Sequence[float], key: str) -> None:
     """Check a ladder of strengths for `strongest_within`: values > 0, weakest first, no
@@ -30,6 +37,12 @@ def shown(ladder: Sequence[float]) -> str:
     return "/".join(f"{value:g}" for value in ladder)
 
 
+def rung(value: float) -> str:
+    """A ladder value in a metric's name (`ft_sam/lr_0.01/loss`); MLflow refuses the `+`
+    of `1e+06`."""
+    return f"{value:g}".replace("+", "")
+
+
 def strongest_within(
     case: Case,
     candidates: Sequence[Any],
@@ -40,26 +53,33 @@ def strongest_within(
     """The rule that sets a repair's strength from clean data alone: try `candidates`
     from weakest to strongest and keep the strongest whose accuracy on the clean held-out
     images stays within `max_acc_drop` of the BadNet's, stopping at the first that falls
-    below (the weakest when none stays within). Each trial is logged as `what`."""
+    below. Raises `NoneWithinBudget` when even the weakest falls below. Each trial is
+    logged as `what`."""
     floor = case.badnet_holdout_accuracy() - max_acc_drop
-    chosen = candidates[0]
+    chosen = None
     for candidate in candidates:
-        acc = holdout_accuracy(candidate)
-        within = acc >= floor - 1e-12
-        log.info(
-            "%s %s: held-out clean accuracy %.4f (%s %.4f)",
-            what,
-            candidate,
-            acc,
-            "within the budget, floor" if within else "below the floor",
-            floor,
-        )
-        if not within:
-            if candidate is candidates[0]:
-                log.warning("%s: none within the budget; the weakest, %s, is kept", what, chosen)
+        if not _within(holdout_accuracy(candidate), floor, what, candidate):
             break
-        chosen = candidate
-    return chosen
+        chosen = (candidate,)
+    if chosen is None:
+        raise NoneWithinBudget(
+            f"{what}: no value tried keeps the clean held-out accuracy within "
+            f"{max_acc_drop:g} of the BadNet's (floor {floor:.4f})"
+        )
+    return chosen[0]
+
+
+def _within(acc: float, floor: float, what: str, candidate: Any) -> bool:
+    within = acc >= floor - 1e-12
+    log.info(
+        "%s %s: held-out clean accuracy %.4f (%s %.4f)",
+        what,
+        candidate,
+        acc,
+        "within the budget, floor" if within else "below the floor",
+        floor,
+    )
+    return within
 
 
 def strongest_run(
@@ -72,8 +92,11 @@ def strongest_run(
 ) -> tuple[float, keras.Model]:
     """`strongest_within` over whole runs: `train(value)` trains a model from the BadNet at
     each value of the `ladder` (weakest first) until one's clean held-out accuracy falls
-    out of the budget; returns the strongest value within it and its model. Logs the value as
-    `name/key` and every run's held-out accuracy as the note `name_ladder`."""
+    out of the budget; returns the strongest value within it and its model. When even the
+    weakest rung falls out, the ladder goes on downward, halving, for at most `HALVINGS`
+    rungs (a setting tuned on one net wrecks another), and raises `NoneWithinBudget` if
+    none holds. Logs the value as `name/key` and every run's held-out accuracy as the note
+    `name_ladder`."""
     trained: dict[float, keras.Model] = {}
     held: dict[float, float] = {}
 
@@ -82,7 +105,33 @@ def strongest_run(
         held[value] = accuracy(trained[value], case.clean.holdout, case.batch_size)
         return held[value]
 
-    chosen = strongest_within(case, ladder, run, max_acc_drop, f"{name} {key}")
+    what = f"{name} {key}"
+    try:
+        try:
+            chosen = strongest_within(case, ladder, run, max_acc_drop, what)
+        except NoneWithinBudget:
+            below = [ladder[0] / 2**i for i in range(1, HALVINGS + 1)]
+            log.warning("%s: the weakest rung, %g, is out of budget; halving", what, ladder[0])
+            chosen = _first_within(case, below, run, max_acc_drop, what)
+    finally:
+        case.journal.note(**{f"{name}_ladder": {f"{v:g}": acc for v, acc in held.items()}})
     case.journal.log({f"{name}/{key}": chosen})
-    case.journal.note(**{f"{name}_ladder": {f"{v:g}": acc for v, acc in held.items()}})
     return chosen, trained[chosen]
+
+
+def _first_within(
+    case: Case,
+    weaker: Sequence[float],
+    holdout_accuracy: Callable[[float], float],
+    max_acc_drop: float,
+    what: str,
+) -> float:
+    """The first of `weaker` (strongest first) within the budget."""
+    floor = case.badnet_holdout_accuracy() - max_acc_drop
+    for value in weaker:
+        if _within(holdout_accuracy(value), floor, what, value):
+            return value
+    raise NoneWithinBudget(
+        f"{what}: no value down to {weaker[-1]:g} keeps the clean held-out accuracy within "
+        f"{max_acc_drop:g} of the BadNet's (floor {floor:.4f})"
+    )

@@ -73,7 +73,12 @@ def objective(metrics: dict[str, float], name: str, asr_ceiling: float) -> float
     - `oracle_der`: defense effectiveness rating, (max(0, dASR) - max(0, dACC) + 1) / 2,
       with dASR the fall of the worst trigger's ASR and dACC the fall of clean accuracy;
       an oracle likewise.
+
+    A run whose repair declined (no strength within its accuracy budget) has no repaired
+    net: -1, below every other run's value.
     """
+    if "repaired/clean_acc" not in metrics:
+        return -1.0
     if name == "holdout_acc":
         return metrics["repaired/holdout_acc"]
     if name == "oracle_der":

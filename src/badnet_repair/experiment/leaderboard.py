@@ -52,11 +52,15 @@ def badnet_name(params: dict[str, str]) -> str:
 
 
 def entry(run) -> dict:
-    """One leaderboard row from a FINISHED run of the pipeline."""
+    """One leaderboard row from a FINISHED run of the pipeline; a declined repair's row
+    has no repaired net's numbers and misses the goal."""
     m, p = run.data.metrics, run.data.params
     row = {"badnet": badnet_name(p), "repair": p.get("repair", "?"), **m}
     row["model_hash"] = run.data.tags.get("model.content_hash", "")
     row["run"], row["run_id"] = run.info.run_name, run.info.run_id
+    if "repaired/clean_acc" not in m:  # declined: no strength within its budget
+        row.update(repair=f"{row['repair']} (declined)", drop=math.nan, goal=False)
+        return row
     row["drop"] = m["badnet/clean_acc"] - m["repaired/clean_acc"]
     if _triggers(row):
         row["der"] = der(m)
@@ -130,7 +134,7 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             **{c: row.get(c) for c in ("badnet", "repair", "drop", "der", "goal")},
             "run": " ".join(w for w in row["run"].split() if w not in common),  # what differs
             "best": "*" if marks.get(row["badnet"]) == row["run_id"] else "",
-            "clean_acc": row["repaired/clean_acc"],
+            "clean_acc": row.get("repaired/clean_acc"),
             "goodnet_frr": row.get("goodnet/flag_rate_clean"),
             "probe_asr": row.get("repaired/probe_asr"),
             "repair_min": row.get("time/repair_s", math.nan) / 60,

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from badnet_repair import files, plots
 from badnet_repair.defenses import detectors, goodnet, repairs
+from badnet_repair.defenses.budget import NoneWithinBudget
 from badnet_repair.defenses.clean import CleanData, Memo
 from badnet_repair.experiment import config, inputs, sweep, tracking
 from badnet_repair.experiment.evaluate import (
@@ -94,7 +95,13 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     clean, memo = base.clean(cfg.data.holdout, cfg.seed)
     detectors.check(base.badnet, cfg.goodnet, clean, cfg.eval_batch_size)
 
-    case, repaired = _repair(cfg, base, clean, memo, journal)
+    try:
+        case, repaired = _repair(cfg, base, clean, memo, journal)
+    except NoneWithinBudget as declined:  # no wreck is saved or scored as repaired
+        log.warning("repair declined: %s; no repaired net is saved or scored", declined)
+        mlflow.set_tag("repair.declined", str(declined))
+        _summary(cfg, journal, report, out_dir)
+        return journal.metrics
     report.handed(case.handed, case.memo)
     repaired_answers = report.answers(repaired)
     report.stage("repaired", answers=repaired_answers)

@@ -21,7 +21,7 @@ import tensorflow as tf
 import tf_keras as keras
 from omegaconf import MISSING
 
-from badnet_repair.defenses.budget import increasing, shown, strongest_run
+from badnet_repair.defenses.budget import increasing, rung, shown, strongest_run
 from badnet_repair.defenses.repairs import Case, RepairSettings
 from badnet_repair.network import training
 from badnet_repair.network.pruning import copy_model
@@ -102,7 +102,7 @@ def repair(case: Case, ft_sam: FtSam):
         model = copy_model(case.badnet)
         step = sam_step(model, ft_sam, training.cosine(lr, ft_sam.steps), num_classes)
         case.run_steps(
-            f"ft_sam/lr_{lr:g}", model, step, steps=ft_sam.steps, batch_size=ft_sam.batch_size
+            f"ft_sam/lr_{rung(lr)}", model, step, steps=ft_sam.steps, batch_size=ft_sam.batch_size
         )
         return model
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from badnet_repair import UserError
-from badnet_repair.defenses.budget import increasing, strongest_run
+from badnet_repair.defenses.budget import increasing, rung, strongest_run
 from badnet_repair.defenses.repairs import Case, RepairSettings
 from badnet_repair.network.pruning import magnitude_prune
 from badnet_repair.network.training import Finetune
@@ -54,7 +54,7 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
 
     def train(sparsity: float):
         pruned = pruned_at(sparsity)
-        case.finetune(pruned.model, finetune, pruned, series=f"sparsity_{sparsity:g}")
+        case.finetune(pruned.model, finetune, pruned, series=f"sparsity_{rung(sparsity)}")
         return pruned.export()
 
     sparsity, repaired = prune.sparsity, None

@@ -31,7 +31,7 @@ import tensorflow as tf
 import tf_keras as keras
 from omegaconf import MISSING
 
-from badnet_repair.defenses.budget import increasing, shown, strongest_run
+from badnet_repair.defenses.budget import increasing, rung, shown, strongest_run
 from badnet_repair.defenses.repairs import Case, RepairSettings
 from badnet_repair.network import training
 from badnet_repair.network.pruning import copy_model
@@ -155,7 +155,9 @@ def repair(case: Case, sau: Sau):
     def train(eps: float) -> keras.Model:
         model = copy_model(case.badnet)
         step = sau_step(model, reference, sau, eps)
-        case.run_steps(f"sau/eps_{eps:g}", model, step, steps=sau.steps, batch_size=sau.batch_size)
+        case.run_steps(
+            f"sau/eps_{rung(eps)}", model, step, steps=sau.steps, batch_size=sau.batch_size
+        )
         return model
 
     return strongest_run(case, "sau", "eps", sau.eps, train, sau.max_acc_drop)[1]
