@@ -10,7 +10,7 @@ import pytest
 from mlflow.entities import RunStatus
 
 from badnet_repair import UserError, data
-from badnet_repair.experiment import inputs, pipeline
+from badnet_repair.experiment import inputs, leaderboard, pipeline
 from badnet_repair.network import models, pruning
 
 from conftest import compose_config, run_py
@@ -148,6 +148,9 @@ def test_a_repair_with_no_strength_within_budget_declines_and_saves_no_wreck(
     assert metrics["objective"] == -1.0 and "badnet/clean_acc" in metrics
     assert not (tmp_path / "out" / "repaired_net.h5").exists()
     assert not (tmp_path / "out" / "goodnet.h5").exists()
+    (row,) = leaderboard.runs(["demo"])
+    assert row["repair"] == "ft_sam (declined)" and row["goal"] is False
+    assert "| demo | ft_sam (declined) |  |  |  |" in leaderboard.markdown([row])
 
 
 @pytest.mark.slow
