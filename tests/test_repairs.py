@@ -127,9 +127,10 @@ def demo_case(demo_model, demo_data):
 def test_a_ladder_whose_weakest_rung_wrecks_the_net_goes_on_down_to_one_that_works(demo_case):
     """Noise at 4 times each weight's spread collapses the demo; the ladder halves
     downward from there and keeps the first rung within 2 points, a working net."""
-    chosen, model = budget.strongest_run(
-        demo_case, "noise", "scale", [4.0], lambda s: _noisy(demo_case.badnet, s), 0.02
-    )
+    with mlflow.start_run():
+        chosen, model = budget.strongest_run(
+            demo_case, "noise", "scale", [4.0], lambda s: _noisy(demo_case.badnet, s), 0.02
+        )
     held = demo_case.journal.notes["noise_ladder"]
     assert held["4"] < 0.5 * demo_case.badnet_holdout_accuracy()  # the first rung wrecks
     assert chosen < 4.0 and list(held)[-1] == f"{chosen:g}"
@@ -146,7 +147,7 @@ def test_a_ladder_with_no_working_rung_declines_after_its_halvings(demo_case):
         tried.append(scale)
         return _noisy(demo_case.badnet, 1000.0)
 
-    with pytest.raises(budget.NoneWithinBudget, match="no value down to 0.25 keeps"):
+    with mlflow.start_run(), pytest.raises(budget.NoneWithinBudget, match="down to 0.25 keeps"):
         budget.strongest_run(demo_case, "wreck", "scale", [8.0], wreck, 0.02)
     assert tried == [8.0 / 2**i for i in range(budget.HALVINGS + 1)]
     assert list(demo_case.journal.notes["wreck_ladder"]) == [f"{v:g}" for v in tried]
