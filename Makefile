@@ -23,10 +23,10 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed  ## the default experiment (demo BadNet, built on first use)
 	$(PY) run.py
 
-test: $(VENV)/.installed  ## lint, then the whole test suite
+test: $(VENV)/.installed  ## lint, then the whole test suite on two workers (one per module)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 ui: $(VENV)/.installed  ## the MLflow UI on the default store, http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port 5000
