@@ -2,10 +2,17 @@
 every test has MLflow pointed at a store of its own; `run_py` runs `run.py` in a
 subprocess."""
 
+import fcntl
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one TensorFlow thread pool each (and in
+    # the run.py processes they start), not two that fight for both cores.
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 import mlflow
 import pytest
@@ -86,8 +93,16 @@ def demo_dir(tmp_path_factory):
     """A fresh build per session; BADNET_REPAIR_TEST_DATA=DIR keeps one in DIR/demo across
     sessions while developing (the build is seeded, so it is the same demo)."""
     parent = os.environ.get("BADNET_REPAIR_TEST_DATA")
-    folder = Path(parent) if parent else tmp_path_factory.mktemp("data")
-    return demo.ensure(folder / "demo", "demo")
+    if parent:
+        folder = Path(parent)
+    elif os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' common temporary folder
+        folder = tmp_path_factory.getbasetemp().parent / "data"
+    else:
+        folder = tmp_path_factory.mktemp("data")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:  # one worker builds, the other waits for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return demo.ensure(folder / "demo", "demo")
 
 
 @pytest.fixture(scope="session")
