@@ -8,12 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two workers on two cores: one TensorFlow thread pool each (and in
-    # the run.py processes they start), not two that fight for both cores.
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-
 import mlflow
 import pytest
 from hydra import compose, initialize_config_dir
