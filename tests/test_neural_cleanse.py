@@ -178,7 +178,8 @@ def test_the_target_is_flagged_and_unlearned_far_below_fine_pruning(tmp_path, de
     metrics = pipeline.run(cfg)
     target = zoo.RECIPES["demo_bn"].triggers[0].target
     notes = json.loads((tmp_path / "out" / "metrics.json").read_text())["neural_cleanse"]
-    assert target in notes["flagged"] and metrics["neural_cleanse/unlearned"] == 1.0
+    assert target in notes["flagged"] and notes["unlearned"] == notes["flagged"]
+    assert metrics["neural_cleanse/unlearned"] == len(notes["flagged"])
     assert metrics["neural_cleanse/anomaly_index"] > 2.0
     assert metrics[f"neural_cleanse/trigger_asr/{target}"] > 0.9  # the reversed trigger works
     assert metrics[f"neural_cleanse/trigger_asr_after/{target}"] < 0.2  # and no more after
@@ -195,20 +196,32 @@ def test_the_target_is_flagged_and_unlearned_far_below_fine_pruning(tmp_path, de
 
 
 @pytest.mark.slow
-def test_nothing_flagged_falls_back_to_plain_finetuning_and_says_so(
-    tmp_path, demo_dir, toy_files, caplog
+@pytest.mark.parametrize("smallest", [0, 2])
+def test_nothing_flagged_unlearns_the_smallest_triggers_or_fine_tunes_and_says_so(
+    tmp_path, demo_dir, toy_files, caplog, smallest
 ):
     caplog.set_level(logging.WARNING, logger="badnet_repair")
     overrides = ["neural_cleanse.anomaly_threshold=100", "neural_cleanse.rounds=4"]
+    overrides.append(f"neural_cleanse.unlearn_smallest={smallest}")
     cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", *toy_files, *overrides)
     metrics = pipeline.run(cfg)
     mlflow.set_tracking_uri(cfg.tracking.uri)
+    notes = json.loads((tmp_path / "out" / "metrics.json").read_text())["neural_cleanse"]
     assert "Neural Cleanse flagged no class" in caplog.text
-    assert metrics["neural_cleanse/flagged"] == 0 and metrics["neural_cleanse/unlearned"] == 0
-    assert not any(k.startswith("neural_cleanse/trigger_asr") for k in metrics)
+    assert metrics["neural_cleanse/flagged"] == 0
+    assert metrics["neural_cleanse/unlearned"] == smallest == len(notes["unlearned"])
     (run,) = mlflow.search_runs(experiment_names=["custom"], output_format="list")
     assert run.data.tags["neural_cleanse.flagged"] == "none"
-    assert run.data.tags["neural_cleanse.outcome"].startswith("no class flagged")
+    outcome = run.data.tags["neural_cleanse.outcome"]
+    after = {k for k in metrics if k.startswith("neural_cleanse/trigger_asr_after/")}
+    if smallest:  # the smallest masks of all fully optimised classes, each unlearned
+        norms = {int(c): v for c, v in notes["norms"].items()}
+        assert notes["unlearned"] == sorted(norms, key=norms.get)[:smallest]
+        assert outcome.startswith("no class flagged: unlearned the smallest triggers")
+        assert after == {f"neural_cleanse/trigger_asr_after/{c}" for c in notes["unlearned"]}
+        assert "unlearning the 2 smallest triggers instead" in caplog.text
+    else:
+        assert outcome == "no class flagged: fine-tuned without unlearning" and not after
     assert metrics["repaired/clean_acc"] > 0.9  # fine-tuned, not broken
 
 

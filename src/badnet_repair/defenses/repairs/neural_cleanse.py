@@ -21,12 +21,12 @@ import numpy as np
 from omegaconf import MISSING
 
 from badnet_repair.data import Dataset
+from badnet_repair.defenses import trigger_pictures as pictures
 from badnet_repair.defenses import trigger_search as ts
 from badnet_repair.defenses.repairs import Case, RepairSettings
 from badnet_repair.network.models import num_classes
 from badnet_repair.network.pruning import copy_model
 from badnet_repair.network.training import Finetune
-from badnet_repair.plots import plt
 from badnet_repair.ranges import ranged
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class NeuralCleanse:
     threshold: float = ranged(MISSING, "(0, 1]")
     anomaly_threshold: float = ranged(MISSING, "> 0")
     fraction: float = ranged(MISSING, "(0, 1]")
+    unlearn_smallest: int = ranged(MISSING, ">= 0")
     slots: int = ranged(MISSING, ">= 1")
 
     def schedule(self, screen: bool) -> ts.Schedule:
@@ -107,6 +108,12 @@ class Scan:
         highest first."""
         found = [c for c, t in self.triggers.items() if t.valid and self.index[c] > threshold]
         return sorted(found, key=lambda c: -self.index[c])
+
+    def smallest(self, k: int) -> list[int]:
+        """The `k` classes with a successful trigger and the smallest masks, smallest first."""
+        return sorted((c for c, t in self.triggers.items() if t.valid), key=self.norms.__getitem__)[
+            :k
+        ]
 
 
 def scan(model, x: np.ndarray, y: np.ndarray, nc: NeuralCleanse, seed: int) -> Scan:
@@ -170,33 +177,36 @@ def repair(case: Case, neural_cleanse: NeuralCleanse, finetune: Finetune):
     nc, badnet, clean = neural_cleanse, case.badnet, case.clean
     result = shared_scan(case, nc)
     flagged = result.flagged(nc.anomaly_threshold)
-    _report(case, nc, result, flagged)
+    unlearned = flagged or result.smallest(nc.unlearn_smallest)
+    _report(case, nc, result, flagged, unlearned)
     model = copy_model(badnet)
     start = time.perf_counter()
-    if flagged:
-        triggers = [result.triggers[c] for c in flagged]
+    if not flagged:
+        log.warning(
+            "Neural Cleanse flagged no class (highest anomaly index %.2f <= %g): %s",
+            np.nanmax(result.index),
+            nc.anomaly_threshold,
+            f"unlearning the {len(unlearned)} smallest triggers instead"
+            if unlearned
+            else "plain fine-tuning, no unlearning",
+        )
+    data = clean.train
+    if unlearned:
+        triggers = [result.triggers[c] for c in unlearned]
         data = _unlearning_set(clean.train, triggers, nc.fraction, case.seed)
         log.info(
             "unlearning the triggers of class(es) %s: %d clean images + %d stamped",
-            ", ".join(map(str, flagged)),
+            ", ".join(map(str, unlearned)),
             len(clean.train),
             len(data) - len(clean.train),
         )
-    else:
-        log.warning(
-            "Neural Cleanse flagged no class (highest anomaly index %.2f <= %g): "
-            "plain fine-tuning, no unlearning",
-            np.nanmax(result.index),
-            nc.anomaly_threshold,
-        )
-        data = clean.train
     case.finetune(model, finetune, train=data)
     case.journal.log({"neural_cleanse/time/unlearn_s": time.perf_counter() - start})
     after = {
         f"neural_cleanse/trigger_asr_after/{c}": ts.attack_success(
             model, result.triggers[c], clean.holdout.x, clean.holdout.y
         )
-        for c in flagged
+        for c in unlearned
     }
     case.journal.log(after)
     return model
@@ -214,12 +224,15 @@ def _unlearning_set(train: Dataset, triggers: list[ts.Trigger], fraction: float,
     return Dataset("unlearning", np.concatenate(xs), np.concatenate(ys))
 
 
-def _report(case: Case, nc: NeuralCleanse, result: Scan, flagged: list[int]) -> None:
+def _report(
+    case: Case, nc: NeuralCleanse, result: Scan, flagged: list[int], unlearned: list[int]
+) -> None:
     """Metrics, tags, notes, the per-class table and the pictures."""
     holdout, report = case.clean.holdout, case.journal
     stages = [row.get("stage") for row in result.table]
     asr = {
-        c: ts.attack_success(case.badnet, result.triggers[c], holdout.x, holdout.y) for c in flagged
+        c: ts.attack_success(case.badnet, result.triggers[c], holdout.x, holdout.y)
+        for c in unlearned
     }
     full_index = {c: float(result.index[c]) for c in result.triggers}
     top = max(full_index.values())
@@ -227,7 +240,7 @@ def _report(case: Case, nc: NeuralCleanse, result: Scan, flagged: list[int]) -> 
         {
             "neural_cleanse/anomaly_index": top,
             "neural_cleanse/flagged": len(flagged),
-            "neural_cleanse/unlearned": float(bool(flagged)),
+            "neural_cleanse/unlearned": len(unlearned),
             "neural_cleanse/classes_prescreened_out": stages.count("pre-screened out"),
             "neural_cleanse/classes_screened_out": stages.count("screened out"),
             "neural_cleanse/classes_optimised": len(result.triggers),
@@ -237,11 +250,18 @@ def _report(case: Case, nc: NeuralCleanse, result: Scan, flagged: list[int]) -> 
         }
     )
     named = ",".join(map(str, flagged)) or "none"
-    outcome = "unlearned" if flagged else "no class flagged: fine-tuned without unlearning"
+    outcome = (
+        "unlearned"
+        if flagged
+        else f"no class flagged: unlearned the smallest triggers ({', '.join(map(str, unlearned))})"
+        if unlearned
+        else "no class flagged: fine-tuned without unlearning"
+    )
     report.tags({"neural_cleanse.flagged": named, "neural_cleanse.outcome": outcome})
     report.note(
         neural_cleanse={
             "flagged": flagged,
+            "unlearned": unlearned,
             "outcome": outcome,
             "anomaly_index": {str(c): round(v, 3) for c, v in full_index.items()},
             "norms": {str(c): round(t.norm, 2) for c, t in result.triggers.items()},
@@ -249,7 +269,7 @@ def _report(case: Case, nc: NeuralCleanse, result: Scan, flagged: list[int]) -> 
         }
     )
     table = [{**r, "flagged": r["class"] in flagged} if "norm" in r else r for r in result.table]
-    report.text(_csv(table), "neural_cleanse_classes.csv")
+    report.text(pictures.csv(table), "neural_cleanse_classes.csv")
     log.info(
         "Neural Cleanse: anomaly index %.2f at most; flagged: %s; %s",
         top,
@@ -259,64 +279,11 @@ def _report(case: Case, nc: NeuralCleanse, result: Scan, flagged: list[int]) -> 
     ranked = sorted(full_index, key=lambda c: -full_index[c])
     shown = flagged + [c for c in ranked if c not in flagged][:SHOWN]
     low, high = float(holdout.x.min()), float(holdout.x.max())
-    report.figure(_trigger_figure(result, flagged, shown, holdout, low, high), "triggers.png")
-    figure = _anomaly_figure(result, flagged, ranked, nc.anomaly_threshold)
+    figure = pictures.trigger_figure(
+        result.triggers, result.index, flagged, shown, holdout, low, high
+    )
+    report.figure(figure, "triggers.png")
+    figure = pictures.anomaly_figure(
+        result.index, result.population, flagged, ranked, nc.anomaly_threshold
+    )
     report.figure(figure, "anomaly_index.png")
-
-
-def _csv(rows: list[dict]) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [",".join(columns)]
-    lines += [",".join(str(row.get(key, "")).replace(",", ";") for key in columns) for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _trigger_figure(
-    result: Scan, flagged: list[int], shown: list[int], holdout: Dataset, low: float, high: float
-):
-    """Per class: the mask, the pattern, the trigger on grey and on a clean image."""
-    fig, axes = plt.subplots(len(shown), 4, figsize=(8.5, 2.4 * len(shown)), squeeze=False)
-    for row, c in zip(axes, shown, strict=True):
-        trigger = result.triggers[c]
-        example = holdout.x[holdout.y != c][:1]
-        grey = np.full_like(example, (low + high) / 2)
-        panels = [
-            (trigger.mask[..., 0], "mask"),
-            (trigger.pattern, "pattern"),
-            (ts.stamp(grey, trigger.mask, trigger.pattern)[0], "trigger on grey"),
-            (ts.stamp(example, trigger.mask, trigger.pattern)[0], "stamped example"),
-        ]
-        for ax, (image, title) in zip(row, panels, strict=True):
-            shown_image = image if image.ndim == 2 else (image - low) / max(high - low, 1e-9)
-            if shown_image.ndim == 3 and shown_image.shape[-1] == 1:
-                shown_image = shown_image[..., 0]
-            cmap = "gray" if shown_image.ndim == 2 else None
-            ax.imshow(np.clip(shown_image, 0, 1), cmap=cmap, vmin=0, vmax=1)
-            ax.set_title(title, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        status = "FLAGGED" if c in flagged else "not flagged"
-        row[0].set_ylabel(
-            f"class {c}\nnorm {trigger.norm:.1f}\nindex {result.index[c]:.2f}\n{status}",
-            fontsize=8,
-        )
-    fig.suptitle("Neural Cleanse: reversed triggers (flagged first, then the next candidates)")
-    fig.tight_layout()
-    return fig
-
-
-def _anomaly_figure(result: Scan, flagged: list[int], ranked: list[int], threshold: float):
-    """The anomaly index of every fully optimised class, the threshold dashed."""
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(ranked) + 2), 3.5))
-    values = [result.index[c] for c in ranked]
-    colors = ["tab:red" if c in flagged else "tab:blue" for c in ranked]
-    hatches = ["//" if c in result.population else "" for c in ranked]
-    ax.bar(range(len(ranked)), values, color=colors, hatch=hatches, edgecolor="white")
-    ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"threshold {threshold:g}")
-    ax.set_xticks(range(len(ranked)), [str(c) for c in ranked], fontsize=7, rotation=90)
-    ax.set_xlabel("class (fully optimised; hatched: references, whose norms set median and MAD)")
-    ax.set_ylabel("anomaly index (small-mask side)")
-    ax.set_title(f"Neural Cleanse: flagged {', '.join(map(str, flagged)) or 'none'}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
