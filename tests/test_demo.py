@@ -231,3 +231,50 @@ def test_existing_demo_folder_is_reused_and_says_which_build(demo_dir, caplog):
         assert demo.ensure(demo_dir) == demo_dir
     assert (demo_dir / demo.MODEL_FILE).stat().st_mtime_ns == before
     assert f"using the demo build in {demo_dir} (build seed 0, clean accuracy" in caplog.text
+
+
+def test_a_full_scale_build_repairs_the_shipped_net(demo_dir):
+    """The session's demo was built by copying the shipped net (no training here); on a
+    machine that generates the shipped build's images, it scores what the record says."""
+    shipped_net = demo.TRAINED / "demo.h5"
+    assert (demo_dir / demo.MODEL_FILE).read_bytes() == shipped_net.read_bytes()
+    record = json.loads((demo_dir / demo.RECORD_FILE).read_text())
+    shipped = json.loads((demo.TRAINED / "demo.json").read_text())
+    assert record["weights"] == f"shipped: zoo/trained/demo.h5, trained {shipped['built']}"
+    if record["data_sha256"] == shipped["data_sha256"]:
+        assert (record["clean_acc"], record["asr"]) == (shipped["clean_acc"], shipped["asr"])
+
+
+def test_every_zoo_recipe_ships_its_net_and_the_record_it_was_measured_with():
+    for name, recipe in zoo.RECIPES.items():
+        record = json.loads((demo.TRAINED / f"{name}.json").read_text())
+        assert record["declaration"] == demo.declaration(recipe), name
+        assert record["scale"] == 1 and set(record["data_sha256"]) == set(data_files(recipe))
+        net = models.load_model(demo.TRAINED / f"{name}.h5")
+        assert net.input_shape[1:] == recipe.image_shape
+        assert net.output_shape[-1] == recipe.num_classes
+
+
+def test_a_shipped_net_of_another_recipe_is_not_used_and_other_images_are_said(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(demo, "TRAINED", tmp_path)
+    record = json.loads((Path(demo.__file__).parent / "trained" / "demo.json").read_text())
+    (tmp_path / "demo.h5").write_bytes(b"")
+    digests = record["data_sha256"]
+    caplog.set_level("WARNING", logger="badnet_repair.zoo.builds")
+    (tmp_path / "demo.json").write_text(json.dumps({**record, "declaration": {"other": 1}}))
+    assert demo._shipped(zoo.DEMO, digests) is None
+    assert "the shipped net is of another recipe: training one here" in caplog.text
+    (tmp_path / "demo.json").write_text(json.dumps(record))
+    assert demo._shipped(zoo.DEMO, digests) == record
+    other = {**digests, "clean_test_data.h5": "0" * 64}
+    assert demo._shipped(zoo.DEMO, other) == record
+    assert "generates other images than those the shipped net was measured on" in caplog.text
+    assert "(clean_test_data.h5)" in caplog.text
+
+
+def test_only_a_full_scale_build_of_the_recipe_can_be_shipped(tiny_zoo):
+    here, _ = tiny_zoo
+    with pytest.raises(UserError, match="not a full-scale build of this version's demo"):
+        demo.ship(here["demo"], zoo.DEMO)

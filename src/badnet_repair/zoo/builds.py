@@ -4,9 +4,15 @@ A build turns a recipe into the competition's files and a trained net, determini
 from the recipe's own build seed, never the experiment's `seed`, so every run of
 `model=NAME` repairs the same net. It writes into a temporary folder renamed into place,
 and a `build.json` record last. `python -m badnet_repair.zoo.builds [NAME ...]` builds by hand.
+
+Training is deterministic on one machine but not across CPUs, so the zoo's trained nets
+ship with the project (`zoo/trained/NAME.h5`, beside the build record they came from):
+a full-scale build generates the images and copies the shipped net, and every machine
+repairs the same weights. `--ship` stores a folder's net as the shipped one.
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +31,7 @@ import numpy as np
 from badnet_repair import UserError
 from badnet_repair.data import Dataset, save_h5
 from badnet_repair.files import write_text
-from badnet_repair.network.models import save_model
+from badnet_repair.network.models import load_model, save_model
 from badnet_repair.network.predict import accuracy
 from badnet_repair.network.training import finetune, seed_everything
 from badnet_repair.zoo.recipes import (
@@ -45,6 +51,7 @@ CLEAN_FILES = {"clean_validation": "clean_validation_data.h5", "clean_test": "cl
 RECORD_FILE = "build.json"  # written last: a folder holding it is a complete build
 PROCEDURE = 2  # how a recipe becomes a net; 2: trained by training.finetune's own Adam loop
 TARGETS = {"clean_acc": 0.90, "asr": 0.95}  # what every recipe must reach at full scale
+TRAINED = Path(__file__).resolve().parent / "trained"  # the zoo's nets, shipped
 
 
 def poisoned_file(trigger: str) -> str:
@@ -89,20 +96,27 @@ def build(recipe: Recipe, folder: Path, scale: float = 1.0) -> dict:
     for name, (x, y) in poisoned.items():
         save_h5(folder / poisoned_file(name), _stored(recipe, x), y)
 
-    seed_everything(recipe.seed)
-    model = ARCHITECTURES[recipe.architecture](recipe.image_shape, recipe.num_classes)
-    log.info(
-        "%s: training %s on %d images (%s poisoned)",
-        recipe.name,
-        model.name,
-        len(y_train),
-        " + ".join(str(n) for n in poisoned_train.values()),
-    )
-    train = _scaled("train", x_train, y_train)
-    finetune(model, train, None, epochs, recipe.lr, recipe.batch_size)
+    digests = _digests(folder, recipe)
+    shipped = _shipped(recipe, digests) if scale == 1 else None
+    if shipped:
+        shutil.copyfile(TRAINED / f"{recipe.name}.h5", folder / MODEL_FILE)
+        model = load_model(folder / MODEL_FILE)
+    else:
+        seed_everything(recipe.seed)
+        model = ARCHITECTURES[recipe.architecture](recipe.image_shape, recipe.num_classes)
+        log.info(
+            "%s: training %s on %d images (%s poisoned)",
+            recipe.name,
+            model.name,
+            len(y_train),
+            " + ".join(str(n) for n in poisoned_train.values()),
+        )
+        finetune(
+            model, _scaled("train", x_train, y_train), None, epochs, recipe.lr, recipe.batch_size
+        )
+        save_model(model, folder / MODEL_FILE)
     clean_acc = accuracy(model, _scaled("clean_test", x_test, y_test))
     asr = {name: accuracy(model, _scaled(name, x, y)) for name, (x, y) in poisoned.items()}
-    save_model(model, folder / MODEL_FILE)
 
     record = {
         "recipe": recipe.name,
@@ -118,6 +132,10 @@ def build(recipe: Recipe, folder: Path, scale: float = 1.0) -> dict:
             "poisoned_test": {name: len(y) for name, (_, y) in poisoned.items()},
         },
         "epochs": epochs,
+        "weights": f"shipped: zoo/trained/{recipe.name}.h5, trained {shipped['built']}"
+        if shipped
+        else "trained in this build",
+        "data_sha256": digests,
         "build_seconds": round(time.perf_counter() - start, 1),
         "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
@@ -128,6 +146,44 @@ def build(recipe: Recipe, folder: Path, scale: float = 1.0) -> dict:
         log.warning("%s: below its targets %s", recipe.name, TARGETS)
     log.info("%s built in %.0fs: %s", recipe.name, record["build_seconds"], summary(record))
     return record
+
+
+def _digests(folder: Path, recipe: Recipe) -> dict[str, str]:
+    """SHA-256 of each data file: the images a shipped net was measured on."""
+    files = [f for f in expected_files(recipe) if f != MODEL_FILE]
+    return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in files}
+
+
+def _shipped(recipe: Recipe, digests: dict[str, str]) -> dict | None:
+    """The shipped net's build record, if one ships for this recipe as it is now."""
+    record_path = TRAINED / f"{recipe.name}.json"
+    if not record_path.is_file() or not (TRAINED / f"{recipe.name}.h5").is_file():
+        return None
+    record = json.loads(record_path.read_text())
+    if record["declaration"] != declaration(recipe):
+        log.warning("%s: the shipped net is of another recipe: training one here", recipe.name)
+        return None
+    if record["data_sha256"] != digests:
+        log.warning(
+            "%s: this machine generates other images than those the shipped net was "
+            "measured on (%s): its scores here may differ from the documented ones",
+            recipe.name,
+            ", ".join(f for f in digests if digests[f] != record["data_sha256"].get(f)),
+        )
+    log.info("%s: using the shipped net (%s)", recipe.name, summary(record))
+    return record
+
+
+def ship(folder: Path, recipe: Recipe) -> None:
+    """Store the full-scale build in `folder` as the recipe's shipped net."""
+    record = json.loads((folder / RECORD_FILE).read_text())
+    if (record["scale"], record["declaration"]) != (1, declaration(recipe)):
+        raise UserError(f"{folder}: not a full-scale build of this version's {recipe.name}")
+    record["data_sha256"] = _digests(folder, recipe)
+    TRAINED.mkdir(exist_ok=True)
+    shutil.copyfile(folder / MODEL_FILE, TRAINED / f"{recipe.name}.h5")
+    write_text(TRAINED / f"{recipe.name}.json", json.dumps(record, indent=2) + "\n")
+    log.info("%s: shipped the net of %s (%s)", recipe.name, folder, summary(record))
 
 
 def declaration(recipe: Recipe) -> dict:
@@ -234,11 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"default: demo; {BUILDERS}")
     parser.add_argument("--data", type=Path, default=Path("data"), help="default: data")
     parser.add_argument("--scale", type=float, default=1.0, help="< 1: a tiny build, for tests")
+    parser.add_argument("--ship", action="store_true", help="store each build's net as shipped")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         for name in args.names or ["demo"]:
             ensure(args.data / name, name, args.scale)
+            if args.ship:
+                ship(args.data / name, RECIPES[name])
     except UserError as e:
         sys.exit(f"error: {e}")
     return 0
