@@ -145,7 +145,7 @@ def test_each_detector_is_scored_alike_and_never_reads_the_evaluation_data(
     assert_scored_by_the_contract(cfg, metrics, set(), demo_data, demo_model)
     own = {key.split("/", 2)[2] for key in metrics if key.startswith(f"goodnet/{name}/")}
     assert {"flag_rate_clean", "detect/patch"} <= own
-    assert ("auroc/patch" in own) == (name != "disagreement")  # a scored detector
+    assert {"auroc/patch", "calibration_images", "frr_bound"} <= own  # scored, calibrated
     others = [d for d in detectors.names() if d != name]
     assert not [k for k in metrics if k.startswith(tuple(f"goodnet/{d}/" for d in others))]
 

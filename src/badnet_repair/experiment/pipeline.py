@@ -186,10 +186,9 @@ def _goodnet(
         flags.append(Answers(on[None], {t: on[t] for t in base.poisoned}))
         metrics = {"flag_rate_clean": float(np.mean(on[None])), **detector.metrics}
         metrics.update({f"detect/{t}": float(np.mean(on[t])) for t in base.poisoned})
-        if detector.score is not None:
-            scored = scores[detector.name] = {t: s for t, (s, _) in judged.items()}
-            for t in base.poisoned:
-                metrics[f"auroc/{t}"] = auroc(scored[None], scored[t])
+        scored = scores[detector.name] = {t: s for t, (s, _) in judged.items()}
+        for t in base.poisoned:
+            metrics[f"auroc/{t}"] = auroc(scored[None], scored[t])
         report.journal.log(
             {f"goodnet/{detector.name}/{key}": value for key, value in metrics.items()}
         )

@@ -6,17 +6,14 @@ A detector is the module `badnet_repair/defenses/detectors/NAME.py`, defining
 - `check(badnet, settings, clean, batch_size)`: refuse, before any work, what it cannot
   handle (a net it cannot run, too little clean data for its threshold);
 - `fit(context) -> Fitted`: everything it learns, from the defender's clean data only.
-- `SCORED`: whether it flags by a score above a threshold (else by a rule).
 A fitted detector has a score per input (higher: more suspicious) and a conformal
 threshold (`calibrate`) set on clean images it has not learned from, so that it rejects
-at most its share of `goodnet.frr` of new clean inputs in expectation; or, for a rule
-with no score (disagreement), the rule itself, whose false rejection is measured, not
-promised. It also builds its flag from standard Keras layers inside the GoodNet
-(`goodnet.Graph`).
+at most its share of `goodnet.frr` of new clean inputs in expectation. It also builds
+its flag from standard Keras layers inside the GoodNet (`goodnet.Graph`).
 
-The GoodNet flags an input when any of its detectors does, so the scored detectors
-split `goodnet.frr` evenly (Bonferroni): with m of them, each is calibrated at frr / m,
-and the union rejects at most frr of clean inputs in expectation.
+The GoodNet flags an input when any of its detectors does, so the detectors split
+`goodnet.frr` evenly (Bonferroni): with m of them, each is calibrated at frr / m, and
+the union rejects at most frr of clean inputs in expectation.
 """
 
 import logging
@@ -40,7 +37,7 @@ ALIASES = {"both": ["disagreement", "strip"]}
 @dataclass
 class Inputs:
     """Images the detectors judge, with the BadNet's and the repaired net's classes on
-    them (already in hand, so a rule on classes costs no forward pass)."""
+    them (already in hand: a detector that reads classes runs no net for them)."""
 
     name: str
     x: np.ndarray
@@ -63,20 +60,17 @@ class Context:
 
 @dataclass
 class Fitted:
-    """A detector ready to judge: `score` and `threshold`, or a `rule`; its flag layers."""
+    """A detector ready to judge: its `score`, `threshold` and flag layers."""
 
     name: str
     flag_layer: Callable[[Any], Any]  # goodnet.Graph -> flag tensor (batch, 1), 1 = flagged
-    score: Callable[[Inputs], np.ndarray] | None = None
-    threshold: float | None = None
-    rule: Callable[[Inputs], np.ndarray] | None = None
+    score: Callable[[Inputs], np.ndarray]
+    threshold: float
     metrics: dict[str, float] = field(default_factory=dict)  # logged as goodnet/NAME/...
     parts: dict[str, Any] = field(default_factory=dict)  # what it learned (STRIP's overlays)
 
-    def judge(self, inputs: Inputs) -> tuple[np.ndarray | None, np.ndarray]:
-        """Its scores on `inputs` (None for a rule) and which of them it flags."""
-        if self.score is None:
-            return None, np.asarray(self.rule(inputs), dtype=bool)
+    def judge(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
+        """Its scores on `inputs` and which of them it flags."""
         scores = self.score(inputs)
         return scores, scores > self.threshold
 
@@ -117,9 +111,8 @@ def fit(name: str, context: Context) -> Fitted:
 
 
 def frr_each(settings: Any) -> float:
-    """Each scored detector's share of `goodnet.frr` (Bonferroni over the scored ones)."""
-    scored = [name for name in parse(settings.detector) if module(name).SCORED]
-    return settings.frr / max(1, len(scored))
+    """Each detector's share of `goodnet.frr` (Bonferroni over the chosen detectors)."""
+    return settings.frr / len(parse(settings.detector))
 
 
 @dataclass

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-8  # the authors' guard on both divisions
 MIN_CALIBRATION = 20  # clean held-out images the threshold is set on, at least
-SCORED = True
 
 
 def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:

@@ -27,7 +27,6 @@ from badnet_repair.network.predict import probabilities
 log = logging.getLogger(__name__)
 
 MIN_CALIBRATION = 20  # clean images that the threshold is set on, at least
-SCORED = True
 
 
 def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:
