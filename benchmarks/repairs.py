@@ -13,7 +13,7 @@ The unit is one epoch of the pipeline's own fine-tuning (`training.finetune`: Ad
 32, held-out accuracy after the epoch) on the same training split, measured in the same
 run. Prints figures; not a test.
 
-Usage: python benchmarks/repairs.py [--scale 1.0] [--repairs ft_sam rnp sau]
+Usage: python benchmarks/repairs.py [--scale 1.0] [--repairs ft_sam rnp sau anp]
 """
 
 import argparse
@@ -30,6 +30,7 @@ WORST = {
     "ft_sam": ["ft_sam.max_acc_drop=0.99"],
     "rnp": ["rnp.unlearn_until=0", "rnp.max_acc_drop=0.99"],
     "sau": ["sau.max_acc_drop=0.99"],
+    "anp": ["anp.max_acc_drop=0.99"],  # a fixed number of steps: only the pruning differs
 }
 
 
@@ -77,6 +78,8 @@ def path_taken(name: str, metrics: dict, notes: dict) -> str:
             f"{int(metrics['rnp/unlearn_steps'])} unlearning steps, "
             f"{int(metrics['rnp/channels_pruned'])} channels pruned"
         )
+    if name == "anp":
+        return f"{int(metrics['anp/channels_pruned'])} channels pruned"
     rungs = getattr(settings(name)[name], LADDER[name])
     return f"{len(notes[f'{name}_ladder'])} of {len(rungs)} runs of its ladder"
 
@@ -84,7 +87,7 @@ def path_taken(name: str, metrics: dict, notes: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0, help="share of the real image counts")
-    parser.add_argument("--repairs", nargs="+", default=["ft_sam", "rnp", "sau"])
+    parser.add_argument("--repairs", nargs="+", default=["ft_sam", "rnp", "sau", "anp"])
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
