@@ -98,6 +98,7 @@ def main() -> None:
     from badnet_repair.data import Dataset
     from badnet_repair.defenses import repairs
     from badnet_repair.experiment.report import Report
+    from badnet_repair.journal import Journal
     from badnet_repair.network import models
     from badnet_repair.network.pruning import copy_model
     from badnet_repair.network.training import finetune, seed_everything
@@ -118,15 +119,21 @@ def main() -> None:
     mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
     for name in args.repairs:
         for label, extra in (("defaults", []), ("worst case", WORST[name])):
-            report = Report(test, poisoned, 512)
+            journal = Journal()
+            report = Report(test, poisoned, 512, journal)
             case = repairs.Case(
-                badnet, "conv_3", repairs.CleanData(validation, train, holdout), report, 0, 512
+                badnet, "conv_3", repairs.CleanData(validation, train, holdout), journal, 0, 512
             )
             chosen = settings(name, *extra)
             seed_everything(0)
+
+            def repair_and_score():  # the repair, and the stages it hands back scored
+                repairs.REGISTRY.module(name).repair(case, **chosen)  # noqa: B023
+                report.handed(case.handed, case.memo)  # noqa: B023
+
             with mlflow.start_run(run_name=f"{name} {label}"):
-                seconds, _ = timed(lambda: repairs.module(name).repair(case, **chosen))  # noqa: B023
-            taken = path_taken(name, report.metrics, report.notes)
+                seconds, _ = timed(repair_and_score)
+            taken = path_taken(name, journal.metrics, journal.notes)
             print(
                 f"{name} at its {label}: {seconds / epoch_s:.1f} epoch-equivalents "
                 f"({seconds:.0f}s; {taken}; goal < 20)",
