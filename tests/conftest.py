@@ -40,6 +40,7 @@ TINY = {
     "ft_sam": ["ft_sam.steps=5", "ft_sam.lrs=[0.01]"],
     "i_bau": ["i_bau.rounds=2", "i_bau.steps=2", "i_bau.uap_steps=2", "i_bau.eps=[0.01]"],
     "rnp": ["rnp.unlearn_steps=5", "rnp.mask_steps=5", "rnp.max_acc_drop=0.5"],
+    "anp": ["anp.steps=5", "anp.max_acc_drop=0.5"],
     "sau": ["sau.steps=3", "sau.eps=[0.05]", "sau.pgd_steps=2"],
 }
 

@@ -59,7 +59,8 @@ def functional() -> keras.Model:
 
 NETS = {"batchnorm": sequential_batchnorm, "functional": functional}
 # Tiny settings, except that the pruning repairs are made to prune: half the channels, and
-# RNP's masks trained long enough to fall below its thresholds, any held-out cost allowed.
+# RNP's and ANP's masks trained long enough to fall below their thresholds, any held-out
+# cost allowed.
 SETTINGS = {
     **TINY,
     "fine_pruning": [*TINY["fine_pruning"], "prune.sparsity=0.5"],
@@ -68,6 +69,7 @@ SETTINGS = {
         *("rnp.unlearn_lr=0.01", "rnp.unlearn_steps=30", "rnp.mask_lr=0.5", "rnp.mask_steps=20"),
         "rnp.max_acc_drop=0.99",
     ],
+    "anp": ["anp.steps=20", "anp.mask_lr=0.5", "anp.max_acc_drop=0.99"],
 }
 
 
@@ -133,10 +135,11 @@ def assert_pruned_channels_are_zero(repair: str, saved: keras.Model, notes: dict
     x = np.random.default_rng(9).uniform(-2, 3, (16, *SHAPE)).astype(np.float32)
     if repair == "fine_pruning":
         off = {pruning.channels_of(saved, notes["layer"]).output: notes["pruned_channels"]}
-    elif repair == "rnp":
-        found = {unit.name: unit for unit in units(saved)}
-        off = {found[name].scaled.name: ch for name, ch in notes["rnp_pruned_channels"].items()}
-        assert metrics["rnp/channels_pruned"] == sum(map(len, off.values())) > 0
+    elif repair in ("rnp", "anp"):
+        found = {unit.name: unit for unit in units(saved, dense=repair == "anp")}
+        chosen = notes[f"{repair}_pruned_channels"].items()
+        off = {found[name].scaled.name: ch for name, ch in chosen}
+        assert metrics[f"{repair}/channels_pruned"] == sum(map(len, off.values())) > 0
     else:
         kernel = saved.get_layer(notes["layer"]).get_weights()[0]
         assert np.mean(kernel == 0) == pytest.approx(metrics["prune/sparsity"], abs=0.01)
@@ -164,7 +167,7 @@ def test_each_repair_on_the_net_logs_what_its_saved_file_gives(
     assert accuracy(saved, test) == metrics["repaired/clean_acc"]
     assert accuracy(saved, corner) == metrics["repaired/asr/corner"]
     assert accuracy(saved, holdout) == metrics["repaired/holdout_acc"]
-    if repair in ("fine_pruning", "magnitude", "rnp"):
+    if repair in ("fine_pruning", "magnitude", "rnp", "anp"):
         assert_pruned_channels_are_zero(repair, saved, notes, metrics)
 
     good = keras.models.load_model(tmp_path / "out" / "goodnet.h5", compile=False)

@@ -25,7 +25,12 @@ pytestmark = pytest.mark.slow
 
 # The stages a repair hands back to be scored, beside the BadNet, the repaired net and
 # the GoodNet that every run scores.
-OWN_STAGES = {"fine_pruning": {"pruned"}, "magnitude": {"pruned"}, "rnp": {"unlearned"}}
+OWN_STAGES = {
+    "fine_pruning": {"pruned"},
+    "magnitude": {"pruned"},
+    "rnp": {"unlearned"},
+    "anp": {"masked"},
+}
 EVERY_RUN = {"badnet", "repaired", "goodnet"}
 ARTIFACTS = {"config.yaml", "metrics.json", "repaired_net.h5", "goodnet.h5", "stages.png"}
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
-"""Per-channel masks on a plain tf_keras model, across every convolution.
+"""Per-channel masks on a plain tf_keras model, across every convolution (and, asked
+for, every hidden Dense layer: its units are channels too).
 
 Every conv's output channels carry one mask value. With no BatchNorm after it, the mask
 scales the conv's kernel and bias: for a ReLU (or linear) conv and a mask >= 0 that is
@@ -18,13 +19,15 @@ import tensorflow as tf
 import tf_keras as keras
 
 from badnet_repair import UserError
+from badnet_repair.network import topology
 from badnet_repair.network.pruning import Channels, channels_of, kernel_axis, zero_channels
 
 
 @dataclass
 class Unit:
-    """The output channels of one conv; `scaled` is the layer whose parameters a mask
-    scales: the conv, or the BatchNormalization on its output."""
+    """The output channels of one conv (or hidden Dense layer, in `conv` too); `scaled` is
+    the layer whose parameters a mask scales: the conv, or the BatchNormalization on its
+    output."""
 
     channels: Channels
     conv: keras.layers.Layer
@@ -46,11 +49,14 @@ class Unit:
         return [(self.scaled.gamma, -1), (self.scaled.beta, -1)]
 
 
-def units(model: keras.Model) -> list[Unit]:
-    """Every convolution of `model`, with the BatchNormalization on its output, if any."""
+def units(model: keras.Model, dense: bool = False) -> list[Unit]:
+    """Every convolution of `model`, with the BatchNormalization on its output, if any;
+    with `dense`, every Dense layer but the classifier too (its units are the classes)."""
+    kinds = (keras.layers.Conv2D, keras.layers.Dense) if dense else keras.layers.Conv2D
+    classes = topology.classifier(model) if dense else None
     found = []
     for layer in model.layers:
-        if not isinstance(layer, keras.layers.Conv2D):
+        if not isinstance(layer, kinds) or layer.name == classes:
             continue
         channels = channels_of(model, layer.name)
         scaled = model.get_layer(channels.norm) if channels.norm else layer
@@ -72,15 +78,17 @@ def _along(values: tf.Tensor, axis: int, rank: int) -> tf.Tensor:
 
 
 class Masks:
-    """One mask in [0, 1] per channel of every unit of `model` (all 1 at first).
+    """One mask in [0, 1] per channel of every unit of `model` (all 1 at first; hidden
+    Dense layers' units too with `dense`).
 
-    `apply()` writes the masked parameters into the model, `gradients(param_grads)` turns
-    the gradients of the loss with respect to `params` into gradients for `values`, and
-    `restore()` writes the unmasked parameters back.
+    `apply()` writes the masked parameters into the model (`scale(multipliers)` any other
+    per-channel multipliers), `gradients(param_grads)` turns the gradients of the loss
+    with respect to `params` into gradients for the multipliers, and `restore()` writes
+    the unmasked parameters back.
     """
 
-    def __init__(self, model: keras.Model):
-        self.units = units(model)
+    def __init__(self, model: keras.Model, dense: bool = False):
+        self.units = units(model, dense)
         owned = [(i, p, axis) for i, u in enumerate(self.units) for p, axis in u.params()]
         self.params = [p for _, p, _ in owned]
         self._owner = [(i, axis) for i, _, axis in owned]
@@ -90,8 +98,12 @@ class Masks:
         ]
 
     def apply(self) -> None:
+        self.scale(self.values)
+
+    def scale(self, multipliers: list) -> None:
+        """Write the parameters scaled by `multipliers`, one tensor per unit like `values`."""
         for p, p0, (i, axis) in zip(self.params, self._original, self._owner, strict=True):
-            p.assign(p0 * _along(self.values[i], axis, p0.shape.rank))
+            p.assign(p0 * _along(multipliers[i], axis, p0.shape.rank))
 
     def restore(self) -> None:
         for p, p0 in zip(self.params, self._original, strict=True):
@@ -112,13 +124,13 @@ class Masks:
         return {u.name: m.numpy() for u, m in zip(self.units, self.values, strict=True)}
 
 
-def prune(model: keras.Model, selected: dict[str, np.ndarray]) -> int:
+def prune(model: keras.Model, selected: dict[str, np.ndarray], dense: bool = False) -> int:
     """Remove the channels `selected[name]` (booleans) of each unit of `model`, in place,
     as fine-pruning does (`pruning.zero_channels`): the conv's kernel and bias, and a BN's
     scale, shift and moving mean too, so nothing leaks through the BN's shift. Returns how
-    many were removed."""
+    many were removed. `dense`: hidden Dense layers' units may be selected too."""
     total = 0
-    for unit in units(model):
+    for unit in units(model, dense):
         off = np.flatnonzero(np.asarray(selected.get(unit.name, ()), dtype=bool))
         if len(off):
             zero_channels(model, unit.channels, off)

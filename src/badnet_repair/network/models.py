@@ -195,10 +195,7 @@ def prunable_layer(model, name: str | None):
     Conv2D layer. The output layer is refused: its channels are the classes, and a
     removed class would still take part in the softmax."""
     kinds = (keras.layers.Conv2D, keras.layers.Dense)
-    _, inbound = topology.graph(model)
-    output = topology.functional_config(model)["output_layers"][0][0]
-    if isinstance(model.get_layer(output), (keras.layers.Softmax, keras.layers.Activation)):
-        output = inbound[output][0]  # the layer whose units a separate softmax reads
+    output = topology.classifier(model)
     if name is None:
         convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
         if not convs:

@@ -57,6 +57,16 @@ def consumers(inbound: dict[str, list[str]], name: str) -> list[str]:
     return [layer for layer, sources in inbound.items() if name in sources]
 
 
+def classifier(model: keras.Model) -> str:
+    """The layer whose units are the classes: the output layer, or the one a separate
+    softmax (or activation) layer at the output reads."""
+    _, inbound = graph(model)
+    output = functional_config(model)["output_layers"][0][0]
+    if isinstance(model.get_layer(output), (keras.layers.Softmax, keras.layers.Activation)):
+        output = inbound[output][0]
+    return output
+
+
 def output_kind(model: keras.Model) -> str:
     """'softmax' for a classifier that outputs probabilities, 'linear' for one that outputs
     raw scores (a softmax is then put over them wherever probabilities are needed);

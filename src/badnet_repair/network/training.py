@@ -122,6 +122,13 @@ def scores(model: keras.Model) -> Scores:
     return dense_scores
 
 
+def cross_entropy(score: Scores, x, y) -> tf.Tensor:
+    """Mean cross-entropy of `score`'s answers to `x` (BatchNorm in inference mode)."""
+    return tf.reduce_mean(
+        keras.losses.sparse_categorical_crossentropy(y, score(x, training=False), from_logits=True)
+    )
+
+
 def batches(
     ds: Dataset, batch_size: int, rng: np.random.Generator, *, in_order: bool = True
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
