@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import COUNTS, ROOT, WEIGHTS, best_of, timed  # noqa: E402
+from bench import COUNTS, ROOT, WEIGHTS, best_of  # noqa: E402
 
 WORST = {
     "ft_sam": ["ft_sam.max_acc_drop=0.99"],
@@ -99,6 +99,7 @@ def main() -> None:
     from badnet_repair import data
     from badnet_repair.data import Dataset
     from badnet_repair.defenses import repairs
+    from badnet_repair.defenses.budget import NoneWithinBudget
     from badnet_repair.experiment.report import Report
     from badnet_repair.journal import Journal
     from badnet_repair.network import models
@@ -134,8 +135,13 @@ def main() -> None:
                 report.handed(case.handed, case.memo)  # noqa: B023
 
             with mlflow.start_run(run_name=f"{name} {label}"):
-                seconds, _ = timed(repair_and_score)
-            taken = path_taken(name, journal.metrics, journal.notes)
+                start = time.perf_counter()
+                try:
+                    repair_and_score()
+                    taken = path_taken(name, journal.metrics, journal.notes)
+                except NoneWithinBudget as declined:  # the whole ladder and its halvings ran
+                    taken = f"declined: {declined}"
+                seconds = time.perf_counter() - start
             print(
                 f"{name} at its {label}: {seconds / epoch_s:.1f} epoch-equivalents "
                 f"({seconds:.0f}s; {taken}; goal < 20)",
