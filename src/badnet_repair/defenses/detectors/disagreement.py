@@ -20,7 +20,10 @@ from badnet_repair.defenses import goodnet
 from badnet_repair.defenses.detectors import Context, Fitted, Inputs, calibrate, frr_each
 from badnet_repair.network.predict import probabilities
 
-MARGIN = 1e-6  # the least margin flagged: agreeing nets score 0, and float noise stays below
+# The threshold sits this far above the calibrated score: agreeing nets (score 0) never
+# flag, and neither does a score equal to the calibrated one (a net that answers every
+# input alike), in numpy or in the GoodNet's float32 step alike.
+MARGIN = 1e-6
 
 
 def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:
@@ -38,7 +41,7 @@ def fit(context: Context) -> Fitted:
     p_bad = probabilities(context.badnet, holdout.x, batch)
     clean_scores = margin(probabilities(context.repaired, holdout.x, batch), p_bad.argmax(axis=1))
     calibration = calibrate(clean_scores, frr_each(context.settings), "disagreement")
-    threshold = max(calibration.threshold, MARGIN)
+    threshold = calibration.threshold + MARGIN
 
     def score(inputs: Inputs) -> np.ndarray:
         return margin(probabilities(context.repaired, inputs.x, batch), inputs.badnet)
