@@ -8,6 +8,7 @@ import dataclasses
 import mlflow
 import numpy as np
 import pytest
+from test_agnostic import CLASSES, net, series, store  # noqa: F401 (fixtures)
 
 from badnet_repair import data
 from badnet_repair.defenses.clean import CleanData
@@ -15,8 +16,6 @@ from badnet_repair.defenses.repairs import Case, Stage, seam
 from badnet_repair.journal import Journal
 from badnet_repair.network import training
 from badnet_repair.network.predict import accuracy
-
-from test_agnostic import CLASSES, net, series, store  # noqa: F401 (fixtures)
 
 SETTINGS = seam.Seam(
     batch_size=32,
@@ -80,9 +79,8 @@ def test_forgetting_is_seeded(case):
         np.testing.assert_array_equal(a, b)
     other = dataclasses.replace(case, seed=1)
     three = seam.forget(other, SETTINGS)
-    assert any(
-        not np.array_equal(a, b) for a, b in zip(one.get_weights(), three.get_weights())
-    )
+    pairs = zip(one.get_weights(), three.get_weights(), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in pairs)
 
 
 def test_recovery_brings_the_held_out_accuracy_back_at_the_largest_rate_within_budget(case):

@@ -1,6 +1,6 @@
-"""SEAM, Selective Amnesia (Zhu, Wei, Zha et al., IEEE S&P 2023): catastrophic forgetting
-wipes the backdoor together with the main task; clean data then brings the main task
-back alone, since nothing in it exercises the trigger.
+"""SEAM, Selective Amnesia (Zhu, Tang, Tang, Wang and Tang, IEEE S&P 2023): catastrophic
+forgetting wipes the backdoor together with the main task; clean data then brings the
+main task back alone, since nothing in it exercises the trigger.
 
 1. forget: a copy of the BadNet is trained by SGD (momentum, weight decay) on the clean
    training images with labels drawn uniformly at random, afresh for every batch, until
