@@ -13,7 +13,7 @@ The unit is one epoch of the pipeline's own fine-tuning (`training.finetune`: Ad
 32, held-out accuracy after the epoch) on the same training split, measured in the same
 run. Prints figures; not a test.
 
-Usage: python benchmarks/repairs.py [--scale 1.0] [--repairs ft_sam rnp sau anp i_bau]
+Usage: python benchmarks/repairs.py [--scale 1.0] [--repairs ft_sam rnp sau anp i_bau seam]
 """
 
 import argparse
@@ -32,6 +32,7 @@ WORST = {
     "sau": ["sau.max_acc_drop=0.99"],
     "anp": ["anp.max_acc_drop=0.99"],  # a fixed number of steps: only the pruning differs
     "i_bau": ["i_bau.max_acc_drop=0.99"],
+    "seam": ["seam.forget_until=0", "seam.max_acc_drop=0.99"],
 }
 
 
@@ -71,7 +72,7 @@ def settings(name: str, *overrides: str) -> dict:
 
 
 # the key each ladder of whole runs is set by
-LADDER = {"ft_sam": "lrs", "sau": "eps", "i_bau": "eps"}
+LADDER = {"ft_sam": "lrs", "sau": "eps", "i_bau": "eps", "seam": "recover_lrs"}
 
 
 def path_taken(name: str, metrics: dict, notes: dict) -> str:
@@ -83,13 +84,18 @@ def path_taken(name: str, metrics: dict, notes: dict) -> str:
     if name == "anp":
         return f"{int(metrics['anp/channels_pruned'])} channels pruned"
     rungs = getattr(settings(name)[name], LADDER[name])
-    return f"{len(notes[f'{name}_ladder'])} of {len(rungs)} runs of its ladder"
+    runs = f"{len(notes[f'{name}_ladder'])} of {len(rungs)} runs of its ladder"
+    if name == "seam":
+        return f"{int(metrics['seam/forget_steps'])} forgetting steps, {runs}"
+    return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0, help="share of the real image counts")
-    parser.add_argument("--repairs", nargs="+", default=["ft_sam", "rnp", "sau", "anp", "i_bau"])
+    parser.add_argument(
+        "--repairs", nargs="+", default=["ft_sam", "rnp", "sau", "anp", "i_bau", "seam"]
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -42,6 +42,12 @@ TINY = {
     "rnp": ["rnp.unlearn_steps=5", "rnp.mask_steps=5", "rnp.max_acc_drop=0.5"],
     "anp": ["anp.steps=5", "anp.max_acc_drop=0.5"],
     "sau": ["sau.steps=3", "sau.eps=[0.05]", "sau.pgd_steps=2"],
+    "seam": [
+        "seam.forget_steps=3",
+        "seam.recover_steps=3",
+        "seam.recover_lrs=[0.01]",
+        "seam.max_acc_drop=0.99",
+    ],
 }
 
 

@@ -30,6 +30,7 @@ OWN_STAGES = {
     "magnitude": {"pruned"},
     "rnp": {"unlearned"},
     "anp": {"masked"},
+    "seam": {"forgotten"},
 }
 EVERY_RUN = {"badnet", "repaired", "goodnet"}
 ARTIFACTS = {"config.yaml", "metrics.json", "repaired_net.h5", "goodnet.h5", "stages.png"}
