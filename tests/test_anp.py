@@ -4,18 +4,16 @@ within eps that raise the loss, and pruned channels (conv channels and Dense uni
 exactly silent in the saved model, the others as in the BadNet (end to end on the demo:
 test_end_to_end; on any model: test_any_model)."""
 
-import mlflow
 import numpy as np
-import pytest
 import tensorflow as tf
 import tf_keras as keras
-from test_agnostic import batchnorm_net, branches_net, images, labelled, series
 
-from badnet_repair import data
-from badnet_repair.defenses.clean import CleanData
-from badnet_repair.defenses.repairs import Case, anp
-from badnet_repair.experiment import tracking
-from badnet_repair.journal import Journal
+# the fixtures net, store and case are test_agnostic's: test parameters named after them
+# are those fixtures, not redefinitions
+# ruff: noqa: F811
+from test_agnostic import case, images, net, series, store  # noqa: F401
+
+from badnet_repair.defenses.repairs import anp
 from badnet_repair.network import models
 from badnet_repair.network.channels import units
 
@@ -33,30 +31,6 @@ def settings(**changes) -> anp.Anp:
         max_acc_drop=1.0,  # every threshold within: the largest, 0.95, is chosen
     )
     return anp.Anp(**{**base, **changes})
-
-
-@pytest.fixture(params=[branches_net, batchnorm_net], ids=["branches", "batchnorm"])
-def net(request):
-    keras.utils.set_random_seed(0)
-    return request.param()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlruns")
-    uri = f"sqlite:///{root}/mlflow.db"
-    return uri, tracking.prepare(uri, "anp", str(root / "artifacts"))
-
-
-@pytest.fixture
-def case(net, store):
-    """A Case over `net` with a real Journal inside a real MLflow run."""
-    uri, experiment = store
-    mlflow.set_tracking_uri(uri)
-    train, holdout = labelled(net, 96, 1, "train"), labelled(net, 48, 2, "holdout")
-    everything = data.Dataset("validation", np.concatenate([train.x, holdout.x]), None)
-    with mlflow.start_run(experiment_id=experiment):
-        yield Case(net, "conv_b", CleanData(everything, train, holdout), Journal(), 0, 64)
 
 
 def test_anp_masks_every_conv_and_hidden_dense_layer(net):
