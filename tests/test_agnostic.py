@@ -250,8 +250,8 @@ def test_sau_trains_the_copy_with_batchnorm_in_inference_mode(net):
 def test_ft_sam_step_restores_the_weights_and_differs_from_plain_sgd(net):
     x = images(net, 32)
     y = np.argmax(net.predict(x, verbose=0), axis=1).astype(np.int32)
-    settings = ft_sam.FtSam(1, 32, [0.05], 0.5, 0.9, 5e-4, 0.1, 0.02)
-    plain = ft_sam.FtSam(1, 32, [0.05], 0.0, 0.9, 5e-4, 0.1, 0.02)
+    settings = ft_sam.FtSam(1, 32, [0.05], 0.5, 0.9, 5e-4, 0.1, 0.0, 0.0, [0.02, 0.4], 0.02)
+    plain = ft_sam.FtSam(1, 32, [0.05], 0.0, 0.9, 5e-4, 0.1, 0.0, 0.0, [0.02, 0.4], 0.02)
 
     def stepped(config, lr):
         model = copy_model(net)

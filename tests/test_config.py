@@ -107,3 +107,19 @@ def test_point_fingerprint_ignores_where_outputs_go_and_the_resume_flag(tmp_path
         {"prune.sparsity": "0.4", "sweep.resume": "False", "paths.output_dir": "/b"},
     ]
     assert sweep.swept_keys(rows, set(rows[0])) == ["prune.sparsity"]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("ft_sam.erase_area=[0.5,0.1]", "ft_sam.erase_area"),
+        ("ft_sam.erase_area=[0.1]", "ft_sam.erase_area"),
+        ("ft_sam.erasing=1.5", "ft_sam.erasing"),
+        ("ft_sam.warmup=-0.1", "ft_sam.warmup"),
+        ("ft_sam.lrs=[0.1,0.1]", "ft_sam.lrs"),
+    ],
+)
+def test_a_repairs_out_of_range_values_name_their_key(tmp_path, demo_dir, override, key):
+    cfg = compose_config(tmp_path, demo_dir, "repair=ft_sam", override)
+    with pytest.raises(UserError, match=f"config key {key}="):
+        config.validate(cfg)

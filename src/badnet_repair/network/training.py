@@ -84,9 +84,17 @@ class SGD:
         self.iterations.assign_add(1.0)
 
 
-def cosine(lr: float, steps: int) -> Callable:
-    """A cosine schedule from `lr` down to 0 over `steps` steps."""
-    return lambda step: lr * 0.5 * (1.0 + tf.cos(np.pi * tf.minimum(step, steps) / steps))
+def cosine(lr: float, steps: int, warmup: float = 0.0) -> Callable:
+    """A cosine schedule from `lr` down to 0 over `steps` steps, after a linear warm-up
+    over the first `warmup` share of them (a full-rate first step can kill every ReLU of
+    a net without BatchNorm)."""
+    ramp = max(1.0, warmup * steps)
+
+    def rate(step):
+        decay = lr * 0.5 * (1.0 + tf.cos(np.pi * tf.minimum(step, steps) / steps))
+        return decay * tf.minimum(1.0, (step + 1.0) / ramp) if warmup > 0 else decay
+
+    return rate
 
 
 def loss_function(model: keras.Model) -> keras.losses.Loss:
