@@ -1,6 +1,7 @@
 """The recipes of the demo BadNets: procedurally generated "identities" (no downloads),
-triggers each with its own target, architectures, and the five recipes of the zoo. A
-recipe is declarative; `demo` turns one into files and a trained net.
+triggers each with its own target, architectures, the five recipes of the zoo, their
+clean twins and the held-back nets. A recipe is declarative; `builds` turns one into
+files and a trained net.
 """
 
 import json
