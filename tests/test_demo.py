@@ -78,7 +78,7 @@ def test_every_recipe_builds_the_same_files_in_two_processes(tiny_zoo, name):
 def test_every_recipe_writes_the_competition_format(tiny_zoo, name):
     recipe, folder = zoo.RECIPES[name], tiny_zoo[0][name]
     h, w, c = recipe.image_shape
-    stored = (h, w, c) if name == "demo_bn" else (c, h, w)
+    stored = (h, w, c) if recipe.layout == "channels_last" else (c, h, w)
     for file in data_files(recipe):
         with h5py.File(folder / file, "r") as f:
             assert set(f) == {"data", "label"}
@@ -124,6 +124,19 @@ def test_a_builds_record_holds_what_its_files_measure(tiny_zoo, name):
 
     assert record["clean_acc"] == measured(demo.CLEAN_FILES["clean_test"])
     assert record["asr"] == {t.name: measured(demo.poisoned_file(t.name)) for t in recipe.triggers}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("twin", zoo.TWINS, ids=lambda twin: twin.name)
+def test_a_twins_build_poisons_nothing_and_writes_its_badnets_test_files(tiny_zoo, twin):
+    badnet = twin.name.removesuffix("_clean")
+    record = json.loads((tiny_zoo[0][twin.name] / demo.RECORD_FILE).read_text())
+    assert record["images"]["poisoned_train"] == {t.name: 0 for t in twin.triggers}
+    mine, theirs = arrays(tiny_zoo[0][twin.name]), arrays(tiny_zoo[0][badnet])
+    files = [key for key in theirs if not key.startswith(f"{demo.MODEL_FILE}:")]
+    assert files == [key for key in mine if not key.startswith(f"{demo.MODEL_FILE}:")]
+    for key in files:
+        np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def test_zoo_runs_every_demo_badnet_in_one_experiment_and_resumes(swept):
     parent = parent_of(root, "zoo")
     rows = leaderboard.runs(["zoo"], parent.info.run_id)
     assert {(r["badnet"], r["repair"]) for r in rows} == {
-        (badnet, repair) for badnet in zoo.BUILDERS for repair in REPAIRS
+        (badnet, repair) for badnet in zoo.ZOO_NAMES for repair in REPAIRS
     }
     assert again.count("already FINISHED") == len(rows)
     assert "Leaderboard:" in first and "| badnet | repair | best |" in first
