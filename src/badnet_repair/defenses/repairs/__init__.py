@@ -263,8 +263,7 @@ def describe(cfg: DictConfig) -> str:
     """The chosen repair and its settings in a few words: `fine_pruning (sparsity 0.5, ...)`,
     a chain's steps joined by ` + `."""
     return " + ".join(
-        f"{name} ({REGISTRY.module(name).describe(**_arguments(cfg, name))})"
-        for name in steps(cfg)
+        f"{name} ({REGISTRY.module(name).describe(**_arguments(cfg, name))})" for name in steps(cfg)
     )
 
 
