@@ -97,7 +97,7 @@ def test_each_step_repairs_the_previous_ones_net_under_its_own_names(case, tmp_p
     assert not np.any(case.badnet.get_layer("conv_b").kernel.numpy() == 0)
     for mine, theirs in zip(repaired.get_weights(), steps[1].badnet.get_weights(), strict=True):
         np.testing.assert_array_equal(mine, theirs)
-    assert [item.name for item in steps[0].handed] == ["magnitude/pruned"]
+    assert [item.name for item in steps[0].handed] == ["magnitude/pruned", "magnitude/repaired"]
     assert steps[1].handed == []
     assert case.journal.metrics["magnitude/prune/sparsity"] == pytest.approx(0.5, abs=0.05)
     held = accuracy(case.badnet, case.clean.holdout, case.batch_size)
@@ -135,7 +135,8 @@ def test_a_chain_runs_end_to_end_each_step_scored_the_second_from_the_firsts_net
     (run,) = mlflow.search_runs(experiment_names=["demo"], output_format="list")
     assert run.info.status == "FINISHED" and run.data.tags["repair"] == "fine_pruning+rnp"
     assert run.info.run_name.startswith("demo fine_pruning (sparsity 0.5, 0 epochs) + rnp (")
-    for stage in ("badnet", "fine_pruning/pruned", "rnp/unlearned", "repaired", "goodnet"):
+    stages = ["badnet", "fine_pruning/pruned", "fine_pruning/repaired", "rnp/unlearned"]
+    for stage in (*stages, "repaired", "goodnet"):
         for key in ("clean_acc", "asr/patch"):
             assert run.data.metrics[f"{stage}/{key}"] == pytest.approx(metrics[f"{stage}/{key}"])
     assert metrics["fine_pruning/prune/channels_pruned"] == 30

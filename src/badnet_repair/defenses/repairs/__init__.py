@@ -270,12 +270,15 @@ def describe(cfg: DictConfig) -> str:
 def run(cfg: DictConfig, case: Case) -> tuple[list[Case], keras.Model]:
     """Carry out the chosen repair, or a chain's steps in turn, each from the previous
     one's net, each from the same RNG state; return each step's case (what it handed
-    back, under `name/` in a chain) and the repaired net."""
+    back, under `name/` in a chain, with every step's output but the last's as stage
+    `name/repaired`) and the repaired net."""
     chosen = steps(cfg)
     if len(chosen) == 1:
         return [case], REGISTRY.module(chosen[0]).repair(case, **_arguments(cfg, chosen[0]))
     cases, model = [], case.badnet
     for name in chosen:
+        if cases:
+            cases[-1].stage("repaired", model)
         cases.append(case.step(name, model))
         training.seed_everything(case.seed)
         model = REGISTRY.module(name).repair(cases[-1], **_arguments(cfg, name))
