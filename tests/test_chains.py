@@ -47,6 +47,7 @@ def test_single_repairs_and_their_keys_mean_what_they_meant(tmp_path):
     single = composed(tmp_path, "repair=ft_sam")
     assert single.repair == "ft_sam" and "chain" not in single
     assert sweep.config_hash(single) == sweep.config_hash(composed(tmp_path, "repair=[ft_sam]"))
+    config.check_overrides(["model=sunglasses", "prune.sparsity=0.5"])  # read: no error
     cfg = composed(tmp_path, "model=sunglasses", "prune.sparsity=0.5")
     assert (cfg.model.name, cfg.repair, cfg.prune.sparsity) == ("sunglasses", "fine_pruning", 0.5)
     assert repairs.describe(cfg) == "fine_pruning (sparsity 0.5, 5 epochs)"
