@@ -135,6 +135,7 @@ def test_a_chain_runs_end_to_end_each_step_scored_the_second_from_the_firsts_net
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["demo"], output_format="list")
     assert run.info.status == "FINISHED" and run.data.tags["repair"] == "fine_pruning+rnp"
+    assert run.data.params["repair"] == "fine_pruning+rnp"  # in sweep tables too
     assert run.info.run_name.startswith("demo fine_pruning (sparsity 0.5, 0 epochs) + rnp (")
     stages = ["badnet", "fine_pruning/pruned", "fine_pruning/repaired", "rnp/unlearned"]
     for stage in (*stages, "repaired", "goodnet"):

@@ -75,7 +75,7 @@ def run(
     tags["model.content_hash"] = files.content_hash(cfg.model.file)  # tells nets apart
     with tracking.tracked_run(experiment_id, run_name, tags) as run_id:
         log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)
-        mlflow.log_params(tracking.flatten(cfg))
+        mlflow.log_params({**tracking.flatten(cfg), "repair": repairs.label(cfg)})  # a+b
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         metrics = _with_objective(_experiment(cfg, out_dir), cfg)
         mlflow.log_metric("objective", metrics["objective"])
