@@ -42,6 +42,14 @@ def test_a_list_selection_chains_the_repairs_in_the_order_given(tmp_path, order)
     assert described.index(f"{order[0]} (") < described.index(f") + {order[1]} (")
 
 
+def test_every_repair_composes_as_a_step(tmp_path):
+    """Each repair's file loads its schema by path (`- /schema/repair/NAME`), not as a
+    choice of a `schema/repair` group, which a chain would choose twice."""
+    for name in repairs.names():
+        partner = "sau" if name != "sau" else "finetune"
+        assert list(composed(tmp_path, f"repair=[{name},{partner}]").repair) == [name, partner]
+
+
 def test_single_repairs_and_their_keys_mean_what_they_meant(tmp_path):
     assert composed(tmp_path).repair == "fine_pruning"
     single = composed(tmp_path, "repair=ft_sam")
