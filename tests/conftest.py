@@ -125,9 +125,10 @@ def demo_data(demo_dir):
 
 
 def compose_config(tmp_path, demo_dir, *overrides: str):
-    """The run's config as Hydra composes it, with every location under `tmp_path`."""
+    """The run's config as Hydra composes it and `pipeline.run` settles it (a chain's
+    steps in `repair`), with every location under `tmp_path`."""
     with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
-        return compose(
+        cfg = compose(
             config_name="config",
             overrides=[
                 f"paths.root={tmp_path}",
@@ -136,6 +137,8 @@ def compose_config(tmp_path, demo_dir, *overrides: str):
                 *overrides,
             ],
         )
+    config.settle(cfg)
+    return cfg
 
 
 def run_py_command(root: Path, data: Path | None, *args: str) -> list[str]:

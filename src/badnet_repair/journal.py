@@ -16,23 +16,37 @@ from badnet_repair import plots
 
 
 class Journal:
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix  # before every name written through this journal
         self.metrics: dict[str, float] = {}  # results: metrics.json, sweep tables, objective
         self.series: set[str] = set()  # names logged per step (a series' last value is no result)
         self.notes: dict[str, Any] = {}
 
+    def prefixed(self, prefix: str) -> "Journal":
+        """A view writing into this journal's run and records with every name under
+        `prefix`: a chain's steps (`fine_pruning/`) log the same names without clashing."""
+        view = Journal(self.prefix + prefix)
+        view.metrics, view.series, view.notes = self.metrics, self.series, self.notes
+        return view
+
+    def _named(self, values: dict[str, Any]) -> dict[str, Any]:
+        return {self.prefix + name: value for name, value in values.items()}
+
     def log(self, metrics: dict[str, float]) -> None:
         """Results of the run, logged once each."""
+        metrics = self._named(metrics)
         mlflow.log_metrics(metrics)
         self.metrics.update(metrics)
 
     def step(self, step: int, values: dict[str, float]) -> None:
         """One step of per-step series (an epoch's loss and held-out accuracy)."""
+        values = self._named(values)
         mlflow.log_metrics(values, step=step)
         self.series.update(values)
 
     def curves(self, values: dict[str, Sequence[float]]) -> None:
         """Whole series at once: value i of each at step i, in batches of 1,000."""
+        values = self._named(values)
         now = int(time.time() * 1000)
         metrics = [
             Metric(name, float(value), now, step)
@@ -45,17 +59,17 @@ class Journal:
         self.series.update(values)
 
     def figure(self, figure, name: str) -> None:
-        mlflow.log_figure(figure, name)
+        mlflow.log_figure(figure, self.prefix + name)
         plots.close(figure)
 
     def text(self, text: str, name: str) -> None:
         """A text artifact of the run (a table as CSV, ...)."""
-        mlflow.log_text(text, name)
+        mlflow.log_text(text, self.prefix + name)
 
     def tags(self, tags: dict[str, str]) -> None:
         """Short facts to filter runs by in the UI (`neural_cleanse.flagged`: `7`)."""
-        mlflow.set_tags(tags)
+        mlflow.set_tags(self._named(tags))
 
     def note(self, **values: Any) -> None:
         """Facts for metrics.json beside the metrics (which channels were pruned, ...)."""
-        self.notes.update(values)
+        self.notes.update(self._named(values))

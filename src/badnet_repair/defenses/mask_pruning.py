@@ -51,7 +51,8 @@ def prune_by_threshold(
     thresholds = np.round(np.arange(0.0, 1.0, step), 6)
     curve = threshold_curve(case, values, thresholds, dense)
     pruned_at = np.array([(everything <= t).sum() for t in thresholds])
-    held = {None: case.badnet_holdout_accuracy(), **dict(zip(thresholds, curve, strict=True))}
+    unpruned = accuracy(case.badnet, case.clean.holdout, case.batch_size)  # in a chain: its input
+    held = {None: unpruned, **dict(zip(thresholds, curve, strict=True))}
     # None, pruning nothing, comes first: it stays when even threshold 0 costs too much
     chosen = strongest_within(case, list(held), held.get, max_acc_drop, f"{name} threshold")
     off = {unit: m <= (chosen if chosen is not None else -1) for unit, m in values.items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, IntegerNode, OmegaConf, StringNode
+from omegaconf import MISSING, AnyNode, DictConfig, IntegerNode, OmegaConf, open_dict
 
 from badnet_repair import UserError
 from badnet_repair.ranges import in_range, ranged
@@ -114,6 +114,7 @@ PIPELINE_SECTIONS = {
     "sweep": SweepConfig,
 }
 ROOT_KEYS = {"seed": "[0, 4294967295]", "eval_batch_size": ">= 1"}
+CHAIN = "chain"  # the repairs chosen, in order, as composed (`settle` turns it into `repair`)
 
 
 def project_root() -> str:
@@ -128,7 +129,7 @@ def register() -> None:
     """Register the schemas and the `project_root` resolver with Hydra (idempotent).
 
     The root is a plain node holding typed sections, so that each repair's config can
-    add the sections it reads (typed by `schema/repair/<name>`).
+    add the sections it reads (typed by `schema/repair/<name>`), and a chain's several.
     """
     from badnet_repair.defenses import repairs
 
@@ -137,15 +138,31 @@ def register() -> None:
     store = ConfigStore.instance()
     root = {
         **PIPELINE_SECTIONS,
-        "repair": StringNode(MISSING),
+        "repair": AnyNode(MISSING),  # a name, or a list of names: a chain
         "seed": IntegerNode(MISSING),
         "eval_batch_size": IntegerNode(MISSING),
     }
     store.store(name="schema", node=OmegaConf.create(root))
-    for name in repairs.names():
+    for name in repairs.names():  # plain nodes of typed sections: a chain merges several
+        node = {f.name: f.type for f in dataclasses.fields(repairs.settings(name))}
+        node.pop("repair")  # each repair's file sets it
+        node[CHAIN] = {name: None}  # merged in the order chosen; `settle` reads it
         store.store(
-            group="schema/repair", name=name, node=repairs.settings(name), package="_global_"
+            group="schema/repair", name=name, node=OmegaConf.create(node), package="_global_"
         )
+
+
+def settle(cfg: DictConfig) -> None:
+    """Turn composition's record of the repairs chosen into `repair`: a name, or the list
+    of a chain's steps in the order chosen (Hydra's `repair=[a,b]` merges the files, which
+    leaves `repair` the last one's name); then drop the record. Idempotent."""
+    from badnet_repair.defenses import repairs
+
+    if CHAIN in cfg:
+        chosen = repairs.steps(cfg)
+        with open_dict(cfg):
+            cfg.repair = chosen if len(chosen) > 1 else chosen[0]
+            del cfg[CHAIN]
 
 
 def _check_section(name: str, node: DictConfig) -> None:
@@ -178,12 +195,14 @@ def validate(cfg: DictConfig) -> None:
     for key, allowed in ROOT_KEYS.items():
         if not in_range(cfg[key], allowed):
             raise UserError(f"config key {key}={cfg[key]!r}: expected {allowed}")
-    if cfg.get("repair") not in repairs.names():
+    chosen = repairs.steps(cfg)
+    if len(chosen) == 1 and chosen[0] not in repairs.names():
         raise UserError(
-            f"config key repair={cfg.get('repair')!r}: expected one of {', '.join(repairs.names())}"
+            f"config key repair={chosen[0]!r}: expected one of {', '.join(repairs.names())}"
         )
-    known = {s for name in repairs.names() for s in repairs.sections(name)}
-    for section in set(cfg) - set(PIPELINE_SECTIONS) - set(ROOT_KEYS) - {"repair"} - known:
+    repairs.check_chain(chosen)
+    known = {s for name in repairs.names() for s in repairs.sections(name)} | {"repair", CHAIN}
+    for section in set(cfg) - set(PIPELINE_SECTIONS) - set(ROOT_KEYS) - known:
         raise UserError(f"config section {section}: unknown (no repair reads it)")
     for name, node in cfg.items():
         if isinstance(node, DictConfig):
@@ -213,21 +232,25 @@ def validate(cfg: DictConfig) -> None:
             )
 
 
-def _repair_choices(overrides: list) -> list[str]:
-    """The repairs a command runs: its `repair=` override, else the composed config's
-    choice and any repairs its sweeper sweeps (an experiment may set both)."""
+def _repair_choices(overrides: list) -> list[list[str]]:
+    """The repairs each run of a command runs, as chains (a single repair is a chain of
+    one): its `repair=` override, else the composed config's choice and any repairs its
+    sweeper sweeps (an experiment may set both)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
 
     from badnet_repair.defenses import repairs
 
-    def values(override) -> list[str]:
+    def chain(value) -> list[str]:
+        return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+    def values(override) -> list[list[str]]:
         if isinstance(override.value(), Glob):
-            return override.value().filter(repairs.names())
+            return [[name] for name in override.value().filter(repairs.names())]
         if override.is_sweep_override():
-            return list(override.sweep_string_iterator())
-        return [str(override.value())]
+            return [chain(value) for value in override.sweep_iterator()]
+        return [chain(override.value())]
 
     given = [o for o in overrides if o.key_or_group == "repair"]
     if given:
@@ -237,7 +260,7 @@ def _repair_choices(overrides: list) -> list[str]:
     ]
     with initialize_config_dir(config_dir=f"{project_root()}/conf", version_base="1.3"):
         cfg = compose("config", overrides=kept, return_hydra_config=True)
-    chosen = [str(cfg.repair)]
+    chosen = [repairs.steps(cfg)]
     swept = OmegaConf.select(cfg, "hydra.sweeper.params.repair")
     if swept is not None:
         chosen += values(OverridesParser.create().parse_override(f"repair={swept}"))
@@ -247,8 +270,10 @@ def _repair_choices(overrides: list) -> list[str]:
 def check_overrides(overrides: list[str]) -> None:
     """One clear line, before Hydra composes, for overrides no run could honour: a key of a
     section that the chosen repair does not read (Hydra's own error takes several lines and
-    suggests adding the key, which the repair would then ignore), or the old `prune` group."""
+    suggests adding the key, which the repair would then ignore), a chain that names an
+    unknown repair or one twice, or the old `prune` group."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
 
     from badnet_repair.defenses import repairs
 
@@ -262,6 +287,12 @@ def check_overrides(overrides: list[str]) -> None:
                 f"{o.input_line}: the prune group is now the repair group: "
                 "repair=fine_pruning (activation ranking) or repair=magnitude"
             )
+    for o in parsed:  # a chain's names, before Hydra's multi-line errors on them
+        if o.key_or_group == "repair" and not isinstance(o.value(), Glob):
+            values = o.sweep_iterator() if o.is_sweep_override() else [o.value()]
+            for value in values:
+                if isinstance(value, list):
+                    repairs.check_chain([str(v) for v in value])
     readers: dict[str, list[str]] = {}
     for name in repairs.names():
         for section in repairs.sections(name):
@@ -279,7 +310,12 @@ def check_overrides(overrides: list[str]) -> None:
         return
     for o in keys:
         section = o.key_or_group.split(".")[0]
-        unread = [r for r in dict.fromkeys(chosen) if section not in repairs.sections(r)]
+        runs = {"+".join(steps): steps for steps in chosen}  # each run once, in order
+        unread = [
+            name
+            for name, steps in runs.items()
+            if not any(section in repairs.sections(step) for step in steps)
+        ]
         if unread:
             raise UserError(
                 f"config key {o.key_or_group}: not read by repair={','.join(unread)} "

@@ -46,7 +46,7 @@ def stage_metrics(
     for trigger, ds in poisoned.items():
         metrics[f"{stage}/asr/{trigger}"] = float(np.mean(answers.poisoned[trigger] == ds.y))
     n = len(clean) + sum(len(ds) for ds in poisoned.values())
-    summary = ", ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items())
+    summary = ", ".join(f"{k.removeprefix(stage + '/')}={v:.4f}" for k, v in metrics.items())
     log.info("%s: %s (%d images, %.1fs)", stage, summary, n, answers.seconds)
     return metrics
 

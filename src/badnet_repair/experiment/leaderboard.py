@@ -55,7 +55,8 @@ def entry(run) -> dict:
     """One leaderboard row from a FINISHED run of the pipeline; a declined repair's row
     has no repaired net's numbers and misses the goal."""
     m, p = run.data.metrics, run.data.params
-    row = {"badnet": badnet_name(p), "repair": p.get("repair", "?"), **m}
+    repair = run.data.tags.get("repair") or p.get("repair", "?")  # a chain's: `a+b`
+    row = {"badnet": badnet_name(p), "repair": repair, **m}
     row["model_hash"] = run.data.tags.get("model.content_hash", "")
     row["run"], row["run_id"] = run.info.run_name, run.info.run_id
     if "repaired/clean_acc" not in m:  # declined: no strength within its budget

@@ -47,9 +47,12 @@ def run(
     Within a sweep (`parent_run_id` given) the run is logged as the parent's child, and
     with `sweep.resume` a point whose config already has a FINISHED run is skipped.
     """
+    config.settle(cfg)
     config.validate(cfg)
     for section in repairs.unread(cfg):
-        log.warning("config section %s: not read by repair=%s (ignored)", section, cfg.repair)
+        log.warning(
+            "config section %s: not read by repair=%s (ignored)", section, repairs.label(cfg)
+        )
     inputs.check_present(cfg)
     out_dir = files.writable_dir(cfg.paths.output_dir, "paths.output_dir")
     experiment_id = tracking.prepare(
@@ -57,7 +60,7 @@ def run(
     )
     run_name = run_name or f"{cfg.model.name} {repairs.describe(cfg)}"
     fingerprint = sweep.config_hash(cfg)
-    tags = {"config_hash": fingerprint, "repair": cfg.repair}
+    tags = {"config_hash": fingerprint, "repair": repairs.label(cfg)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
         done = sweep.finished_children(experiment_id, parent_run_id, fingerprint)
@@ -72,7 +75,7 @@ def run(
     tags["model.content_hash"] = files.content_hash(cfg.model.file)  # tells nets apart
     with tracking.tracked_run(experiment_id, run_name, tags) as run_id:
         log.info("MLflow run %s in experiment '%s'", run_id, cfg.tracking.experiment)
-        mlflow.log_params(tracking.flatten(cfg))
+        mlflow.log_params({**tracking.flatten(cfg), "repair": repairs.label(cfg)})  # a+b
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         metrics = _with_objective(_experiment(cfg, out_dir), cfg)
         mlflow.log_metric("objective", metrics["objective"])
@@ -96,13 +99,14 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     detectors.check(base.badnet, cfg.goodnet, clean, cfg.eval_batch_size)
 
     try:
-        case, repaired = _repair(cfg, base, clean, memo, journal)
+        case, steps, repaired = _repair(cfg, base, clean, memo, journal)
     except NoneWithinBudget as declined:  # no wreck is saved or scored as repaired
         log.warning("repair declined: %s; no repaired net is saved or scored", declined)
         mlflow.set_tag("repair.declined", str(declined))
         _summary(cfg, journal, report, out_dir)
         return journal.metrics
-    report.handed(case.handed, case.memo)
+    for step in steps:  # a chain's steps each hand back their own, under their names
+        report.handed(step.handed, step.memo)
     repaired_answers = report.answers(repaired)
     report.stage("repaired", answers=repaired_answers)
     _clean_yardsticks(cfg, base, case, repaired, journal)
@@ -117,16 +121,17 @@ def _experiment(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 
 def _repair(
     cfg: DictConfig, base: Baseline, clean: CleanData, memo: Memo, journal: Journal
-) -> tuple[repairs.Case, keras.Model]:
-    """The chosen repair, on the BadNet and the defender's clean data only."""
+) -> tuple[repairs.Case, list[repairs.Case], keras.Model]:
+    """The chosen repair (or chain), on the BadNet and the defender's clean data only:
+    the BadNet's case, each step's, and the repaired net."""
     case = repairs.Case(
         base.badnet, base.layer, clean, journal, cfg.seed, cfg.eval_batch_size, memo
     )
     seed_everything(cfg.seed)  # the repair starts from the same RNG state, cache hit or not
     repair_start = time.perf_counter()
-    repaired = repairs.run(cfg, case)
+    steps, repaired = repairs.run(cfg, case)
     journal.log({"time/repair_s": time.perf_counter() - repair_start})
-    return case, repaired
+    return case, steps, repaired
 
 
 def _clean_yardsticks(

@@ -305,8 +305,10 @@ def pruning_curve(
     return {name: curve.on(ds) for name, ds in datasets.items()}
 
 
-def channels_within(val_curve: np.ndarray, max_drop: float) -> int:
+def channels_within(val_curve: np.ndarray, max_drop: float, start: float | None = None) -> int:
     """The most channels prunable, in order, before validation accuracy first falls more
-    than `max_drop` below the unpruned net's (the fine-pruning stopping rule)."""
-    ok = val_curve >= val_curve[0] - max_drop - 1e-12
-    return int(np.argmin(ok)) - 1 if not ok.all() else len(val_curve) - 1
+    than `max_drop` below `start` (by default the unpruned net's: the fine-pruning
+    stopping rule); 0 when the unpruned net is already below."""
+    start = val_curve[0] if start is None else start
+    ok = val_curve >= start - max_drop - 1e-12
+    return max(int(np.argmin(ok)) - 1, 0) if not ok.all() else len(val_curve) - 1

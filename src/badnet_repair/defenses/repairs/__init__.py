@@ -14,17 +14,21 @@ A repair sees the BadNet and the defender's clean validation data (`case.clean`)
 nothing else: every choice it makes reads that data. It writes what it measured to
 `case.journal` and hands intermediate nets back (`case.stage`, `case.series`); the
 experiment scores those on the evaluation sets after the repair has returned.
+
+A chain (`repair=[fine_pruning,ft_sam]`) runs repairs in turn, each from the previous
+one's net, through the same interface: each step gets a `Case` of its own (`Case.step`).
 """
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import tf_keras as keras
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from badnet_repair import UserError
 from badnet_repair.data import Dataset
 from badnet_repair.defenses.clean import CleanData, Memo
 from badnet_repair.journal import Journal
@@ -84,6 +88,7 @@ class Case:
     batch_size: int  # for forward passes (eval_batch_size)
     memo: Memo = field(default_factory=Memo)
     handed: list[Stage | Series] = field(default_factory=list)  # to be scored, in order
+    original: keras.Model | None = None  # a chain's later step: the BadNet it began from
 
     def shared(self, key: Any, compute: Callable[[], Any]) -> Any:
         """`compute()` once per BadNet and data in this process: the points of a sweep
@@ -91,21 +96,48 @@ class Case:
         return self.memo.shared(key, compute)
 
     def badnet_holdout_accuracy(self) -> float:
-        """The BadNet's accuracy on the clean held-out images: what budgets count from."""
+        """The BadNet's accuracy on the clean held-out images: what budgets count from. In
+        a chain, the original BadNet's, so that the steps' losses never add up past a
+        budget."""
+        first = self.badnet if self.original is None else self.original
         return self.shared(
-            "badnet holdout accuracy",
-            lambda: accuracy(self.badnet, self.clean.holdout, self.batch_size),
+            "badnet holdout accuracy", lambda: accuracy(first, self.clean.holdout, self.batch_size)
+        )
+
+    def step(self, name: str, model: keras.Model) -> "Case":
+        """The case of chain step `name`, which repairs `model` (the previous step's net,
+        or this case's BadNet): names it logs and hands back go under `name/`, budgets
+        still count from this case's BadNet, and a later step gets a memo of its own (the
+        memo caches what was computed on the BadNet)."""
+        first = model is self.badnet
+        return Case(
+            model,
+            self.layer,
+            self.clean,
+            self.journal.prefixed(f"{name}/"),
+            self.seed,
+            self.batch_size,
+            self.memo if first else Memo(),
+            original=None if first else self.badnet,
         )
 
     def stage(self, name: str, model: keras.Model) -> None:
         """Hand back an intermediate net to be scored as stage `name` (a copy is kept)."""
         from badnet_repair.network.pruning import copy_model
 
-        self.handed.append(Stage(name, copy_model(model)))
+        self.handed.append(Stage(self.journal.prefix + name, copy_model(model)))
 
     def series(self, series: Series) -> None:
         """Hand back a series of nets to be scored (see `Series`)."""
-        self.handed.append(series)
+        prefix = self.journal.prefix
+        self.handed.append(
+            replace(
+                series,
+                name=prefix + series.name,
+                stage=prefix + series.stage,
+                figure=prefix + series.figure,
+            )
+        )
 
     def run_steps(
         self,
@@ -174,22 +206,80 @@ def sections(name: str) -> list[str]:
     return [f.name for f in fields(settings(name)) if f.name != "repair"]
 
 
+def steps(cfg: DictConfig) -> list[str]:
+    """The repairs chosen, in order: one, or a chain's steps. Hydra's list selection
+    (`repair=[a,b]`) merges the repairs' files, which leaves `repair` the last one's name;
+    each repair's schema records its name under `chain`, in the order chosen, until
+    `experiment.config.settle` writes the list into `repair`."""
+    if isinstance(cfg.repair, ListConfig | list):
+        return [str(name) for name in cfg.repair]
+    return [str(name) for name in cfg.get("chain") or [cfg.repair]]
+
+
+def label(cfg: DictConfig) -> str:
+    """The chosen repair's name, or a chain's steps joined: `fine_pruning+ft_sam`."""
+    return "+".join(steps(cfg))
+
+
+def check_chain(chosen: list[str]) -> None:
+    """A chain names known repairs, each once, and steps that read one section read it
+    with one schema (they share its values)."""
+    shown = f"repair=[{','.join(chosen)}]"
+    unknown = [name for name in chosen if name not in names()]
+    if unknown:
+        raise UserError(
+            f"config key {shown}: no repair {', '.join(unknown)}; expected names among "
+            f"{', '.join(names())}"
+        )
+    repeated = sorted({name for name in chosen if chosen.count(name) > 1})
+    if repeated:
+        raise UserError(
+            f"config key {shown}: {', '.join(repeated)} more than once; a chain runs each "
+            "repair once"
+        )
+    read: dict[str, tuple[str, type]] = {}
+    for name in chosen:
+        for spec in fields(settings(name)):
+            first, schema = read.setdefault(spec.name, (name, spec.type))
+            if spec.name != "repair" and schema is not spec.type:
+                raise UserError(
+                    f"config key {shown}: {first} and {name} read different keys under "
+                    f"{spec.name}; they cannot be chained"
+                )
+
+
 def unread(cfg: DictConfig) -> list[str]:
     """Other repairs' sections present in `cfg` (forced in with `++` for a sweep over
     repairs): the chosen repair ignores them."""
-    mine = set(sections(cfg.repair))
+    mine = {s for name in steps(cfg) for s in sections(name)}
     return sorted({s for name in names() for s in sections(name) if s in cfg and s not in mine})
 
 
-def _arguments(cfg: DictConfig) -> dict[str, Any]:
-    return {section: OmegaConf.to_object(cfg[section]) for section in sections(cfg.repair)}
+def _arguments(cfg: DictConfig, name: str) -> dict[str, Any]:
+    return {section: OmegaConf.to_object(cfg[section]) for section in sections(name)}
 
 
 def describe(cfg: DictConfig) -> str:
-    """The chosen repair and its settings in a few words: `fine_pruning (sparsity 0.5, ...)`."""
-    return f"{cfg.repair} ({REGISTRY.module(cfg.repair).describe(**_arguments(cfg))})"
+    """The chosen repair and its settings in a few words: `fine_pruning (sparsity 0.5, ...)`,
+    a chain's steps joined by ` + `."""
+    return " + ".join(
+        f"{name} ({REGISTRY.module(name).describe(**_arguments(cfg, name))})" for name in steps(cfg)
+    )
 
 
-def run(cfg: DictConfig, case: Case) -> keras.Model:
-    """Carry out the repair `cfg.repair` with its settings from `cfg`."""
-    return REGISTRY.module(cfg.repair).repair(case, **_arguments(cfg))
+def run(cfg: DictConfig, case: Case) -> tuple[list[Case], keras.Model]:
+    """Carry out the chosen repair, or a chain's steps in turn, each from the previous
+    one's net, each from the same RNG state; return each step's case (what it handed
+    back, under `name/` in a chain, with every step's output but the last's as stage
+    `name/repaired`) and the repaired net."""
+    chosen = steps(cfg)
+    if len(chosen) == 1:
+        return [case], REGISTRY.module(chosen[0]).repair(case, **_arguments(cfg, chosen[0]))
+    cases, model = [], case.badnet
+    for name in chosen:
+        if cases:
+            cases[-1].stage("repaired", model)
+        cases.append(case.step(name, model))
+        training.seed_everything(case.seed)
+        model = REGISTRY.module(name).repair(cases[-1], **_arguments(cfg, name))
+    return cases, model

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 from badnet_repair import UserError
 from badnet_repair.defenses.repairs import Case, RepairSettings, Series
 from badnet_repair.network.curve import PruningCurve, channels_within
+from badnet_repair.network.predict import accuracy
 from badnet_repair.network.pruning import activation_prune, channel_count, rank_channels
 from badnet_repair.network.training import Finetune
 from badnet_repair.ranges import ranged
@@ -64,7 +65,10 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
         k = channel_count(prune.sparsity, len(order))
         rule = f"sparsity {prune.sparsity:g}"
     else:
-        k = channels_within(val_acc, prune.max_acc_drop)
+        start = None  # in a chain's later step, the budget counts from the original BadNet
+        if case.original is not None:
+            start = accuracy(case.original, clean.validation, case.batch_size)
+        k = channels_within(val_acc, prune.max_acc_drop, start)
         rule = f"validation accuracy within {100 * prune.max_acc_drop:g} points"
     pruned = activation_prune(badnet, layer, order, k)
     case.journal.log({"prune/channels_pruned": k, "prune/sparsity": pruned.sparsity})
