@@ -4,6 +4,7 @@ so that one builder serves both the numpy scoring and the GoodNet's flag, which 
 cannot disagree on what a copy is. The copies are deterministic: any noise is drawn once,
 from the run's seed, and held in layer weights."""
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -90,6 +91,12 @@ def agreement(graph: goodnet.Graph, make: Copies, prefix: str) -> Any:
     on_copies = goodnet.one_hot(scores, layers.name("copies_onehot"))
     on_input = goodnet.one_hot(graph.badnet_probs, layers.name("input_onehot"))
     return keras.layers.Dot(axes=(2, 1), name=layers.name("agree"))([on_copies, on_input])
+
+
+def content(x: np.ndarray) -> tuple:
+    """A memo key for images: their shape and a hash of their bytes (one name may be
+    given to other images)."""
+    return (x.shape, hashlib.sha1(np.ascontiguousarray(x)).hexdigest())
 
 
 def dense(t: Any, kernel: np.ndarray, bias: np.ndarray, name: str) -> Any:

@@ -109,7 +109,7 @@ def fit(context: Context) -> Fitted:
             spc = spc_of(inputs.x, inputs.badnet)
             return normalise(spc, inputs.badnet, mean, std, floor) if classwise else spc
 
-        return context.memo.shared(("scale_up scores", inputs.name, *key), compute)
+        return context.memo.shared(("scale_up scores", variants.content(inputs.x), *key), compute)
 
     threshold = calibration.threshold
     # B's SPC must exceed cut_y (per class) to be flagged: the threshold undone

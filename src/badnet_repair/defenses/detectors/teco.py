@@ -193,7 +193,7 @@ def fit(context: Context) -> Fitted:
             log.info("TeCo: judging %d images of %s", len(inputs.x), inputs.name)
             return scores_of(inputs.x, inputs.badnet)
 
-        return context.memo.shared(("teco scores", inputs.name, *key), compute)
+        return context.memo.shared(("teco scores", variants.content(inputs.x), *key), compute)
 
     return Fitted(
         "teco",
