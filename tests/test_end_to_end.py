@@ -35,7 +35,12 @@ OWN_STAGES = {
 EVERY_RUN = {"badnet", "repaired", "goodnet"}
 ARTIFACTS = {"config.yaml", "metrics.json", "repaired_net.h5", "goodnet.h5", "stages.png"}
 PNG = b"\x89PNG\r\n\x1a\n"
-DETECTOR_SETTINGS = ["repair=finetune", "finetune.epochs=1", "goodnet.k=4"]
+DETECTOR_SETTINGS = [
+    "repair=finetune",
+    "finetune.epochs=1",
+    "goodnet.k=4",
+    "goodnet.teco_corruptions=[contrast,brightness]",  # 10 copies, not 30
+]
 
 
 @pytest.fixture(scope="module")

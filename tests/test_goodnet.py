@@ -228,6 +228,24 @@ print(json.dumps({"keras": tf.keras.__version__, **{p: a.tolist() for p, a in an
 """
 
 
+def answers_in_plain_tensorflow(x_path, paths: list) -> dict[str, list[int]]:
+    """The classes each saved model file gives the images in `x_path` (.npy), loaded and
+    run by plain TensorFlow with Keras 3 in a process of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_TF, str(x_path), *map(str, paths)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got.pop("keras").startswith("3.")  # Keras 3, not this package's tf_keras
+    return got
+
+
 @pytest.mark.slow  # a second TensorFlow, with Keras 3, started in a process of its own
 def test_saved_goodnet_loads_in_plain_tensorflow(tmp_path, goodnets, sample):
     x = sample[::3]
@@ -242,19 +260,7 @@ def test_saved_goodnet_loads_in_plain_tensorflow(tmp_path, goodnets, sample):
         expected[str(path)] = predict_classes(gn.model, x).tolist()
         assert predict_classes(reloaded, x).tolist() == expected[str(path)]
         paths.append(str(path))
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    done = subprocess.run(
-        [sys.executable, "-c", PLAIN_TF, str(tmp_path / "x.npy"), *paths],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
-    assert got.pop("keras").startswith("3.")  # Keras 3, not this package's tf_keras
-    assert got == expected
+    assert answers_in_plain_tensorflow(tmp_path / "x.npy", paths) == expected
 
 
 def test_detectors_refuse_bad_settings_before_any_work(demo_model):

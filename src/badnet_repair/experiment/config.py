@@ -84,6 +84,10 @@ class GoodnetConfig:
     auxiliary: Auxiliary = MISSING
     aux_lr: float = ranged(MISSING, "> 0")
     aux_epochs: int = ranged(MISSING, ">= 1")
+    pixel_max: float = ranged(MISSING, "> 0")
+    scale_up_factors: list[float] = MISSING
+    scale_up_classwise: bool = MISSING
+    teco_corruptions: list[str] = MISSING
 
 
 @dataclass
