@@ -124,9 +124,18 @@ def demo_data(demo_dir):
     )
 
 
+def tiny_default(overrides) -> list[str]:
+    """`overrides`, and where they keep the default repair (fine-pruning then FT-SAM) and
+    set no `ft_sam` key, FT-SAM at its tiny settings: a test of the pipeline's machinery
+    need not wait for two 600-step runs (the default's settings are measured, not tested)."""
+    overrides = list(overrides)
+    mine = any(o.startswith(("repair=", "ft_sam.", "+experiment=")) for o in overrides)
+    return overrides if mine else [*overrides, *TINY["ft_sam"]]
+
+
 def compose_config(tmp_path, demo_dir, *overrides: str):
     """The run's config as Hydra composes it and `pipeline.run` settles it (a chain's
-    steps in `repair`), with every location under `tmp_path`."""
+    steps in `repair`), with every location under `tmp_path` (see `tiny_default`)."""
     with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
         cfg = compose(
             config_name="config",
@@ -134,7 +143,7 @@ def compose_config(tmp_path, demo_dir, *overrides: str):
                 f"paths.root={tmp_path}",
                 f"paths.data={demo_dir.parent}",
                 f"paths.output_dir={tmp_path}/out",
-                *overrides,
+                *tiny_default(overrides),
             ],
         )
     config.settle(cfg)
@@ -146,7 +155,7 @@ def run_py_command(root: Path, data: Path | None, *args: str) -> list[str]:
     (or built into) the folder `data` (paths.data: `demo_dir.parent` for the session's
     demo); flags (`-m`) go first."""
     flags = [a for a in args if a.startswith("-")]
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = tiny_default(a for a in args if not a.startswith("-"))
     where = [f"paths.root={root}"] + ([f"paths.data={data}"] if data else [])
     return [sys.executable, f"{ROOT}/run.py", *flags, *where, *overrides]
 
