@@ -87,14 +87,15 @@ def split(model: keras.Model, layer: str) -> Forward:
     run on `x`, the output of `layer` (the features) multiplied by `mask` before the rest
     of the net reads it, and the scores before the final softmax. A walk over the flat
     graph, so the layer need not cut the net in two (DeepID's branches)."""
-    config = topology.functional_config(model)
+    view = topology.functional_view(model)  # the same layers, the input layer among them
+    config = topology.functional_config(view)
     source, output = tuple(config["input_layers"][0]), tuple(config["output_layers"][0])
     drop_softmax = topology.output_kind(model) == "softmax"
 
     def forward(x, mask=None, training=False):
         tensors, features = {source: x}, None
         for entry in config["layers"]:
-            layer_ = model.get_layer(entry["name"])
+            layer_ = view.get_layer(entry["name"])
             if isinstance(layer_, keras.layers.InputLayer):
                 continue
             for index, node in enumerate(entry["inbound_nodes"]):
