@@ -13,7 +13,7 @@ The unit is one epoch of the pipeline's own fine-tuning (`training.finetune`: Ad
 32, held-out accuracy after the epoch) on the same training split, measured in the same
 run. Prints figures; not a test.
 
-Usage: python benchmarks/repairs.py [--scale 1.0] [--repairs ft_sam rnp sau anp i_bau seam]
+Usage: python benchmarks/repairs.py [--scale 1.0] [--repairs ft_sam rnp sau anp i_bau seam bti_dbf]
 """
 
 import argparse
@@ -33,6 +33,7 @@ WORST = {
     "anp": ["anp.max_acc_drop=0.99"],  # a fixed number of steps: only the pruning differs
     "i_bau": ["i_bau.max_acc_drop=0.99"],
     "seam": ["seam.forget_until=0", "seam.max_acc_drop=0.99"],
+    "bti_dbf": ["bti_dbf.max_acc_drop=0.99"],
 }
 
 
@@ -72,7 +73,7 @@ def settings(name: str, *overrides: str) -> dict:
 
 
 # the key each ladder of whole runs is set by
-LADDER = {"ft_sam": "lrs", "sau": "eps", "i_bau": "eps", "seam": "recover_lrs"}
+LADDER = {"ft_sam": "lrs", "sau": "eps", "i_bau": "eps", "seam": "recover_lrs", "bti_dbf": "lrs"}
 
 
 def path_taken(name: str, metrics: dict, notes: dict) -> str:
@@ -94,7 +95,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0, help="share of the real image counts")
     parser.add_argument(
-        "--repairs", nargs="+", default=["ft_sam", "rnp", "sau", "anp", "i_bau", "seam"]
+        "--repairs",
+        nargs="+",
+        default=["ft_sam", "rnp", "sau", "anp", "i_bau", "seam", "bti_dbf"],
     )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

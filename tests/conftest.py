@@ -42,6 +42,14 @@ TINY = {
     "rnp": ["rnp.unlearn_steps=5", "rnp.mask_steps=5", "rnp.max_acc_drop=0.5"],
     "anp": ["anp.steps=5", "anp.max_acc_drop=0.5"],
     "sau": ["sau.steps=3", "sau.eps=[0.05]", "sau.pgd_steps=2"],
+    "bti_dbf": [
+        "bti_dbf.rounds=1",
+        "bti_dbf.mask_steps=2",
+        "bti_dbf.gen_steps=2",
+        "bti_dbf.unlearn_steps=2",
+        "bti_dbf.lrs=[0.0001]",
+        "bti_dbf.max_acc_drop=0.99",
+    ],
     "seam": [
         "seam.forget_steps=3",
         "seam.recover_steps=3",

@@ -260,7 +260,7 @@ def run_steps(
     name: str,
     model: keras.Model,
     train: Dataset,
-    holdout: Dataset,
+    holdout: Dataset | None,
     *,
     steps: int,
     batch_size: int,

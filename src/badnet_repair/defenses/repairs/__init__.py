@@ -149,14 +149,16 @@ class Case:
         batch_size: int,
         stop: Callable[[], bool] | None = None,
         seed_offset: int = 0,
+        score: bool = True,
     ) -> int:
         """`training.run_steps` of a custom training `step` on the clean training split, each
-        round's loss and held-out accuracy reported as `name/...`."""
+        round's loss and held-out accuracy reported as `name/...` (the accuracy left out
+        with `score=False`, for steps that train something other than `model`)."""
         return training.run_steps(
             name,
             model,
             self.clean.train,
-            self.clean.holdout,
+            self.clean.holdout if score else None,
             steps=steps,
             batch_size=batch_size,
             seed=self.seed + seed_offset,
