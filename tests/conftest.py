@@ -132,16 +132,18 @@ def demo_data(demo_dir):
     )
 
 
-def tiny_default(overrides) -> list[str]:
-    """`overrides`, and where they keep the default repair (fine-pruning then FT-SAM) and
-    set no `ft_sam` key, FT-SAM at its tiny settings: a test of the pipeline's machinery
-    need not wait for two 600-step runs (the default's settings are measured, not tested)."""
+def tiny_default(overrides, keep_default: bool = False) -> list[str]:
+    """`overrides`, and where they choose no repair (no `repair=`, `ft_sam.` or
+    `+experiment=`): `repair=fine_pruning`, the default chain's first step, for tests of
+    the pipeline's machinery; or with `keep_default` the default chain itself with its
+    FT-SAM step at tiny settings (the default's own settings are measured, not tested)."""
     overrides = list(overrides)
-    mine = any(o.startswith(("repair=", "ft_sam.", "+experiment=")) for o in overrides)
-    return overrides if mine else [*overrides, *TINY["ft_sam"]]
+    if any(o.startswith(("repair=", "ft_sam.", "+experiment=")) for o in overrides):
+        return overrides
+    return [*overrides, *(TINY["ft_sam"] if keep_default else ["repair=fine_pruning"])]
 
 
-def compose_config(tmp_path, demo_dir, *overrides: str):
+def compose_config(tmp_path, demo_dir, *overrides: str, keep_default: bool = False):
     """The run's config as Hydra composes it and `pipeline.run` settles it (a chain's
     steps in `repair`), with every location under `tmp_path` (see `tiny_default`)."""
     with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
@@ -151,7 +153,7 @@ def compose_config(tmp_path, demo_dir, *overrides: str):
                 f"paths.root={tmp_path}",
                 f"paths.data={demo_dir.parent}",
                 f"paths.output_dir={tmp_path}/out",
-                *tiny_default(overrides),
+                *tiny_default(overrides, keep_default),
             ],
         )
     config.settle(cfg)

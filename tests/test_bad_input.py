@@ -119,7 +119,7 @@ CASES = [
         None,
         ["goodnet.detector=oracle"],
         "config key goodnet.detector='oracle': expected one of "
-        "badexpert, disagreement, strip, both",
+        "badexpert, disagreement, scale_up, strip, teco, both, or a list of them",
     ),
     ("frr out of range", None, ["goodnet.frr=1.5"], r"goodnet.frr=1.5: expected in \(0, 1\)"),
     ("layer missing", None, ["model.layer=conv_9"], "model.layer='conv_9': no such layer"),

@@ -26,7 +26,7 @@ from conftest import TINY, compose_config
 
 def composed(tmp_path, *overrides: str):
     """The settled config, its data folder named but not built (composition reads no file)."""
-    return compose_config(tmp_path, tmp_path / "data" / "demo", *overrides)
+    return compose_config(tmp_path, tmp_path / "data" / "demo", *overrides, keep_default=True)
 
 
 @pytest.mark.parametrize("order", [["fine_pruning", "ft_sam"], ["ft_sam", "fine_pruning"]])
@@ -36,7 +36,7 @@ def test_a_list_selection_chains_the_repairs_in_the_order_given(tmp_path, order)
     assert list(cfg.repair) == order and "chain" not in cfg
     own = set(cfg) - set(config.PIPELINE_SECTIONS) - set(config.ROOT_KEYS) - {"repair"}
     assert own == {"prune", "finetune", "ft_sam"}  # both steps' sections, each typed
-    assert cfg.prune.max_acc_drop == 0.04 and cfg.ft_sam.steps == 300
+    assert cfg.prune.max_acc_drop == 0.04 and cfg.ft_sam.steps == 600
     assert repairs.label(cfg) == "+".join(order)
     described = repairs.describe(cfg)
     assert described.index(f"{order[0]} (") < described.index(f") + {order[1]} (")
@@ -51,14 +51,14 @@ def test_every_repair_composes_as_a_step(tmp_path):
 
 
 def test_single_repairs_and_their_keys_mean_what_they_meant(tmp_path):
-    assert composed(tmp_path).repair == "fine_pruning"
+    assert list(composed(tmp_path).repair) == ["fine_pruning", "ft_sam"]
     single = composed(tmp_path, "repair=ft_sam")
     assert single.repair == "ft_sam" and "chain" not in single
     assert sweep.config_hash(single) == sweep.config_hash(composed(tmp_path, "repair=[ft_sam]"))
     config.check_overrides(["model=sunglasses", "prune.sparsity=0.5"])  # read: no error
     cfg = composed(tmp_path, "model=sunglasses", "prune.sparsity=0.5")
-    assert (cfg.model.name, cfg.repair, cfg.prune.sparsity) == ("sunglasses", "fine_pruning", 0.5)
-    assert repairs.describe(cfg) == "fine_pruning (sparsity 0.5, 5 epochs)"
+    assert (cfg.model.name, cfg.prune.sparsity) == ("sunglasses", 0.5)
+    assert repairs.describe(cfg).startswith("fine_pruning (sparsity 0.5, 5 epochs) + ft_sam (")
 
 
 @pytest.mark.parametrize(

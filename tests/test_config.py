@@ -41,9 +41,9 @@ def test_each_repair_config_holds_exactly_the_sections_it_reads(tmp_path, demo_d
 
 
 def test_default_config_is_the_demo_with_an_absolute_store(tmp_path, demo_dir):
-    cfg = compose_config(tmp_path, demo_dir)
+    cfg = compose_config(tmp_path, demo_dir, keep_default=True)
     assert cfg.model.name == "demo" and cfg.model.layer == "conv_3"
-    assert cfg.repair == "fine_pruning" and cfg.prune.max_acc_drop == 0.04
+    assert list(cfg.repair) == ["fine_pruning", "ft_sam"] and cfg.prune.max_acc_drop == 0.04
     assert cfg.prune.sparsity is None  # the stopping rule, unless a sparsity is given
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     assert cfg.tracking.experiment == "demo"

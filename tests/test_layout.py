@@ -11,7 +11,17 @@ from pathlib import Path
 
 PACKAGE = "badnet_repair"
 SRC = Path(__file__).resolve().parents[1] / "src"
-TOP_LEVEL = {"__init__", "console", "files", "plots", "ranges", "registry", "journal", "data"}
+TOP_LEVEL = {
+    "__init__",
+    "console",
+    "files",
+    "plots",
+    "ranges",
+    "registry",
+    "journal",
+    "data",
+    "augment",
+}
 RANK = {"top-level": 0, "network": 1, "zoo": 2, "defenses": 2, "experiment": 3}
 MAX_LINES = 350
 
