@@ -140,7 +140,7 @@ def tiny_default(overrides, keep_default: bool = False) -> list[str]:
     overrides = list(overrides)
     if any(o.startswith(("repair=", "ft_sam.", "+experiment=")) for o in overrides):
         return overrides
-    return [*overrides, *(TINY["ft_sam"] if keep_default else ["repair=fine_pruning"])]
+    return [*(TINY["ft_sam"] if keep_default else ["repair=fine_pruning"]), *overrides]
 
 
 def compose_config(tmp_path, demo_dir, *overrides: str, keep_default: bool = False):
