@@ -9,6 +9,8 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    if cfg.pause:
+        print(f"pausing {cfg.pause} s", flush=True)  # a test interrupts the job from here on
     time.sleep(cfg.pause)
     if cfg.fail_above is not None and cfg.x > cfg.fail_above:
         raise RuntimeError(f"x={cfg.x} is above {cfg.fail_above}")
