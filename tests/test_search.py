@@ -224,6 +224,8 @@ def test_an_interrupted_trial_is_not_counted_and_runs_again_first(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # an ignored SIGINT is inherited: a test run earlier in this worker may leave it so
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in proc.stdout:
         if line.startswith("pausing"):  # the first job is in its pause (not before it)
