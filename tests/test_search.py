@@ -216,6 +216,14 @@ def test_tolerated_failures_count_against_the_budget(tmp_path):
     assert f"{states.count(TrialState.FAIL)} failed" in out
 
 
+def hear_sigint() -> None:
+    """In the child: SIGINT unblocked and at its default. Both an ignored and a blocked
+    SIGINT are inherited, and joblib's loky ignores it around spawning its tracker, so a
+    test run earlier in the same worker can leave the job deaf to the interrupt."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_an_interrupted_trial_is_not_counted_and_runs_again_first(tmp_path):
     db = tmp_path / "stop.db"
     storage = f"hydra.sweeper.storage=sqlite:///{db}"
@@ -224,8 +232,7 @@ def test_an_interrupted_trial_is_not_counted_and_runs_again_first(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        # an ignored SIGINT is inherited: a test run earlier in this worker may leave it so
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=hear_sigint,
     )
     for line in proc.stdout:
         if line.startswith("pausing"):  # the first job is in its pause (not before it)
