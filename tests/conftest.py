@@ -2,19 +2,25 @@
 every test has MLflow pointed at a store of its own; `run_py` runs `run.py` in a
 subprocess."""
 
+import atexit
 import fcntl
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
 import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from badnet_repair import data
-from badnet_repair.experiment import config, inputs
+from badnet_repair.experiment import config, inputs, tracking
 from badnet_repair.network import models
 from badnet_repair.zoo import builds as demo
 from badnet_repair.zoo import recipes as zoo
@@ -132,6 +138,51 @@ def demo_data(demo_dir):
     )
 
 
+# Clean test images per class in the small evaluation set (the demo's has 40).
+SMALL_PER_CLASS = 10
+
+
+class SmallEvaluation(NamedTuple):
+    files: dict[str, Path]  # clean_test, patch
+    test: data.Dataset
+    poisoned: data.Dataset
+
+
+@pytest.fixture(scope="session")
+def small_evaluation(tmp_path_factory, demo_dir) -> SmallEvaluation:
+    """The demo's clean test and poisoned files cut to a quarter (the first SMALL_PER_CLASS
+    test images of every class, and those same images triggered), as files and as the
+    pipeline loads them (`evaluation_overrides` points a run at them): end-to-end runs
+    that check machinery, not quality, score 790 images in place of 3,160."""
+    folder = tmp_path_factory.mktemp("small_evaluation")
+    recipe = zoo.RECIPES["demo"]
+    target = recipe.triggers[0].target
+    x, y = data.read_h5(demo_dir / demo.CLEAN_FILES["clean_test"], recipe.image_shape)
+    triggered, _ = data.read_h5(demo_dir / demo.poisoned_file("patch"), recipe.image_shape)
+    rows = np.concatenate([np.flatnonzero(y == c)[:SMALL_PER_CLASS] for c in range(max(y) + 1)])
+    others = np.cumsum(y != target) - 1  # each non-target test image's row in the poisoned file
+    stamped = others[rows[y[rows] != target]]
+    test, patch = folder / "clean_test.h5", folder / "patch.h5"
+    data.save_h5(test, x[rows].transpose(0, 3, 1, 2), y[rows])
+    data.save_h5(patch, triggered[stamped].transpose(0, 3, 1, 2), np.full(len(stamped), target))
+    return SmallEvaluation(
+        {"clean_test": test, "patch": patch},
+        data.load_h5(test, recipe.image_shape, recipe.num_classes, 1 / 255, "clean_test"),
+        data.load_h5(patch, recipe.image_shape, recipe.num_classes, 1 / 255, "poisoned_test"),
+    )
+
+
+def evaluation_overrides(files: dict[str, Path]) -> list[str]:
+    """Overrides that score a demo run on these clean test and poisoned files."""
+    return [f"data.clean_test={files['clean_test']}", f"data.poisoned.patch={files['patch']}"]
+
+
+@pytest.fixture(scope="session")
+def small_scoring(small_evaluation) -> list[str]:
+    """Overrides for runs that check machinery, not quality: scored on the small set."""
+    return evaluation_overrides(small_evaluation.files)
+
+
 def tiny_default(overrides, keep_default: bool = False) -> list[str]:
     """`overrides`, and where they choose no repair (no `repair=`, `ft_sam.` or
     `+experiment=`): `repair=fine_pruning`, the default chain's first step, for tests of
@@ -143,9 +194,22 @@ def tiny_default(overrides, keep_default: bool = False) -> list[str]:
     return [*(TINY["ft_sam"] if keep_default else ["repair=fine_pruning"]), *overrides]
 
 
-def compose_config(tmp_path, demo_dir, *overrides: str, keep_default: bool = False):
+@functools.cache
+def _empty_store() -> Path:
+    """An empty SQLite MLflow store, made by MLflow once per process: a copy of it is a
+    new store without MLflow's two seconds of schema migrations."""
+    folder = Path(tempfile.mkdtemp(prefix="empty-mlflow-store-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder / "mlflow.db"
+
+
+def compose_config(
+    tmp_path, demo_dir, *overrides: str, keep_default: bool = False, new_store: bool = True
+):
     """The run's config as Hydra composes it and `pipeline.run` settles it (a chain's
-    steps in `repair`), with every location under `tmp_path` (see `tiny_default`)."""
+    steps in `repair`), with every location under `tmp_path` (see `tiny_default`); with
+    `new_store` its SQLite store, if absent, starts as a copy of an empty one."""
     with initialize_config_dir(config_dir=f"{ROOT}/conf", version_base="1.3"):
         cfg = compose(
             config_name="config",
@@ -157,6 +221,10 @@ def compose_config(tmp_path, demo_dir, *overrides: str, keep_default: bool = Fal
             ],
         )
     config.settle(cfg)
+    db = tracking.sqlite_path(cfg.tracking.uri)
+    if new_store and db is not None and db.is_absolute() and not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_store(), db)
     return cfg
 
 

@@ -200,7 +200,8 @@ def test_bad_input_is_one_clear_line(
 def test_a_missing_data_path_for_the_demo_is_one_line_before_any_work(tmp_path, demo_dir):
     """The demo's files are built on first use; a data path the build does not make must
     exist already, and is checked before the build and before any run starts."""
-    cfg = compose_config(tmp_path, demo_dir, f"data.clean_test={tmp_path}/absent.h5")
+    absent = f"data.clean_test={tmp_path}/absent.h5"
+    cfg = compose_config(tmp_path, demo_dir, absent, new_store=False)
     with pytest.raises(UserError, match=f"^missing input files: {tmp_path}/absent.h5$"):
         pipeline.run(cfg)
     assert not (tmp_path / "mlruns").exists()

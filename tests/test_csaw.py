@@ -57,7 +57,9 @@ def stand_in_data(cfg, n=240, seed=0):
 def test_each_config_starts_on_the_real_weights_and_names_missing_data(
     net, csaw_root, tmp_path, demo_dir
 ):
-    cfg = compose_config(tmp_path, demo_dir, f"model={net}", f"paths.csaw={csaw_root}")
+    cfg = compose_config(
+        tmp_path, demo_dir, f"model={net}", f"paths.csaw={csaw_root}", new_store=False
+    )
     config.validate(cfg)
     model = models.load_model(cfg.model.file, cfg.model.architecture)
     assert models.num_classes(model) == 1283

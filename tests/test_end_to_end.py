@@ -1,9 +1,9 @@
-"""Every repair and every detector end to end on the demo, through Hydra's config and
-`pipeline.run`: each is scored by one contract (the stages badnet, the repair's own,
-repaired and goodnet; stages.png and metrics.json; saved nets that load with plain
-tf_keras and give the logged numbers), and none reads the evaluation data: run again on
-the same BadNet and validation file with other clean test and poisoned files of the same
-shapes, it saves bit-identical nets."""
+"""Every repair and every detector end to end on the demo (scored on a quarter of its
+evaluation images), through Hydra's config and `pipeline.run`: each is scored by one
+contract (the stages badnet, the repair's own, repaired and goodnet; stages.png and
+metrics.json; saved nets that load with plain tf_keras and give the logged numbers), and
+none reads the evaluation data: run again on the same BadNet and validation file with
+other clean test and poisoned files of the same shapes, it saves bit-identical nets."""
 
 import json
 from pathlib import Path
@@ -16,10 +16,9 @@ import tf_keras as keras
 from badnet_repair import data
 from badnet_repair.defenses import detectors, repairs
 from badnet_repair.experiment import inputs, pipeline
-from badnet_repair.zoo import builds as demo
 from badnet_repair.zoo import recipes as zoo
 
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, evaluation_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -44,14 +43,14 @@ DETECTOR_SETTINGS = [
 
 
 @pytest.fixture(scope="module")
-def other_evaluation_files(tmp_path_factory, demo_dir) -> dict[str, Path]:
-    """Clean test and poisoned files of the demo's shapes holding other data: the test
-    images in another order with other labels, and clean test images labelled 0 in place
-    of the triggered ones."""
+def other_evaluation_files(tmp_path_factory, small_evaluation) -> dict[str, Path]:
+    """Clean test and poisoned files of the same shapes as the runs' own (the small
+    evaluation set's) holding other data: the test images in another order with other
+    labels, and clean test images labelled 0 in place of the triggered ones."""
     folder = tmp_path_factory.mktemp("other_evaluation")
     shape, n = zoo.DEMO.image_shape, zoo.DEMO.num_classes
-    x, y = data.read_h5(demo_dir / demo.CLEAN_FILES["clean_test"], shape)
-    triggered, _ = data.read_h5(demo_dir / demo.poisoned_file("patch"), shape)
+    x, y = data.read_h5(small_evaluation.files["clean_test"], shape)
+    triggered, _ = data.read_h5(small_evaluation.files["patch"], shape)
     rng = np.random.default_rng(7)
     order = rng.permutation(len(x))
     files = {"clean_test": folder / "clean_test.h5", "patch": folder / "patch.h5"}
@@ -69,11 +68,10 @@ def run(folder: Path, demo_dir: Path, *overrides: str):
     return cfg, pipeline.run(cfg)
 
 
-def run_twice(tmp_path, demo_dir, files, *overrides: str):
-    """The run on the demo's evaluation files, and on the other ones."""
-    real = run(tmp_path / "real", demo_dir, *overrides)
-    other = [f"data.clean_test={files['clean_test']}", f"data.poisoned.patch={files['patch']}"]
-    swapped = run(tmp_path / "swapped", demo_dir, *overrides, *other)
+def run_twice(tmp_path, demo_dir, own, other, *overrides: str):
+    """The run on its own evaluation files, and on the other ones."""
+    real = run(tmp_path / "real", demo_dir, *overrides, *evaluation_overrides(own))
+    swapped = run(tmp_path / "swapped", demo_dir, *overrides, *evaluation_overrides(other))
     assert swapped[1]["repaired/clean_acc"] != real[1]["repaired/clean_acc"]  # other files read
     return real
 
@@ -100,9 +98,9 @@ def the_run(cfg):
     return found
 
 
-def assert_scored_by_the_contract(cfg, metrics, own: set[str], demo_data, demo_model) -> None:
+def assert_scored_by_the_contract(cfg, metrics, own: set[str], evaluation, demo_model) -> None:
     """The stages scored, what is logged and saved, and the saved repaired net's answers."""
-    _, test, poisoned = demo_data
+    test, poisoned = evaluation.test, evaluation.poisoned
     scored = {key.split("/")[0] for key in metrics if key.endswith("/clean_acc")}
     assert scored == EVERY_RUN | own
     for stage in scored:
@@ -134,26 +132,31 @@ def assert_scored_by_the_contract(cfg, metrics, own: set[str], demo_data, demo_m
 
 @pytest.mark.parametrize("name", repairs.names())
 def test_each_repair_is_scored_alike_and_never_reads_the_evaluation_data(
-    tmp_path, demo_dir, demo_data, demo_model, other_evaluation_files, name
+    tmp_path, demo_dir, small_evaluation, demo_model, other_evaluation_files, name
 ):
     overrides = [f"repair={name}", *TINY.get(name, [])]
-    cfg, metrics = run_twice(tmp_path, demo_dir, other_evaluation_files, *overrides)
-    assert_scored_by_the_contract(cfg, metrics, OWN_STAGES.get(name, set()), demo_data, demo_model)
+    cfg, metrics = run_twice(
+        tmp_path, demo_dir, small_evaluation.files, other_evaluation_files, *overrides
+    )
+    own = OWN_STAGES.get(name, set())
+    assert_scored_by_the_contract(cfg, metrics, own, small_evaluation, demo_model)
     for file in ("repaired_net.h5", "goodnet.h5"):
         assert_same_weights(tmp_path / "real/out" / file, tmp_path / "swapped/out" / file)
 
 
 @pytest.mark.parametrize("name", detectors.names())
 def test_each_detector_is_scored_alike_and_never_reads_the_evaluation_data(
-    tmp_path, demo_dir, demo_data, demo_model, other_evaluation_files, name
+    tmp_path, demo_dir, small_evaluation, demo_model, other_evaluation_files, name
 ):
     """The GoodNet of each detector alone: its flags logged, and the saved goodnet.h5,
     loaded by tf_keras and run, gives the logged numbers (the run scores it by its rule on
     answers in hand, not by running it)."""
-    _, test, poisoned = demo_data
+    test, poisoned = small_evaluation.test, small_evaluation.poisoned
     overrides = [*DETECTOR_SETTINGS, f"goodnet.detector={name}"]
-    cfg, metrics = run_twice(tmp_path, demo_dir, other_evaluation_files, *overrides)
-    assert_scored_by_the_contract(cfg, metrics, set(), demo_data, demo_model)
+    cfg, metrics = run_twice(
+        tmp_path, demo_dir, small_evaluation.files, other_evaluation_files, *overrides
+    )
+    assert_scored_by_the_contract(cfg, metrics, set(), small_evaluation, demo_model)
     own = {key.split("/", 2)[2] for key in metrics if key.startswith(f"goodnet/{name}/")}
     assert {"flag_rate_clean", "detect/patch"} <= own
     assert {"auroc/patch", "calibration_images", "frr_bound"} <= own  # scored, calibrated

@@ -173,8 +173,9 @@ def demo_bn(demo_dir):
 
 @pytest.mark.slow
 def test_the_target_is_flagged_and_unlearned_far_below_fine_pruning(tmp_path, demo_dir, demo_bn):
-    half = "neural_cleanse.rounds=20"  # half the default rounds: still flags the target here
-    cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", "model=demo_bn", half)
+    # half the default rounds, 14 of 20 classes optimised in full: still flags the target
+    lighter = ["neural_cleanse.rounds=20", "neural_cleanse.references=8"]
+    cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", "model=demo_bn", *lighter)
     metrics = pipeline.run(cfg)
     target = zoo.RECIPES["demo_bn"].triggers[0].target
     notes = json.loads((tmp_path / "out" / "metrics.json").read_text())["neural_cleanse"]

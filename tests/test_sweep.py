@@ -31,10 +31,12 @@ def parents_and_children(root: Path):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, demo_dir):
+def swept(tmp_path_factory, demo_dir, small_scoring):
     """A 3-point sparsity sweep, interrupted after its first point and then rerun."""
     root = tmp_path_factory.mktemp("sweep")
-    cmd = run_py_command(root, demo_dir.parent, "-m", EPOCH, "prune.sparsity=0.3,0.6,0.9")
+    cmd = run_py_command(
+        root, demo_dir.parent, "-m", *small_scoring, EPOCH, "prune.sparsity=0.3,0.6,0.9"
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = []
     for line in proc.stdout:
@@ -47,8 +49,8 @@ def swept(tmp_path_factory, demo_dir):
     (parent,), children = parents_and_children(root)
     statuses = sorted(c.info.status for c in children[parent.info.run_id])
     interrupted = {"code": proc.returncode, "parent": parent.info.status, "children": statuses}
-    second = multirun(root, demo_dir.parent, EPOCH, "prune.sparsity=0.3,0.6,0.9")
-    third = multirun(root, demo_dir.parent, EPOCH, "prune.sparsity=0.3,0.6,0.9")
+    second = multirun(root, demo_dir.parent, *small_scoring, EPOCH, "prune.sparsity=0.3,0.6,0.9")
+    third = multirun(root, demo_dir.parent, *small_scoring, EPOCH, "prune.sparsity=0.3,0.6,0.9")
     return root, "".join(first), second, third, interrupted
 
 
@@ -171,12 +173,14 @@ def test_mlflow_server_serves_the_sweep_over_rest(swept):
 
 
 @pytest.mark.slow
-def test_parallel_jobs_share_one_sqlite_store(tmp_path, demo_dir):
+def test_parallel_jobs_share_one_sqlite_store(tmp_path, demo_dir, small_scoring):
     """Two jobs at once (joblib) on one SQLite store: the store, experiment and parent are
     created before they start. Any Hydra launcher takes the same path through sweep.py, so
     one is run here (submitit_local, 36 s more, is not)."""
     launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
-    out = multirun(tmp_path, demo_dir.parent, EPOCH, *launcher, "prune.sparsity=0.4,0.8")
+    out = multirun(
+        tmp_path, demo_dir.parent, *small_scoring, EPOCH, *launcher, "prune.sparsity=0.4,0.8"
+    )
     (parent,), children = parents_and_children(tmp_path)
     kids = children[parent.info.run_id]
     assert sorted(c.info.status for c in kids) == ["FINISHED", "FINISHED"]
@@ -184,10 +188,13 @@ def test_parallel_jobs_share_one_sqlite_store(tmp_path, demo_dir):
 
 
 @pytest.mark.slow
-def test_optuna_search_logs_every_trial_and_maximises_the_objective(tmp_path, demo_dir):
+def test_optuna_search_logs_every_trial_and_maximises_the_objective(
+    tmp_path, demo_dir, small_scoring
+):
     out = multirun(
         tmp_path,
         demo_dir.parent,
+        *small_scoring,
         EPOCH,
         "+hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
@@ -229,9 +236,11 @@ def test_objectives_by_hand(name, expected):
 
 
 @pytest.mark.slow
-def test_resume_false_reruns_points(tmp_path, demo_dir):
-    multirun(tmp_path, demo_dir.parent, EPOCH, "prune.sparsity=0.5")
-    out = multirun(tmp_path, demo_dir.parent, EPOCH, "prune.sparsity=0.5", "sweep.resume=false")
+def test_resume_false_reruns_points(tmp_path, demo_dir, small_scoring):
+    multirun(tmp_path, demo_dir.parent, *small_scoring, EPOCH, "prune.sparsity=0.5")
+    out = multirun(
+        tmp_path, demo_dir.parent, *small_scoring, EPOCH, "prune.sparsity=0.5", "sweep.resume=false"
+    )
     assert "already FINISHED" not in out
     (parent,), children = parents_and_children(tmp_path)
     assert len(children[parent.info.run_id]) == 2
