@@ -94,6 +94,7 @@ def test_generated_images_stay_within_their_l2_bound_and_the_images_range(case, 
         assert made.min() >= low and made.max() <= high
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_the_repair_is_seeded_and_leaves_the_badnet_untouched(case):
     settings = dataclasses.replace(SETTINGS, rounds=1, mask_steps=5, gen_steps=3)
     before = [w.copy() for w in case.badnet.get_weights()]

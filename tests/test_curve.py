@@ -125,6 +125,7 @@ def test_content_hash_follows_the_bytes_not_the_path(tmp_path):
     assert files.content_hash(a) != before
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.parametrize(("layer", "k_values"), [("conv_4", (0, 40, 80)), ("fc_1", (0, 100, 160))])
 def test_curve_where_the_rest_of_the_net_reads_the_other_branch(
     demo_model, demo_data, layer, k_values

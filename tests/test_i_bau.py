@@ -48,6 +48,7 @@ def solve(inner, steps: int = 300) -> tf.Tensor:
     return delta
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_hypergradient_matches_a_finite_difference_of_the_outer_loss_at_the_solution():
     w, b, outer, inner = toy_problem()
     delta = solve(inner)

@@ -226,6 +226,7 @@ def test_nothing_flagged_unlearns_the_smallest_triggers_or_fine_tunes_and_says_s
     assert metrics["repaired/clean_acc"] > 0.9  # fine-tuned, not broken
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_the_leaderboards_probe_finds_the_backdoor_from_clean_data_alone():
     """The probe (the leaderboard's clean yardstick): the BadNet's reversed triggers, found
     on clean training images, succeed on its clean held-out images, and hardly on a net of

@@ -124,6 +124,7 @@ def test_in_memory_search_runs_n_trials_and_reports_the_best(tmp_path):
     assert sorted(p.name for p in (tmp_path / "m").iterdir() if p.is_dir()) == list("0123")
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_a_stored_search_resumes_and_draws_as_if_never_stopped(tmp_path):
     """n_trials is the study's budget: a rerun runs what is missing. A trial's draws come
     from seed + its number, so the resumed study has the same points as one run through."""

@@ -118,6 +118,7 @@ def test_the_seed_fixes_every_score(demo_model, demo_data):
     assert not np.allclose(noise[0], noise[2])
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_goodnet_follows_the_numpy_rule_on_the_demo(demo_model, demo_data):
     val, test, poisoned = demo_data
     fitted = fitted_on(demo_model, val.x[::4])
