@@ -34,9 +34,8 @@ def parents_and_children(root: Path):
 def swept(tmp_path_factory, demo_dir, small_scoring):
     """A 3-point sparsity sweep, interrupted after its first point and then rerun."""
     root = tmp_path_factory.mktemp("sweep")
-    cmd = run_py_command(
-        root, demo_dir.parent, "-m", *small_scoring, EPOCH, "prune.sparsity=0.3,0.6,0.9"
-    )
+    points = [*small_scoring, EPOCH, "prune.sparsity=0.3,0.6,0.9"]
+    cmd = run_py_command(root, demo_dir.parent, "-m", *points)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = []
     for line in proc.stdout:
@@ -49,8 +48,8 @@ def swept(tmp_path_factory, demo_dir, small_scoring):
     (parent,), children = parents_and_children(root)
     statuses = sorted(c.info.status for c in children[parent.info.run_id])
     interrupted = {"code": proc.returncode, "parent": parent.info.status, "children": statuses}
-    second = multirun(root, demo_dir.parent, *small_scoring, EPOCH, "prune.sparsity=0.3,0.6,0.9")
-    third = multirun(root, demo_dir.parent, *small_scoring, EPOCH, "prune.sparsity=0.3,0.6,0.9")
+    second = multirun(root, demo_dir.parent, *points)
+    third = multirun(root, demo_dir.parent, *points)
     return root, "".join(first), second, third, interrupted
 
 
