@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from badnet_repair.experiment import evaluate, sweep
+from badnet_repair.experiment import evaluate, leaderboard, sweep
 
 from conftest import multirun, run_py, run_py_command
 
@@ -252,3 +252,31 @@ def test_sweep_stopped_by_bad_input_ends_its_parent_failed(tmp_path, demo_dir):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     (parent,), children = parents_and_children(tmp_path)
     assert parent.info.status == "FAILED" and children[parent.info.run_id] == []
+
+
+def test_a_sweep_whose_points_are_in_other_experiments_is_summarised_in_full(tmp_path):
+    """`-m model=a,b` logs each point in its model's experiment (tracking.experiment follows
+    the model) and the parent in the composed config's: the summary, the leaderboard and
+    the resume check find the points by their parent, wherever they are."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    home = client.create_experiment("demo")
+    parent = client.create_run(home, tags={"sweep_parent": "true"}).info.run_id
+    for name, acc in (("demo_clean", 0.96), ("demo_bn_clean", 0.99)):
+        tags = {"mlflow.parentRunId": parent, "config_hash": name, "repair": "finetune"}
+        child = client.create_run(client.create_experiment(name), tags=tags).info.run_id
+        for key, value in (("model.name", name), ("repair", "finetune")):
+            client.log_param(child, key, value)
+        for key, value in (("badnet/clean_acc", 0.95), ("repaired/clean_acc", acc)):
+            client.log_metric(child, key, value)
+        client.set_terminated(child, "FINISHED")
+    table = sweep.summarise(parent)
+    assert "| run | model.name |" in table and "0.9600" in table and "0.9900" in table
+    assert sweep._other_experiments(home, parent) == ["demo_bn_clean", "demo_clean"]
+    assert sweep._other_experiments(
+        client.get_experiment_by_name("demo_clean").experiment_id, parent
+    ) == ["demo_bn_clean"]
+    assert len(sweep.finished_children(parent, "demo_bn_clean")) == 1
+    rows = leaderboard.runs(None, parent)
+    assert sorted(row["badnet"] for row in rows) == ["demo_bn_clean", "demo_clean"]
+    assert leaderboard.runs(["demo"], parent) == []

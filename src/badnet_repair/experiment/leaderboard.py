@@ -69,13 +69,15 @@ def entry(run) -> dict:
     return row
 
 
-def runs(experiments: list[str], parent: str | None = None) -> list[dict]:
-    """The newest FINISHED run per BadNet and repair settings (config hash), as rows."""
+def runs(experiments: list[str] | None, parent: str | None = None) -> list[dict]:
+    """The newest FINISHED run per BadNet and repair settings (config hash), as rows; from
+    these experiments, or from every one (None: a sweep's points may span several)."""
     query = "attributes.status = 'FINISHED'"
     if parent:
         query += f" and tags.mlflow.parentRunId = '{parent}'"
     found = mlflow.search_runs(
         experiment_names=experiments,
+        search_all_experiments=experiments is None,
         filter_string=query,
         order_by=["attributes.start_time ASC"],
         output_format="list",

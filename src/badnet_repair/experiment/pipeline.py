@@ -63,7 +63,7 @@ def run(
     tags = {"config_hash": fingerprint, "repair": repairs.label(cfg)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-        done = sweep.finished_children(experiment_id, parent_run_id, fingerprint)
+        done = sweep.finished_children(parent_run_id, fingerprint)
         if done and cfg.sweep.resume:
             log.info(
                 "sweep point '%s': already FINISHED as run %s, skipped (sweep.resume=false reruns)",

@@ -47,13 +47,15 @@ def read_parent(sweep_dir: str | Path) -> str | None:
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
 
 
-def finished_children(experiment_id: str, parent_run_id: str, fingerprint: str | None = None):
-    """FINISHED children of a sweep's parent run, oldest first; only one config's if given."""
+def finished_children(parent_run_id: str, fingerprint: str | None = None):
+    """FINISHED children of a sweep's parent run, oldest first; only one config's if given.
+    Searched in every experiment: a point's experiment follows its config (by default its
+    model's name), so `-m model=a,b` logs its points in experiments a and b."""
     query = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'"
     if fingerprint:
         query += f" and tags.config_hash = '{fingerprint}'"
     return mlflow.search_runs(
-        experiment_ids=[experiment_id],
+        search_all_experiments=True,
         filter_string=query,
         order_by=["attributes.start_time ASC"],
         output_format="list",
@@ -106,11 +108,18 @@ class MlflowSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         record = json.loads((Path(config.hydra.sweep.dir) / PARENT_FILE).read_text())
         mlflow.set_tracking_uri(config.tracking.uri)
-        table = summarise(record["experiment_id"], record["run_id"])
+        table = summarise(record["run_id"])
         print(f"\nSweep {record['sweep_id']} (MLflow parent run {record['run_id']}):\n")
         print(table or "no finished points")
+        elsewhere = _other_experiments(record["experiment_id"], record["run_id"])
+        if elsewhere:
+            print(
+                f"\nThe points are in the experiments {', '.join(elsewhere)} (tracking.experiment "
+                f"follows each point's config), the parent run in '{config.tracking.experiment}'"
+                ": set tracking.experiment=NAME to keep a sweep in one experiment."
+            )
         if config.sweep.leaderboard:
-            rows = leaderboard.runs([config.tracking.experiment], record["run_id"])
+            rows = leaderboard.runs(None, record["run_id"])
             print(
                 "\nLeaderboard:\n\n"
                 + (leaderboard.publish(record["run_id"], rows) if rows else "none")
@@ -125,14 +134,18 @@ class MlflowSweep(Callback):
         _open.clear()
 
 
-def _rows(experiment_id: str, parent_run_id: str) -> tuple[list[dict], set[str], set[str]]:
+def _other_experiments(experiment_id: str, parent_run_id: str) -> list[str]:
+    """Names of the experiments, other than the parent's, that hold points of this sweep."""
+    ids = {run.info.experiment_id for run in finished_children(parent_run_id)} - {experiment_id}
+    client = mlflow.MlflowClient()
+    return sorted(client.get_experiment(i).name for i in ids)
+
+
+def _rows(parent_run_id: str) -> tuple[list[dict], set[str], set[str]]:
     """One row per sweep point (the newest FINISHED child per config), the param names,
     and the series logged per step, whose last value is not a result (each run lists its
     series in the tag `series`)."""
-    latest = {
-        run.data.tags.get("config_hash"): run
-        for run in finished_children(experiment_id, parent_run_id)
-    }
+    latest = {run.data.tags.get("config_hash"): run for run in finished_children(parent_run_id)}
     rows = [
         {"run": run.info.run_name, **run.data.params, **run.data.metrics} for run in latest.values()
     ]
@@ -169,9 +182,9 @@ def _metric_columns(rows: list[dict], not_results: set[str]) -> list[str]:
     return sorted(names, key=rank)
 
 
-def summarise(experiment_id: str, parent_run_id: str) -> str:
+def summarise(parent_run_id: str) -> str:
     """Log the sweep table (CSV, markdown) and curve plot to the parent; return the markdown."""
-    rows, params, series = _rows(experiment_id, parent_run_id)
+    rows, params, series = _rows(parent_run_id)
     if not rows:
         return ""
     keys = swept_keys(rows, params)
