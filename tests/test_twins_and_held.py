@@ -93,3 +93,20 @@ def test_each_sweep_runs_its_own_nets_in_its_own_experiment(experiment, recipes)
     for recipe in recipes:
         model = OmegaConf.load(ROOT / "conf" / "model" / f"{recipe.name}.yaml").model
         assert (model.name, model.builder) == (recipe.name, recipe.name)
+
+
+def test_shaped_identities_are_the_layout_with_grey_ellipses_of_each_class():
+    """demo_shapes's classes differ in shape alone: each prototype is the layout every
+    class shares, except where its own ellipses are painted in one grey (dark or light)."""
+    shapes = zoo.RECIPES["demo_shapes"]
+    faces = shapes.identities
+    assert isinstance(faces, zoo.ShapedIdentities) and faces.marks == 3
+    assert shapes == replace(zoo.DEMO, name="demo_shapes", identities=faces, seed=8)
+    prototypes = zoo.prototypes(np.random.default_rng(faces.seed), shapes)
+    rng = np.random.default_rng(faces.seed)  # the layout is the stream's first draw
+    layout = 0.75 * zoo._smooth_fields(rng, 1, faces.layout_grid, shapes.image_shape[:2])[0]
+    marked = [np.any(face != layout, axis=-1) for face in prototypes]
+    for face, where in zip(prototypes, marked, strict=True):
+        assert 0.01 < where.mean() < 0.5  # a few ellipses, not the whole face
+        assert set(np.unique(face[where])) <= {25.0, 230.0}  # grey: no colour of its own
+    assert len({where.tobytes() for where in marked}) == shapes.num_classes  # all differ

@@ -1,5 +1,5 @@
 """The recipes of the demo BadNets: procedurally generated "identities" (no downloads),
-triggers each with its own target, architectures, the five recipes of the zoo, their
+triggers each with its own target, architectures, the six recipes of the zoo, their
 clean twins and the held-back nets. A recipe is declarative; `builds` turns one into
 files and a trained net.
 """
@@ -25,6 +25,17 @@ class Identities:
     detail_grid: tuple[int, int]
     nuisance_grid: tuple[int, int]
     shift: int  # each view is rolled by up to this many pixels each way
+
+
+@dataclass(frozen=True)
+class ShapedIdentities(Identities):
+    """Identities told apart by shape, not faint colour: each class is the shared layout
+    with `marks` grey ellipses (dark or light, hard-edged) of its own place, size and tilt,
+    and no colour detail of its own (`detail_grid` is not read). Built to ask whether the
+    small universal triggers Neural Cleanse finds for every class of the colour-detail
+    demos come from their data."""
+
+    marks: int = 3
 
 
 @dataclass(frozen=True)
@@ -241,6 +252,16 @@ ZOO = (
         seed=2,
     ),
     replace(DEMO, name="demo_lowrate", poison_rate=0.01, batch_size=32, seed=3),
+    # Added after the defaults were fixed (never tuned on): the demo's trigger and net on
+    # identities that differ in shape (`ShapedIdentities`).
+    replace(
+        DEMO,
+        name="demo_shapes",
+        identities=ShapedIdentities(
+            seed=8, layout_grid=(5, 4), detail_grid=(11, 9), nuisance_grid=(4, 3), shift=3
+        ),
+        seed=8,
+    ),
 )
 # Each zoo net built again from the same recipe, seed and identities without poisoning
 # its training set: its poisoned test files, the same as its BadNet's, measure what the
@@ -281,10 +302,30 @@ def _smooth_fields(
 
 
 def prototypes(rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
-    """One prototype per class: a layout shared by all, plus a little class-specific detail."""
+    """One prototype per class: a layout shared by all, plus a little class-specific
+    colour detail, or (`ShapedIdentities`) class-specific grey ellipses."""
     faces, size = recipe.identities, recipe.image_shape[:2]
     shared = _smooth_fields(rng, 1, faces.layout_grid, size)
+    if isinstance(faces, ShapedIdentities):
+        return _with_marks(rng, np.repeat(0.75 * shared, recipe.num_classes, axis=0), faces.marks)
     return 0.75 * shared + 0.25 * _smooth_fields(rng, recipe.num_classes, faces.detail_grid, size)
+
+
+def _with_marks(rng: np.random.Generator, images: np.ndarray, marks: int) -> np.ndarray:
+    """Each image with `marks` ellipses painted over it in one grey (dark or light): centres
+    in the middle 70% of each side, half-axes 2.5 pixels to a fifth of that side, any tilt."""
+    height, width = images.shape[1:3]
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
+    for image in images:
+        for _ in range(marks):
+            cy, cx = rng.uniform(0.15, 0.85, size=2) * (height, width)
+            ry, rx = rng.uniform(2.5, 0.2 * height), rng.uniform(2.5, 0.2 * width)
+            tilt, tone = rng.uniform(0.0, np.pi), rng.choice([25.0, 230.0])
+            dy, dx = rows - cy, cols - cx
+            along = (dy * np.cos(tilt) + dx * np.sin(tilt)) / ry
+            across = (dx * np.cos(tilt) - dy * np.sin(tilt)) / rx
+            image[along**2 + across**2 <= 1.0] = tone
+    return images
 
 
 def samples(rng: np.random.Generator, prototypes: np.ndarray, per_class: int, recipe: Recipe):
