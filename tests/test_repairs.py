@@ -83,26 +83,54 @@ def test_a_forced_key_the_repair_does_not_read_is_named_in_one_warning(tmp_path,
     assert "config section prune: not read by repair=finetune (ignored)" in caplog.text
 
 
+def _flips(n: int, wrong: int, lost: int = 0, gained: int = 0) -> np.ndarray:
+    """Right/wrong on `n` held-out images for a net that gets the BadNet's `wrong` last
+    images wrong, then loses `lost` of the others and gains `gained` of those."""
+    right = np.arange(n) < n - wrong
+    right[:lost] = False
+    right[n - wrong : n - wrong + gained] = True
+    return right
+
+
+def _case(reference: np.ndarray) -> repairs.Case:
+    return repairs.Case(None, "", None, None, 0, 1, Memo({"badnet holdout correct": reference}))
+
+
 def test_the_strength_rule_keeps_the_strongest_within_budget_and_stops_at_the_first_below(
     caplog,
 ):
-    """`strongest_within` on a ladder of held-out accuracies (BadNet's: 0.90, budget 0.02):
-    the strongest before the first fall below 0.88 wins, later ones are not tried; when even
-    the weakest falls below, none is kept: it raises."""
-    case = repairs.Case(None, "", None, None, 0, 1, Memo({"badnet holdout accuracy": 0.9}))
-    held_out = {1: 0.90, 2: 0.885, 3: 0.85, 4: 0.95}
+    """`strongest_within` on a ladder (the BadNet right on 90 of 100 held-out images,
+    budget 0.02): the strongest before the first that falls out wins, later ones are not
+    tried; when even the weakest falls out, none is kept: it raises."""
+    case = _case(_flips(100, 10))
+    held_out = {1: _flips(100, 10), 2: _flips(100, 10, lost=1), 3: _flips(100, 10, lost=2)}
+    held_out[4] = _flips(100, 10, gained=5)
     tried = []
 
-    def accuracy(strength):
+    def correct(strength):
         tried.append(strength)
         return held_out[strength]
 
     caplog.set_level(logging.WARNING, logger="badnet_repair")
-    assert budget.strongest_within(case, [1, 2, 3, 4], accuracy, 0.02, "rule") == 2
+    assert budget.strongest_within(case, [1, 2, 3, 4], correct, 0.02, "rule") == 2
     assert tried == [1, 2, 3] and "none within" not in caplog.text
     with pytest.raises(budget.NoneWithinBudget, match="rule: no value tried keeps"):
-        budget.strongest_within(case, [3, 4], accuracy, 0.02, "rule")
+        budget.strongest_within(case, [3, 4], correct, 0.02, "rule")
     assert tried[-1] == 3  # the first below ends it
+
+
+def test_the_budget_counts_the_held_out_sampling_error_of_the_drop():
+    """Losing one image of 60 measures a drop of 1.7 points, within 2 by the point
+    estimate, but not once one standard error (1.7 points) is added; trading two images
+    each way of 100 measures no drop and a margin of 2 points: within. Each is the paired
+    count, not the two accuracies' difference."""
+    one_of_60 = _case(_flips(60, 0))
+    assert not budget.within_budget(one_of_60, _flips(60, 0, lost=1), 0.02, "rule", 1)
+    assert budget.within_budget(one_of_60, _flips(60, 0), 0.02, "rule", 1)
+    traded = _case(_flips(100, 5))
+    assert budget.within_budget(traded, _flips(100, 5, lost=2, gained=2), 0.02, "rule", 1)
+    assert not budget.within_budget(traded, _flips(100, 5, lost=3, gained=3), 0.02, "rule", 1)
+    assert budget.within_budget(traded, _flips(100, 5, lost=1, gained=1), 0.02, "rule", 1)
 
 
 def _noisy(model, scale: float):

@@ -13,15 +13,15 @@ from badnet_repair import plots
 from badnet_repair.defenses.budget import strongest_within
 from badnet_repair.defenses.repairs import Case
 from badnet_repair.network.channels import Masks, prune
-from badnet_repair.network.predict import accuracy
+from badnet_repair.network.predict import correct
 from badnet_repair.network.pruning import copy_model
 
 
 def threshold_curve(
     case: Case, values: dict[str, np.ndarray], thresholds: np.ndarray, dense: bool = False
 ) -> np.ndarray:
-    """Clean held-out accuracy of the BadNet with every channel whose mask is at most t
-    zeroed, for each t."""
+    """Per threshold t and clean held-out image, whether the BadNet with every channel
+    whose mask is at most t zeroed gets the image right."""
     probe = copy_model(case.badnet)
     binary = Masks(probe, dense)
     curve = []
@@ -29,7 +29,7 @@ def threshold_curve(
         for unit, m in zip(binary.units, binary.values, strict=True):
             m.assign((values[unit.name] > t).astype(np.float32))
         binary.apply()
-        curve.append(accuracy(probe, case.clean.holdout, case.batch_size))
+        curve.append(correct(probe, case.clean.holdout, case.batch_size))
     return np.array(curve)
 
 
@@ -49,10 +49,11 @@ def prune_by_threshold(
     `name.png`, titled `label`."""
     everything = np.concatenate(list(values.values()))
     thresholds = np.round(np.arange(0.0, 1.0, step), 6)
-    curve = threshold_curve(case, values, thresholds, dense)
+    right = threshold_curve(case, values, thresholds, dense)
+    curve = right.mean(axis=1)
     pruned_at = np.array([(everything <= t).sum() for t in thresholds])
-    unpruned = accuracy(case.badnet, case.clean.holdout, case.batch_size)  # in a chain: its input
-    held = {None: unpruned, **dict(zip(thresholds, curve, strict=True))}
+    unpruned = correct(case.badnet, case.clean.holdout, case.batch_size)  # in a chain: its input
+    held = {None: unpruned, **dict(zip(thresholds, right, strict=True))}
     # None, pruning nothing, comes first: it stays when even threshold 0 costs too much
     chosen = strongest_within(case, list(held), held.get, max_acc_drop, f"{name} threshold")
     off = {unit: m <= (chosen if chosen is not None else -1) for unit, m in values.items()}

@@ -36,9 +36,15 @@ def predict_classes(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
 
+def correct(model, ds: Dataset, batch_size: int = 512) -> np.ndarray:
+    """Per image of `ds`, whether `model` predicts its label (what paired comparisons of
+    two nets on the same images count)."""
+    return predict_classes(model, ds.x, batch_size) == ds.y
+
+
 def accuracy(model, ds: Dataset, batch_size: int = 512) -> float:
     """Share of `ds` predicted as its label: clean accuracy, or ASR on a poisoned set."""
-    return float(np.mean(predict_classes(model, ds.x, batch_size) == ds.y))
+    return float(np.mean(correct(model, ds, batch_size)))
 
 
 def probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:

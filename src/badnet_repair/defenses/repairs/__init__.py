@@ -33,7 +33,7 @@ from badnet_repair.data import Dataset
 from badnet_repair.defenses.clean import CleanData, Memo
 from badnet_repair.journal import Journal
 from badnet_repair.network import training
-from badnet_repair.network.predict import accuracy
+from badnet_repair.network.predict import correct
 from badnet_repair.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,18 @@ class Case:
         over one BadNet share it. `key` names everything else it depends on."""
         return self.memo.shared(key, compute)
 
-    def badnet_holdout_accuracy(self) -> float:
-        """The BadNet's accuracy on the clean held-out images: what budgets count from. In
-        a chain, the original BadNet's, so that the steps' losses never add up past a
-        budget."""
+    def badnet_holdout_correct(self) -> np.ndarray:
+        """Per clean held-out image, whether the BadNet gets it right: what budgets count
+        from. In a chain, the original BadNet's, so that the steps' losses never add up
+        past a budget."""
         first = self.badnet if self.original is None else self.original
         return self.shared(
-            "badnet holdout accuracy", lambda: accuracy(first, self.clean.holdout, self.batch_size)
+            "badnet holdout correct", lambda: correct(first, self.clean.holdout, self.batch_size)
         )
+
+    def badnet_holdout_accuracy(self) -> float:
+        """The BadNet's accuracy on the clean held-out images (the original's in a chain)."""
+        return float(np.mean(self.badnet_holdout_correct()))
 
     def step(self, name: str, model: keras.Model) -> "Case":
         """The case of chain step `name`, which repairs `model` (the previous step's net,
