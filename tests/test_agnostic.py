@@ -163,6 +163,7 @@ def test_rnp_masks_lie_in_0_1_and_pruned_channels_are_exactly_zero_when_saved(ca
         mask_steps=20,
         threshold_step=0.1,
         max_acc_drop=1.0,  # every threshold within: the largest, 0.9, is chosen
+        margin_se=1.0,
     )
     repaired = rnp.repair(case, settings)
     masks = case.journal.notes["rnp_masks"]

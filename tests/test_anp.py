@@ -29,6 +29,7 @@ def settings(**changes) -> anp.Anp:
         alpha=0.2,
         threshold_step=0.05,
         max_acc_drop=1.0,  # every threshold within: the largest, 0.95, is chosen
+        margin_se=1.0,
     )
     return anp.Anp(**{**base, **changes})
 

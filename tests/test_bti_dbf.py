@@ -36,6 +36,7 @@ SETTINGS = bti_dbf.BtiDbf(
     portion=0.5,
     feature_weight=1.0,
     max_acc_drop=1.0,  # every rate within: the largest is kept
+    margin_se=1.0,
 )
 
 

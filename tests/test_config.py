@@ -59,6 +59,7 @@ def test_project_root_does_not_depend_on_the_working_directory(monkeypatch, tmp_
     ("override", "key"),
     [
         ("prune.max_acc_drop=1.0", "prune.max_acc_drop"),
+        ("ft_sam.margin_se=-1", "ft_sam.margin_se"),
         ("finetune.epochs=-1", "finetune.epochs"),
         ("finetune.lr=0", "finetune.lr"),
         ("finetune.batch_size=0", "finetune.batch_size"),

@@ -121,6 +121,7 @@ def test_outer_step_trains_the_net_and_leaves_batchnorm_statistics_alone(implici
         inner_lr=0.1,
         l2=0.001,
         max_acc_drop=0.02,
+        margin_se=1.0,
     )
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (16, 10, 10, 3)).astype(np.float32)

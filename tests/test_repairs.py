@@ -112,10 +112,10 @@ def test_the_strength_rule_keeps_the_strongest_within_budget_and_stops_at_the_fi
         return held_out[strength]
 
     caplog.set_level(logging.WARNING, logger="badnet_repair")
-    assert budget.strongest_within(case, [1, 2, 3, 4], correct, 0.02, "rule") == 2
+    assert budget.strongest_within(case, [1, 2, 3, 4], correct, 0.02, 1.0, "rule") == 2
     assert tried == [1, 2, 3] and "none within" not in caplog.text
     with pytest.raises(budget.NoneWithinBudget, match="rule: no value tried keeps"):
-        budget.strongest_within(case, [3, 4], correct, 0.02, "rule")
+        budget.strongest_within(case, [3, 4], correct, 0.02, 1.0, "rule")
     assert tried[-1] == 3  # the first below ends it
 
 
@@ -125,12 +125,13 @@ def test_the_budget_counts_the_held_out_sampling_error_of_the_drop():
     each way of 100 measures no drop and a margin of 2 points: within. Each is the paired
     count, not the two accuracies' difference."""
     one_of_60 = _case(_flips(60, 0))
-    assert not budget.within_budget(one_of_60, _flips(60, 0, lost=1), 0.02, "rule", 1)
-    assert budget.within_budget(one_of_60, _flips(60, 0), 0.02, "rule", 1)
+    assert not budget.within_budget(one_of_60, _flips(60, 0, lost=1), 0.02, 1.0, "rule", 1)
+    assert budget.within_budget(one_of_60, _flips(60, 0), 0.02, 1.0, "rule", 1)
+    assert budget.within_budget(one_of_60, _flips(60, 0, lost=1), 0.02, 0.0, "rule", 1)  # no margin
     traded = _case(_flips(100, 5))
-    assert budget.within_budget(traded, _flips(100, 5, lost=2, gained=2), 0.02, "rule", 1)
-    assert not budget.within_budget(traded, _flips(100, 5, lost=3, gained=3), 0.02, "rule", 1)
-    assert budget.within_budget(traded, _flips(100, 5, lost=1, gained=1), 0.02, "rule", 1)
+    assert budget.within_budget(traded, _flips(100, 5, lost=2, gained=2), 0.02, 1.0, "rule", 1)
+    assert not budget.within_budget(traded, _flips(100, 5, lost=3, gained=3), 0.02, 1.0, "rule", 1)
+    assert budget.within_budget(traded, _flips(100, 5, lost=1, gained=1), 0.02, 1.0, "rule", 1)
 
 
 def _noisy(model, scale: float):
@@ -157,7 +158,7 @@ def test_a_ladder_whose_weakest_rung_wrecks_the_net_goes_on_down_to_one_that_wor
     downward from there and keeps the first rung within 2 points, a working net."""
     with mlflow.start_run():
         chosen, model = budget.strongest_run(
-            demo_case, "noise", "scale", [4.0], lambda s: _noisy(demo_case.badnet, s), 0.02
+            demo_case, "noise", "scale", [4.0], lambda s: _noisy(demo_case.badnet, s), 0.02, 1.0
         )
     held = demo_case.journal.notes["noise_ladder"]
     assert held["4"] < 0.5 * demo_case.badnet_holdout_accuracy()  # the first rung wrecks
@@ -176,6 +177,6 @@ def test_a_ladder_with_no_working_rung_declines_after_its_halvings(demo_case):
         return _noisy(demo_case.badnet, 1000.0)
 
     with mlflow.start_run(), pytest.raises(budget.NoneWithinBudget, match="down to 0.25 keeps"):
-        budget.strongest_run(demo_case, "wreck", "scale", [8.0], wreck, 0.02)
+        budget.strongest_run(demo_case, "wreck", "scale", [8.0], wreck, 0.02, 1.0)
     assert tried == [8.0 / 2**i for i in range(budget.HALVINGS + 1)]
     assert list(demo_case.journal.notes["wreck_ladder"]) == [f"{v:g}" for v in tried]

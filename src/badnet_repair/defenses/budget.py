@@ -16,11 +16,6 @@ from badnet_repair.network.predict import correct
 log = logging.getLogger(__name__)
 
 HALVINGS = 5  # below a ladder's weakest rung: at most this many halvings (down to 1/32 of it)
-# A budget holds when the measured drop plus this many standard errors of it does: on the
-# 60-120 held-out images of the zoo nets a drop of 1.7 points measured went with 4.6 and
-# 5.6 points lost on the test set (clean twins, the rule without a margin). One standard
-# error, not more: at two, a net that flips three images each way of 120 would fail.
-MARGIN_SE = 1.0
 
 
 class NoneWithinBudget(Exception):
@@ -54,32 +49,40 @@ def strongest_within(
     candidates: Sequence[Any],
     holdout_correct: Callable[[Any], np.ndarray],
     max_acc_drop: float,
+    margin_se: float,
     what: str,
 ) -> Any:
     """The rule that sets a repair's strength from clean data alone: try `candidates`
     from weakest to strongest and keep the strongest whose clean held-out images
     (`holdout_correct`: right or wrong, per image) stay within `max_acc_drop` of the
-    BadNet's by `within_budget`, stopping at the first that falls out. Raises
-    `NoneWithinBudget` when even the weakest falls out. Each trial is logged as `what`."""
+    BadNet's with `margin_se` standard errors to spare (`within_budget`), stopping at the
+    first that falls out. Raises `NoneWithinBudget` when even the weakest falls out. Each
+    trial is logged as `what`."""
     chosen = None
     for candidate in candidates:
-        if not within_budget(case, holdout_correct(candidate), max_acc_drop, what, candidate):
+        right = holdout_correct(candidate)
+        if not within_budget(case, right, max_acc_drop, margin_se, what, candidate):
             break
         chosen = (candidate,)
     if chosen is None:
         raise NoneWithinBudget(
             f"{what}: no value tried keeps the clean held-out accuracy within "
-            f"{max_acc_drop:g} of the BadNet's {_floor(case, max_acc_drop)}"
+            f"{max_acc_drop:g} of the BadNet's {_floor(case, max_acc_drop, margin_se)}"
         )
     return chosen[0]
 
 
 def within_budget(
-    case: Case, correct: np.ndarray, max_acc_drop: float, what: str, candidate: Any
+    case: Case,
+    correct: np.ndarray,
+    max_acc_drop: float,
+    margin_se: float,
+    what: str,
+    candidate: Any,
 ) -> bool:
     """Whether a net right on the held-out images `correct` costs at most `max_acc_drop`
     of the BadNet's accuracy, counting the sampling error of a hundred images: its
-    measured drop plus `MARGIN_SE` standard errors of that drop must be within budget.
+    measured drop plus `margin_se` standard errors of that drop must be within budget.
     The drop is paired (the same images for both nets): of n images, `lost` that only
     the BadNet gets right and `gained` that only this net does; drop (lost - gained) / n,
     its standard error sqrt(lost + gained) / n (McNemar's)."""
@@ -88,7 +91,7 @@ def within_budget(
     lost = int(np.sum(reference & ~correct))
     gained = int(np.sum(~reference & correct))
     drop = (lost - gained) / n
-    margin = MARGIN_SE * np.sqrt(lost + gained) / n
+    margin = margin_se * np.sqrt(lost + gained) / n
     within = bool(drop + margin <= max_acc_drop + 1e-12)
     log.info(
         "%s %s: held-out clean accuracy %.4f (of %d images %d lost, %d gained: drop %.4f "
@@ -107,10 +110,12 @@ def within_budget(
     return within
 
 
-def _floor(case: Case, max_acc_drop: float) -> str:
+def _floor(case: Case, max_acc_drop: float, margin_se: float) -> str:
     """What the budget counted from, for a message."""
     floor = case.badnet_holdout_accuracy() - max_acc_drop
-    return f"(floor {floor:.4f}, less a margin of {MARGIN_SE:g} standard errors of the drop)"
+    if not margin_se:
+        return f"(floor {floor:.4f})"
+    return f"(floor {floor:.4f}, less a margin of {margin_se:g} standard errors of the drop)"
 
 
 def strongest_run(
@@ -120,6 +125,7 @@ def strongest_run(
     ladder: Sequence[float],
     train: Callable[[float], keras.Model],
     max_acc_drop: float,
+    margin_se: float,
 ) -> tuple[float, keras.Model]:
     """`strongest_within` over whole runs: `train(value)` trains a model from the BadNet at
     each value of the `ladder` (weakest first) until one's clean held-out accuracy falls
@@ -140,11 +146,11 @@ def strongest_run(
     what = f"{name} {key}"
     try:
         try:
-            chosen = strongest_within(case, ladder, run, max_acc_drop, what)
+            chosen = strongest_within(case, ladder, run, max_acc_drop, margin_se, what)
         except NoneWithinBudget:
             below = [ladder[0] / 2**i for i in range(1, HALVINGS + 1)]
             log.warning("%s: the weakest rung, %g, is out of budget; halving", what, ladder[0])
-            chosen = _first_within(case, below, run, max_acc_drop, what)
+            chosen = _first_within(case, below, run, max_acc_drop, margin_se, what)
     finally:
         case.journal.note(**{f"{name}_ladder": {f"{v:g}": acc for v, acc in held.items()}})
     case.journal.log({f"{name}/{key}": chosen})
@@ -156,13 +162,14 @@ def _first_within(
     weaker: Sequence[float],
     holdout_correct: Callable[[float], np.ndarray],
     max_acc_drop: float,
+    margin_se: float,
     what: str,
 ) -> float:
     """The first of `weaker` (strongest first) within the budget."""
     for value in weaker:
-        if within_budget(case, holdout_correct(value), max_acc_drop, what, value):
+        if within_budget(case, holdout_correct(value), max_acc_drop, margin_se, what, value):
             return value
     raise NoneWithinBudget(
         f"{what}: no value down to {weaker[-1]:g} keeps the clean held-out accuracy within "
-        f"{max_acc_drop:g} of the BadNet's {_floor(case, max_acc_drop)}"
+        f"{max_acc_drop:g} of the BadNet's {_floor(case, max_acc_drop, margin_se)}"
     )

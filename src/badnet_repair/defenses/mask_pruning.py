@@ -40,6 +40,7 @@ def prune_by_threshold(
     values: dict[str, np.ndarray],
     step: float,
     max_acc_drop: float,
+    margin_se: float,
     dense: bool = False,
 ) -> keras.Model:
     """A copy of the BadNet with its channels whose mask (`values`, per unit) is at most
@@ -55,7 +56,9 @@ def prune_by_threshold(
     unpruned = correct(case.badnet, case.clean.holdout, case.batch_size)  # in a chain: its input
     held = {None: unpruned, **dict(zip(thresholds, right, strict=True))}
     # None, pruning nothing, comes first: it stays when even threshold 0 costs too much
-    chosen = strongest_within(case, list(held), held.get, max_acc_drop, f"{name} threshold")
+    chosen = strongest_within(
+        case, list(held), held.get, max_acc_drop, margin_se, f"{name} threshold"
+    )
     off = {unit: m <= (chosen if chosen is not None else -1) for unit, m in values.items()}
     off_lists = {unit: np.flatnonzero(o).tolist() for unit, o in off.items()}
     pruned = copy_model(case.badnet)

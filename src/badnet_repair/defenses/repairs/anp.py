@@ -48,6 +48,7 @@ class Anp:
     alpha: float = ranged(MISSING, "[0, 1]")
     threshold_step: float = ranged(MISSING, "(0, 1)")
     max_acc_drop: float = ranged(MISSING, "[0, 1)")
+    margin_se: float = ranged(MISSING, ">= 0")
 
 
 @dataclass
@@ -123,5 +124,5 @@ def repair(case: Case, anp: Anp):
     case.stage("masked", learnt.model)
     values = learnt.masks.numpy()
     return prune_by_threshold(
-        case, "anp", "ANP", values, anp.threshold_step, anp.max_acc_drop, dense=True
+        case, "anp", "ANP", values, anp.threshold_step, anp.max_acc_drop, anp.margin_se, dense=True
     )

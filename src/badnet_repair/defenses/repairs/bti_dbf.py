@@ -62,6 +62,7 @@ class BtiDbf:
     portion: float = ranged(MISSING, "(0, 1]")
     feature_weight: float = ranged(MISSING, ">= 0")
     max_acc_drop: float = ranged(MISSING, "[0, 1)")
+    margin_se: float = ranged(MISSING, ">= 0")
 
     def check(self) -> None:
         increasing(self.lrs, "bti_dbf.lrs")
@@ -329,4 +330,6 @@ def unlearned(case: Case, bti_dbf: BtiDbf, lr: float, first: dict) -> keras.Mode
 def repair(case: Case, bti_dbf: BtiDbf):
     first: dict = {}
     train = lambda lr: unlearned(case, bti_dbf, lr, first)  # noqa: E731
-    return strongest_run(case, "bti_dbf", "lr", bti_dbf.lrs, train, bti_dbf.max_acc_drop)[1]
+    return strongest_run(
+        case, "bti_dbf", "lr", bti_dbf.lrs, train, bti_dbf.max_acc_drop, bti_dbf.margin_se
+    )[1]

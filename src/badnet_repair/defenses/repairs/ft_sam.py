@@ -55,6 +55,7 @@ class FtSam:
     erasing: float = ranged(MISSING, "[0, 1]")
     erase_area: list[float] = MISSING
     max_acc_drop: float = ranged(MISSING, "[0, 1)")
+    margin_se: float = ranged(MISSING, ">= 0")
 
     def check(self) -> None:
         increasing(self.lrs, "ft_sam.lrs")
@@ -136,4 +137,6 @@ def repair(case: Case, ft_sam: FtSam):
         )
         return model
 
-    return strongest_run(case, "ft_sam", "lr", ft_sam.lrs, train, ft_sam.max_acc_drop)[1]
+    return strongest_run(
+        case, "ft_sam", "lr", ft_sam.lrs, train, ft_sam.max_acc_drop, ft_sam.margin_se
+    )[1]

@@ -56,6 +56,7 @@ class IBau:
     inner_lr: float = ranged(MISSING, "> 0")
     l2: float = ranged(MISSING, ">= 0")
     max_acc_drop: float = ranged(MISSING, "[0, 1)")
+    margin_se: float = ranged(MISSING, ">= 0")
 
     def check(self) -> None:
         increasing(self.eps, "i_bau.eps")
@@ -209,4 +210,6 @@ def repair(case: Case, i_bau: IBau):
         )
         return model
 
-    return strongest_run(case, "i_bau", "eps", i_bau.eps, train, i_bau.max_acc_drop)[1]
+    return strongest_run(
+        case, "i_bau", "eps", i_bau.eps, train, i_bau.max_acc_drop, i_bau.margin_se
+    )[1]

@@ -29,6 +29,7 @@ class Prune:
     sparsity: float | None = ranged(MISSING, "[0, 1)")
     sparsities: list[float] = MISSING
     max_acc_drop: float = ranged(MISSING, "[0, 1)")
+    margin_se: float = ranged(MISSING, ">= 0")
 
     def check(self) -> None:
         increasing(self.sparsities, "prune.sparsities")
@@ -60,7 +61,13 @@ def repair(case: Case, prune: Prune, finetune: Finetune):
     sparsity, repaired = prune.sparsity, None
     if sparsity is None:
         sparsity, repaired = strongest_run(
-            case, "prune", "sparsity_chosen", prune.sparsities, train, prune.max_acc_drop
+            case,
+            "prune",
+            "sparsity_chosen",
+            prune.sparsities,
+            train,
+            prune.max_acc_drop,
+            prune.margin_se,
         )
     chosen = pruned_at(sparsity)
     case.journal.log(

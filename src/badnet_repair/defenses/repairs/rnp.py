@@ -44,6 +44,7 @@ class Rnp:
     mask_steps: int = ranged(MISSING, ">= 1")
     threshold_step: float = ranged(MISSING, "(0, 1)")
     max_acc_drop: float = ranged(MISSING, "[0, 1)")
+    margin_se: float = ranged(MISSING, ">= 0")
 
 
 @dataclass
@@ -121,4 +122,6 @@ def repair(case: Case, rnp: Rnp):
     unlearned = unlearn(case, rnp)
     case.stage("unlearned", unlearned)
     values = recover(case, rnp, unlearned).numpy()
-    return prune_by_threshold(case, "rnp", "RNP", values, rnp.threshold_step, rnp.max_acc_drop)
+    return prune_by_threshold(
+        case, "rnp", "RNP", values, rnp.threshold_step, rnp.max_acc_drop, rnp.margin_se
+    )

@@ -52,6 +52,7 @@ class Sau:
     eps: list[float] = MISSING
     pgd_steps: int = ranged(MISSING, ">= 1")
     max_acc_drop: float = ranged(MISSING, "[0, 1)")
+    margin_se: float = ranged(MISSING, ">= 0")
 
     def check(self) -> None:
         increasing(self.eps, "sau.eps")
@@ -160,4 +161,4 @@ def repair(case: Case, sau: Sau):
         )
         return model
 
-    return strongest_run(case, "sau", "eps", sau.eps, train, sau.max_acc_drop)[1]
+    return strongest_run(case, "sau", "eps", sau.eps, train, sau.max_acc_drop, sau.margin_se)[1]

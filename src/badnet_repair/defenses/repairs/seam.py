@@ -52,6 +52,7 @@ class Seam:
     momentum: float = ranged(MISSING, "[0, 1)")
     weight_decay: float = ranged(MISSING, ">= 0")
     max_acc_drop: float = ranged(MISSING, "[0, 1)")
+    margin_se: float = ranged(MISSING, ">= 0")
 
     def check(self) -> None:
         increasing(self.recover_lrs, "seam.recover_lrs")
@@ -155,4 +156,6 @@ def repair(case: Case, seam: Seam):
     forgotten = forget(case, seam)
     case.stage("forgotten", forgotten)
     train = lambda lr: recover(case, seam, forgotten, lr)  # noqa: E731
-    return strongest_run(case, "seam", "lr", seam.recover_lrs, train, seam.max_acc_drop)[1]
+    return strongest_run(
+        case, "seam", "lr", seam.recover_lrs, train, seam.max_acc_drop, seam.margin_se
+    )[1]
