@@ -10,7 +10,7 @@ import pytest
 from mlflow.entities import RunStatus
 
 from badnet_repair import UserError, data
-from badnet_repair.experiment import inputs, leaderboard, pipeline
+from badnet_repair.experiment import inputs, leaderboard, pipeline, tracking
 from badnet_repair.network import models, pruning
 
 from conftest import compose_config, run_py
@@ -135,7 +135,9 @@ def test_a_run_failing_midway_ends_failed(tmp_path, demo_dir):
     cfg = compose_config(tmp_path, demo_dir, f"data.poisoned.patch={tmp_path}/bad.h5")
     with pytest.raises(UserError, match=r"bad.h5: labels span \[99, 99\], expected \[0, 40\)"):
         pipeline.run(cfg)
-    assert only_run(tmp_path).info.status == RunStatus.to_string(RunStatus.FAILED)
+    run = only_run(tmp_path)
+    assert run.info.status == RunStatus.to_string(RunStatus.FAILED)
+    assert run.data.tags["machine"] == tracking.machine()  # which CPU, for every figure
 
 
 @pytest.mark.slow

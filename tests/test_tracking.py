@@ -51,3 +51,17 @@ def test_flatten_uses_dotted_keys():
     cfg = OmegaConf.create({"prune": {"sparsity": 0.5}, "data": {"poisoned": {"a": "p"}}, "x": 1})
     assert tracking.flatten(cfg) == {"prune.sparsity": "0.5", "data.poisoned.a": "p", "x": "1"}
     assert Path(tracking.sqlite_path("sqlite:////abs/m.db")) == Path("/abs/m.db")
+
+
+def test_machine_names_the_cpu_a_run_trained_on():
+    """The `machine` tag: the CPU model from /proc/cpuinfo where there is one."""
+    name = tracking.machine()
+    assert name and name != "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "model name" in cpuinfo.read_text():
+        models = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        assert name == models[0]

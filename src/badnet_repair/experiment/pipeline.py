@@ -60,7 +60,7 @@ def run(
     )
     run_name = run_name or f"{cfg.model.name} {repairs.describe(cfg)}"
     fingerprint = sweep.config_hash(cfg)
-    tags = {"config_hash": fingerprint, "repair": repairs.label(cfg)}
+    tags = {"config_hash": fingerprint, "repair": repairs.label(cfg), "machine": tracking.machine()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
         done = sweep.finished_children(parent_run_id, fingerprint)

@@ -1,6 +1,7 @@
 """MLflow: the store, the experiment, and a run that always ends with an honest status."""
 
 import logging
+import platform
 import signal
 import threading
 import urllib.parse
@@ -97,3 +98,15 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
     walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
     return out
+
+
+def machine() -> str:
+    """The CPU a run trained on, for its `machine` tag: repairs train deterministically on
+    one CPU but not across CPUs (the demo's default chain ended at ASR 0.001 on one
+    machine and 0.283 on another), so a figure is only comparable with its machine's."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
