@@ -33,7 +33,7 @@ config.register()
 # Tiny settings per repair for end-to-end tests; a repair without an entry runs at its defaults.
 TINY = {
     "fine_pruning": ["finetune.epochs=1"],
-    "magnitude": ["finetune.epochs=1", "prune.sparsities=[0.3,0.5]"],
+    "magnitude": ["finetune.epochs=1", "prune.sparsities=[0.3,0.5]", "prune.max_acc_drop=0.5"],
     "finetune": ["finetune.epochs=1"],
     "neural_cleanse": [
         "neural_cleanse.screen_rounds=1",

@@ -94,11 +94,12 @@ def within_budget(
     margin = margin_se * np.sqrt(lost + gained) / n
     within = bool(drop + margin <= max_acc_drop + 1e-12)
     log.info(
-        "%s %s: held-out clean accuracy %.4f (of %d images %d lost, %d gained: drop %.4f "
-        "+ margin %.4f %s %g)",
+        "%s %s: held-out clean accuracy %.4f, the BadNet's %.4f (of %d images %d lost, %d "
+        "gained: drop %.4f + margin %.4f %s %g)",
         what,
         candidate,
         float(np.mean(correct)),
+        float(np.mean(reference)),
         n,
         lost,
         gained,
