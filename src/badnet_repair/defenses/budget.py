@@ -112,11 +112,12 @@ def within_budget(
 
 
 def _floor(case: Case, max_acc_drop: float, margin_se: float) -> str:
-    """What the budget counted from, for a message."""
+    """What the budget counted from, for a message: the floor on held-out accuracy, which
+    the margin raises (a net must clear it by `margin_se` standard errors of its drop)."""
     floor = case.badnet_holdout_accuracy() - max_acc_drop
     if not margin_se:
         return f"(floor {floor:.4f})"
-    return f"(floor {floor:.4f}, less a margin of {margin_se:g} standard errors of the drop)"
+    return f"(floor {floor:.4f}, raised by {margin_se:g} standard errors of the drop)"
 
 
 def strongest_run(
