@@ -33,7 +33,7 @@ config.register()
 # Tiny settings per repair for end-to-end tests; a repair without an entry runs at its defaults.
 TINY = {
     "fine_pruning": ["finetune.epochs=1"],
-    "magnitude": ["finetune.epochs=1", "prune.sparsities=[0.3,0.5]", "prune.max_acc_drop=0.5"],
+    "magnitude": ["finetune.epochs=1", "prune.sparsities=[0.5]", "prune.max_acc_drop=0.5"],
     "finetune": ["finetune.epochs=1"],
     "neural_cleanse": [
         "neural_cleanse.screen_rounds=1",
@@ -43,7 +43,7 @@ TINY = {
         "neural_cleanse.round_batches=2",
         "finetune.epochs=1",
     ],
-    "ft_sam": ["ft_sam.steps=5", "ft_sam.lrs=[0.01]"],
+    "ft_sam": ["ft_sam.steps=5", "ft_sam.lrs=[0.001]"],  # within budget: one rung, no halving
     "i_bau": ["i_bau.rounds=2", "i_bau.steps=2", "i_bau.uap_steps=2", "i_bau.eps=[0.01]"],
     "rnp": ["rnp.unlearn_steps=5", "rnp.mask_steps=5", "rnp.max_acc_drop=0.5"],
     "anp": ["anp.steps=5", "anp.max_acc_drop=0.5"],

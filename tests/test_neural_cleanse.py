@@ -172,7 +172,10 @@ def demo_bn(demo_dir):
 
 
 @pytest.mark.slow
-def test_the_target_is_flagged_and_unlearned_far_below_fine_pruning(tmp_path, demo_dir, demo_bn):
+def test_the_target_is_flagged_and_its_backdoor_unlearned(tmp_path, demo_dir, demo_bn):
+    """On demo_bn the target is flagged, its reversed trigger works, and unlearning it
+    leaves the real patch under 0.15 ASR within 2 points (fine-pruning at its defaults
+    leaves 0.684 there: docs/leaderboard.md)."""
     # half the default rounds, 14 of 20 classes optimised in full: still flags the target
     lighter = ["neural_cleanse.rounds=20", "neural_cleanse.references=8"]
     cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", "model=demo_bn", *lighter)
@@ -189,10 +192,7 @@ def test_the_target_is_flagged_and_unlearned_far_below_fine_pruning(tmp_path, de
     assert str(target) in run.data.tags["neural_cleanse.flagged"].split(",")
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"triggers.png", "anomaly_index.png", "neural_cleanse_classes.csv"} <= artifacts
-
-    pruning = compose_config(tmp_path / "fp", demo_dir, "repair=fine_pruning", "model=demo_bn")
-    fine_pruned = pipeline.run(pruning)
-    assert metrics["repaired/asr/patch"] < 0.25 * fine_pruned["repaired/asr/patch"]
+    assert metrics["badnet/asr/patch"] > 0.9 and metrics["repaired/asr/patch"] < 0.15
     assert metrics["repaired/clean_acc"] > metrics["badnet/clean_acc"] - 0.02
 
 

@@ -13,7 +13,7 @@ from badnet_repair import UserError, data
 from badnet_repair.experiment import inputs, leaderboard, pipeline, tracking
 from badnet_repair.network import models, pruning
 
-from conftest import compose_config, run_py
+from conftest import TINY, compose_config, run_py
 
 CONTRACT = [
     "badnet/clean_acc",
@@ -231,7 +231,7 @@ def test_runs_on_other_splits_share_nothing_computed_on_one(
     """A seed sweep in one process: what the second point's budget counts from (the
     BadNet's held-out accuracy) is its own split's, as in a process of its own."""
     caplog.set_level(logging.INFO, logger="badnet_repair")
-    ladder = [*small_scoring, "repair=magnitude", "prune.sparsities=[0.5]", "finetune.epochs=1"]
+    ladder = [*small_scoring, "repair=ft_sam", *TINY["ft_sam"]]  # one rung
 
     def floor(name: str, seed: int) -> float:
         caplog.clear()
