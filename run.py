@@ -40,7 +40,7 @@ def cli() -> None:
 
     from badnet_repair.experiment import sweep, tracking
 
-    tracking.interrupt_on_sigterm()
+    tracking.interrupt_on_signals()
     try:
         config.check_overrides(get_args_parser().parse_args().overrides)
     except UserError as e:

@@ -1,9 +1,13 @@
+import signal
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.entities import RunStatus
 from omegaconf import OmegaConf
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from badnet_repair import UserError
 from badnet_repair.experiment import tracking
@@ -45,6 +49,53 @@ def test_a_run_that_raises_is_never_left_running(tmp_path, error, status):
     run = mlflow.get_run(run_id)
     assert run.info.status == RunStatus.to_string(status)
     assert run.data.metrics == {"x": 1.0}
+
+
+@pytest.fixture
+def signal_in_the_next_store_write():
+    """SIGTERM raised from inside SQLAlchemy's execute of the next write, where an
+    interrupt once left the SQLite database locked and the run RUNNING."""
+    armed = []
+
+    def fire(conn, cursor, statement, *args):
+        if armed and statement.lstrip().upper().startswith(("INSERT", "UPDATE")):
+            armed.clear()
+            signal.raise_signal(signal.SIGTERM)
+
+    event.listen(Engine, "before_cursor_execute", fire)
+    yield lambda: armed.append(True)
+    event.remove(Engine, "before_cursor_execute", fire)
+
+
+def test_a_signal_during_a_store_write_interrupts_once_the_write_is_done(
+    tmp_path, signal_in_the_next_store_write
+):
+    experiment = tracking.prepare(f"sqlite:///{tmp_path}/m.db", "exp", str(tmp_path / "a"))
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="signal"):
+        with tracking.tracked_run(experiment, "r") as run_id:
+            mlflow.log_metric("x", 1.0, step=0)
+            signal_in_the_next_store_write()
+            mlflow.log_metric("x", 2.0, step=1)
+            mlflow.log_metric("after", 1.0)  # never reached: interrupted as the write returned
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "KILLED"
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "x")]
+    assert steps == [0, 1]
+    assert "after" not in run.data.metrics
+    assert sys.getprofile() is None
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_a_signal_while_the_run_starts_ends_it_killed(tmp_path, signal_in_the_next_store_write):
+    experiment = tracking.prepare(f"sqlite:///{tmp_path}/m.db", "exp", str(tmp_path / "a"))
+    signal_in_the_next_store_write()
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.tracked_run(experiment, "r"):
+            pytest.fail("the body ran although the signal came while the run was created")
+    (run,) = mlflow.search_runs([experiment], output_format="list")
+    assert run.info.status == "KILLED"
+    assert mlflow.active_run() is None
 
 
 def test_flatten_uses_dotted_keys():

@@ -3,6 +3,7 @@
 import logging
 import platform
 import signal
+import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -54,34 +55,68 @@ def prepare(uri: str, experiment: str, artifact_root: str) -> str:
         ) from None
 
 
+_STORE_MODULES = ("mlflow", "sqlalchemy", "sqlite3", "alembic")
+
+
+def _outermost_store_frame(frame):
+    """The outermost frame of a call into MLflow or its database the main thread was
+    stopped in, else None."""
+    outermost = None
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(_STORE_MODULES):
+            outermost = frame
+        frame = frame.f_back
+    return outermost
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    """Raise KeyboardInterrupt; inside a call into MLflow, as that call returns.
+
+    An interrupt that lands in SQLite's `execute` leaves the database locked, so the run
+    could not then be ended KILLED (20 s of retries, then an error, the run left RUNNING).
+    A profile hook raises it when the store's outermost frame returns, its session closed.
+    """
+    store_call = _outermost_store_frame(frame)
+    if store_call is None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = sys.getprofile()
+    if getattr(previous, "deferred_interrupt", False):
+        return  # a second signal in the same call: one interrupt is already on its way
+
+    def on_return(called, event, arg):
+        if event == "return" and called is store_call:
+            sys.setprofile(previous)
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    on_return.deferred_interrupt = True
+    sys.setprofile(on_return)
 
 
-def interrupt_on_sigterm():
-    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does, so runs end KILLED and files are
-    cleaned up; returns the previous handler (None off the main thread, where it cannot)."""
+def interrupt_on_signals() -> dict:
+    """Make Ctrl-C and SIGTERM raise KeyboardInterrupt outside calls into the store, so
+    runs end KILLED and files are cleaned up; returns the previous handlers (none off the
+    main thread, where they cannot be set)."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _interrupt)
+        return {}
+    return {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 @contextmanager
 def tracked_run(experiment_id: str, run_name: str, tags: dict | None = None) -> Iterator[str]:
     """An MLflow run that ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM."""
-    previous = interrupt_on_sigterm()
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {})
+    previous = interrupt_on_signals()
     try:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or {})
         yield run.info.run_id
     except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))  # no-op if none was started
         raise
     except BaseException:
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
