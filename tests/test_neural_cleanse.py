@@ -21,7 +21,12 @@ from badnet_repair.data import Dataset, save_h5
 from badnet_repair.defenses import trigger_search as ts
 from badnet_repair.defenses.clean import CleanData
 from badnet_repair.defenses.repairs import Case
-from badnet_repair.defenses.repairs.neural_cleanse import NeuralCleanse, scan, shared_scan
+from badnet_repair.defenses.repairs.neural_cleanse import (
+    NeuralCleanse,
+    _unlearning_set,
+    scan,
+    shared_scan,
+)
 from badnet_repair.experiment import pipeline
 from badnet_repair.experiment.probe import probe
 from badnet_repair.journal import Journal
@@ -129,6 +134,27 @@ def test_anomaly_index_is_the_distance_below_the_median_in_robust_deviations():
     assert index[1] == 0.0 and index[4] == pytest.approx(-5 / (2 * 1.4826))  # large: negative
     # measured against another population (the references of a scan)
     assert ts.anomaly_index([20.0], [30.0, 40.0, 50.0]) == pytest.approx([20 / (10 * 1.4826)])
+
+
+def test_unlearning_stamps_fraction_of_the_clean_images_over_all_triggers_together():
+    """Three triggers share the 20% one trigger gets, so the clean images stay the majority."""
+    rng = np.random.default_rng(0)
+    train = Dataset("train", rng.uniform(0, 1, (300, 4, 4, 3)).astype(np.float32), np.arange(300))
+    corner = np.zeros((4, 4, 1), np.float32)
+    corner[0, 0] = 1.0
+
+    def trigger(target: int) -> ts.Trigger:
+        pattern = np.full((4, 4, 3), 5.0 + target, np.float32)  # outside the images' range
+        return ts.Trigger(target, corner, pattern, 1.0, 1.0, True, 1)
+
+    one = _unlearning_set(train, [trigger(0)], 0.2, seed=0)
+    three = _unlearning_set(train, [trigger(0), trigger(1), trigger(2)], 0.2, seed=0)
+    assert len(one) == 300 + 60 and len(three) == 300 + 3 * 20
+    stamped = three.x[300:, 0, 0, 0]
+    assert sorted(np.unique(stamped)) == [5.0, 6.0, 7.0]  # 20 copies of each trigger
+    assert all((stamped == v).sum() == 20 for v in (5.0, 6.0, 7.0))
+    picked = three.y[300:]  # true labels kept: the stamped copies' labels are their own
+    assert np.array_equal(three.x[300:, 1:, 1:], train.x[picked, 1:, 1:])
 
 
 def test_reversed_mask_lies_in_0_1_and_the_pattern_in_the_images_range():

@@ -213,12 +213,14 @@ def repair(case: Case, neural_cleanse: NeuralCleanse, finetune: Finetune):
 
 
 def _unlearning_set(train: Dataset, triggers: list[ts.Trigger], fraction: float, seed: int):
-    """The clean training images, plus per trigger a stamped copy of a random `fraction`
-    of them with their true labels: the net learns that the trigger means nothing."""
+    """The clean training images, plus stamped copies with their true labels: the net learns
+    that the triggers mean nothing. `fraction` is the stamped share over all triggers
+    (the paper's 20% for one), so three triggers do not drown the clean images."""
     rng = np.random.default_rng(seed)
     xs, ys = [train.x], [train.y]
+    per_trigger = max(1, round(fraction / max(1, len(triggers)) * len(train)))
     for trigger in triggers:
-        picked = rng.choice(len(train), max(1, round(fraction * len(train))), replace=False)
+        picked = rng.choice(len(train), per_trigger, replace=False)
         xs.append(ts.stamp(train.x[picked], trigger.mask, trigger.pattern))
         ys.append(train.y[picked])
     return Dataset("unlearning", np.concatenate(xs), np.concatenate(ys))
