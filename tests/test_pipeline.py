@@ -180,11 +180,12 @@ def test_command_line_runs_give_the_same_numbers_in_fresh_processes(
 ):
     """`python run.py` runs, prints the stages, ends its run FINISHED and saves the repaired
     net in its Hydra run folder; two separate processes (no cache shared) write the same
-    metrics.json to the last digit (but for wall times); another seed, other numbers."""
+    metrics.json to the last digit (but for wall times). (That another seed gives other
+    numbers: test_runs_on_other_splits_share_nothing_computed_on_one.)"""
     results = []
-    for attempt, seed in (("a", 0), ("b", 0), ("c", 1)):
+    for attempt in ("a", "b"):
         root = tmp_path / attempt
-        settings = ["finetune.epochs=1", "prune.sparsity=0.7", f"seed={seed}"]
+        settings = ["finetune.epochs=1", "prune.sparsity=0.7", "seed=0"]
         done = run_py(root, demo_dir.parent, *small_scoring, *settings)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "repaired: clean_acc=" in done.stderr + done.stdout
@@ -194,7 +195,6 @@ def test_command_line_runs_give_the_same_numbers_in_fresh_processes(
         logged["metrics"] = {k: v for k, v in logged["metrics"].items() if "time/" not in k}
         results.append(logged)
     assert results[0] == results[1]
-    assert results[0]["metrics"] != results[2]["metrics"]
 
 
 @pytest.mark.slow

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from tf_keras import models as keras_models
 
-from badnet_repair import data
+from badnet_repair import UserError, data
 from badnet_repair.defenses import budget, repairs
 from badnet_repair.defenses.clean import CleanData, Memo
 from badnet_repair.defenses.repairs import finetune
-from badnet_repair.experiment import pipeline
+from badnet_repair.experiment import config, pipeline
 from badnet_repair.journal import Journal
 from badnet_repair.network.predict import accuracy
 from badnet_repair.network.training import Finetune
@@ -39,35 +39,38 @@ def test_finetune_alone_trains_every_layer_and_hands_back_no_stage(demo_model, d
     assert journal.series == {"finetune/loss", "finetune/val_acc"}
 
 
+NOT_READ = (
+    "config key {key}: not read by repair=finetune (read by fine_pruning, magnitude); "
+    "in a sweep over repairs, ++{key}=... sets it where it is read"
+)
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (
-            ["repair=finetune", "prune.sparsity=0.5"],
-            "error: config key prune.sparsity: not read by repair=finetune "
-            "(read by fine_pruning, magnitude); in a sweep over repairs, "
-            "++prune.sparsity=... sets it where it is read",
-        ),
-        (
-            ["-m", "repair=fine_pruning,finetune", "prune.max_acc_drop=0.04"],
-            "error: config key prune.max_acc_drop: not read by repair=finetune "
-            "(read by fine_pruning, magnitude); in a sweep over repairs, "
-            "++prune.max_acc_drop=... sets it where it is read",
-        ),
+        (["repair=finetune", "prune.sparsity=0.5"], NOT_READ.format(key="prune.sparsity")),
         (
             ["prune=magnitude"],
-            "error: prune=magnitude: the prune group is now the repair group: "
+            "prune=magnitude: the prune group is now the repair group: "
             "repair=fine_pruning (activation ranking) or repair=magnitude",
         ),
     ],
-    ids=["single run", "sweep over repairs", "old prune group"],
+    ids=["single run", "old prune group"],
 )
+def test_a_key_the_repair_does_not_read_is_one_line_before_any_work(overrides, expected):
+    """`run.py` checks its overrides so before Hydra composes (the command line's exit and
+    its one line: the sweep's test below)."""
+    with pytest.raises(UserError) as err:
+        config.check_overrides(overrides)
+    assert str(err.value) == expected
+
+
 @pytest.mark.slow
-def test_a_key_the_repair_does_not_read_is_one_line_before_any_work(
-    tmp_path, demo_dir, overrides, expected
-):
+def test_a_sweep_over_repairs_with_a_key_one_does_not_read_exits_with_one_line(tmp_path, demo_dir):
+    overrides = ["-m", "repair=fine_pruning,finetune", "prune.max_acc_drop=0.04"]
     done = run_py(tmp_path, demo_dir.parent, *overrides)
     assert done.returncode == 1
+    expected = "error: " + NOT_READ.format(key="prune.max_acc_drop")
     assert done.stderr.strip().splitlines()[-1] == expected
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "mlruns").exists()
