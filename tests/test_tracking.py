@@ -110,9 +110,17 @@ def test_machine_names_the_cpu_a_run_trained_on():
     assert name and name != "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file() and "model name" in cpuinfo.read_text():
-        models = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        assert name == models[0]
+        assert name == tracking.describe_cpu(cpuinfo.read_text())
+
+
+def test_two_cpus_of_one_model_name_are_told_apart_by_family_and_vector_width():
+    def cpuinfo(family: str, flags: str) -> str:
+        block = f"processor\t: {{n}}\nmodel name\t: AMD EPYC\ncpu family\t: {family}\n"
+        block += f"model\t\t: 17\nstepping\t: 1\nflags\t\t: fpu {flags} sse2\n"
+        return block.format(n=0) + "\n" + block.format(n=1).replace("17", "99")
+
+    zen4 = tracking.describe_cpu(cpuinfo("25", "avx2 avx512f avx512bw"))
+    zen2 = tracking.describe_cpu(cpuinfo("23", "avx2"))
+    assert zen4 == "AMD EPYC (cpu family 25, model 17, stepping 1, avx512f)"  # first block
+    assert zen2 == "AMD EPYC (cpu family 23, model 17, stepping 1, avx2)"
+    assert tracking.describe_cpu("processor\t: 0\nflags\t: fpu\n") == ""  # no model name

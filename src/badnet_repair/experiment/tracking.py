@@ -141,7 +141,29 @@ def machine() -> str:
     machine and 0.283 on another), so a figure is only comparable with its machine's."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        described = describe_cpu(cpuinfo.read_text(errors="replace"))
+        if described:
+            return described
     return platform.processor() or platform.machine() or "unknown"
+
+
+def describe_cpu(cpuinfo: str) -> str:
+    """The first processor of /proc/cpuinfo: its model name, family, model and stepping, and
+    the widest vector instructions TensorFlow's kernels can choose (AVX-512 or AVX2). Two
+    CPUs that both call themselves "AMD EPYC" gave the demo different numbers; the model
+    name alone could not tell them apart."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block only
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "")
+    if not name:
+        return ""
+    ids = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    flags = set(fields.get("flags", "").split())
+    vector = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+    return f"{name} ({', '.join([*ids, vector])})"
