@@ -153,7 +153,7 @@ def test_unlearning_stamps_fraction_of_the_clean_images_over_all_triggers_togeth
     stamped = three.x[300:, 0, 0, 0]
     assert sorted(np.unique(stamped)) == [5.0, 6.0, 7.0]  # 20 copies of each trigger
     assert all((stamped == v).sum() == 20 for v in (5.0, 6.0, 7.0))
-    picked = three.y[300:]  # true labels kept: the stamped copies' labels are their own
+    picked = three.y[300:]  # y is each image's index: a copy labelled i must be image i
     assert np.array_equal(three.x[300:, 1:, 1:], train.x[picked, 1:, 1:])
 
 

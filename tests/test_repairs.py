@@ -58,8 +58,8 @@ NOT_READ = (
     ids=["single run", "old prune group"],
 )
 def test_a_key_the_repair_does_not_read_is_one_line_before_any_work(overrides, expected):
-    """`run.py` checks its overrides so before Hydra composes (the command line's exit and
-    its one line: the sweep's test below)."""
+    """`run.py` calls this check before Hydra composes; the command line's exit code and its
+    one line are tested once, by the sweep's test below."""
     with pytest.raises(UserError) as err:
         config.check_overrides(overrides)
     assert str(err.value) == expected

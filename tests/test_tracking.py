@@ -110,7 +110,12 @@ def test_machine_names_the_cpu_a_run_trained_on():
     assert name and name != "unknown"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file() and "model name" in cpuinfo.read_text():
-        assert name == tracking.describe_cpu(cpuinfo.read_text())
+        models = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        assert name.startswith(f"{models[0]} (")  # the first CPU's name, then its details
 
 
 def test_two_cpus_of_one_model_name_are_told_apart_by_family_and_vector_width():
