@@ -236,11 +236,11 @@ def test_objectives_by_hand(name, expected):
 
 @pytest.mark.slow
 def test_resume_false_reruns_points(tmp_path, demo_dir, small_scoring):
-    multirun(tmp_path, demo_dir.parent, *small_scoring, EPOCH, "prune.sparsity=0.5")
-    out = multirun(
-        tmp_path, demo_dir.parent, *small_scoring, EPOCH, "prune.sparsity=0.5", "sweep.resume=false"
-    )
-    assert "already FINISHED" not in out
+    """One point twice in one sweep: resumed, the second would find the first FINISHED
+    (as the interrupted sweep's rerun does); with sweep.resume=false both run."""
+    points = [*small_scoring, EPOCH, "prune.sparsity=0.5,0.5", "sweep.resume=false"]
+    out = multirun(tmp_path, demo_dir.parent, *points)
+    assert "already FINISHED" not in out and "reusing the loaded BadNet" in out
     (parent,), children = parents_and_children(tmp_path)
     assert len(children[parent.info.run_id]) == 2
     assert sweep.read_parent(tmp_path / "absent") is None
