@@ -37,6 +37,10 @@ def write_stand_ins(folder: Path, scale: float) -> dict[str, Path]:
 
 def overrides(paths: dict[str, Path], root: Path, *extra: str) -> list[str]:
     return [
+        # fine-pruning with the disagreement GoodNet, the run the bare floor reproduces (the
+        # defaults grew FT-SAM and BaDExpert after the floor was written)
+        "repair=fine_pruning",
+        "goodnet.detector=disagreement",
         "model=sunglasses",
         f"model.file={WEIGHTS}",
         f"paths.root={root}",

@@ -55,6 +55,8 @@ def main() -> None:
                     f"paths.root={root}",
                     f"paths.data={data}",
                     f"paths.output_dir={root}/out/{i}",
+                    "repair=fine_pruning",  # the points this script was written for
+                    "goodnet.detector=disagreement",
                     f"prune.sparsity={sparsity}",
                     "finetune.epochs=1",
                 ],

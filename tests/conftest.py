@@ -184,14 +184,23 @@ def small_scoring(small_evaluation) -> list[str]:
 
 
 def tiny_default(overrides, keep_default: bool = False) -> list[str]:
-    """`overrides`, and where they choose no repair (no `repair=`, `ft_sam.` or
-    `+experiment=`): `repair=fine_pruning`, the default chain's first step, for tests of
-    the pipeline's machinery; or with `keep_default` the default chain itself with its
-    FT-SAM step at tiny settings (the default's own settings are measured, not tested)."""
+    """`overrides`, and for tests of the pipeline's machinery: where they choose no repair
+    (no `repair=`, `ft_sam.` or `+experiment=`), `repair=fine_pruning`, the default
+    chain's first step, and where they choose no detector, the default GoodNet's first,
+    `disagreement` (each detector end to end is test_end_to_end's); or with
+    `keep_default` the default chain and GoodNet themselves, the chain's FT-SAM step at
+    tiny settings (the default's own settings are measured, not tested)."""
     overrides = list(overrides)
-    if any(o.startswith(("repair=", "ft_sam.", "+experiment=")) for o in overrides):
-        return overrides
-    return [*(TINY["ft_sam"] if keep_default else ["repair=fine_pruning"]), *overrides]
+    if keep_default:
+        chosen = any(o.startswith(("repair=", "ft_sam.", "+experiment=")) for o in overrides)
+        return overrides if chosen else [*TINY["ft_sam"], *overrides]
+    repair = not any(o.startswith(("repair=", "ft_sam.", "+experiment=")) for o in overrides)
+    detector = not any(o.startswith("goodnet.detector=") for o in overrides)
+    return [
+        *(["repair=fine_pruning"] if repair else []),
+        *(["goodnet.detector=disagreement"] if detector else []),
+        *overrides,
+    ]
 
 
 @functools.cache

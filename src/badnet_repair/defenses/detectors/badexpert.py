@@ -49,7 +49,8 @@ def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> No
     if len(clean.holdout) < MIN_CALIBRATION:
         raise UserError(
             f"goodnet.detector=badexpert: {len(clean.holdout)} clean held-out images, "
-            f"expected at least {MIN_CALIBRATION} for its threshold (raise data.holdout)"
+            f"expected at least {MIN_CALIBRATION} for its threshold (raise data.holdout, or "
+            "leave it out: goodnet.detector=disagreement)"
         )
 
 
