@@ -141,6 +141,8 @@ def test_each_repair_is_scored_alike_and_never_reads_the_evaluation_data(
     )
     own = OWN_STAGES.get(name, set())
     assert_scored_by_the_contract(cfg, metrics, own, small_evaluation, demo_model)
+    scored = {key.split("/")[1] for key in metrics if key.endswith("/calibration_images")}
+    assert scored == {"disagreement"}  # the one detector chosen, and no other, is scored
     for file in ("repaired_net.h5", "goodnet.h5"):
         assert_same_weights(tmp_path / "real/out" / file, tmp_path / "swapped/out" / file)
 
