@@ -191,14 +191,13 @@ def tiny_default(overrides, keep_default: bool = False) -> list[str]:
     `keep_default` the default chain and GoodNet themselves, the chain's FT-SAM step at
     tiny settings (the default's own settings are measured, not tested)."""
     overrides = list(overrides)
+    repair_chosen = any(o.startswith(("repair=", "ft_sam.", "+experiment=")) for o in overrides)
     if keep_default:
-        chosen = any(o.startswith(("repair=", "ft_sam.", "+experiment=")) for o in overrides)
-        return overrides if chosen else [*TINY["ft_sam"], *overrides]
-    repair = not any(o.startswith(("repair=", "ft_sam.", "+experiment=")) for o in overrides)
-    detector = not any(o.startswith("goodnet.detector=") for o in overrides)
+        return overrides if repair_chosen else [*TINY["ft_sam"], *overrides]
+    detector_chosen = any(o.startswith("goodnet.detector=") for o in overrides)
     return [
-        *(["repair=fine_pruning"] if repair else []),
-        *(["goodnet.detector=disagreement"] if detector else []),
+        *([] if repair_chosen else ["repair=fine_pruning"]),
+        *([] if detector_chosen else ["goodnet.detector=disagreement"]),
         *overrides,
     ]
 
