@@ -7,16 +7,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import tf_keras as keras
+from omegaconf import OmegaConf
 
-from badnet_repair import data
-from badnet_repair.defenses import detectors, goodnet
+from badnet_repair import UserError, data
+from badnet_repair.defenses import detectors, goodnet, repairs
 from badnet_repair.defenses.clean import CleanData, Memo
 from badnet_repair.defenses.detectors import badexpert
+from badnet_repair.defenses.repairs import ft_sam
+from badnet_repair.experiment import config, pipeline
 from badnet_repair.experiment.evaluate import auroc
-from badnet_repair.network import models, predict
+from badnet_repair.journal import Journal
+from badnet_repair.network import models, predict, training
 from badnet_repair.network.predict import accuracy, predict_classes
 from badnet_repair.network.pruning import copy_model
 from badnet_repair.network.training import finetune
+
+from conftest import compose_config
 
 FRR = 0.1
 SETTINGS = dict(
@@ -153,3 +159,69 @@ def test_goodnet_with_a_finetuned_auxiliary_follows_the_rule(demo_model, fitted,
     answers = predict_classes(gn.model, x)
     assert np.all((answers == expected) | near)
     assert 0 < np.mean(answers[len(test.x[::20]) :] == 40)
+
+
+def ft_sam_sections(tmp_path, demo_dir, *overrides: str):
+    """The run's config once the pipeline has added the sections the GoodNet reads."""
+    cfg = compose_config(
+        tmp_path, demo_dir, "goodnet.detector=[disagreement,badexpert]", *overrides
+    )
+    return cfg, pipeline._goodnet_sections(cfg)
+
+
+def test_an_auxiliary_of_its_own_reads_ft_sams_defaults_under_forced_keys(tmp_path, demo_dir):
+    """With a repair that has no FT-SAM step, `auto` gives BaDExpert an FT-SAM auxiliary of
+    its own: the ft_sam section is FT-SAM's file's defaults under `++` keys, typed and
+    checked like a repair's; after FT-SAM, or with `repaired`, no section is added."""
+    cfg, reads = ft_sam_sections(tmp_path, demo_dir, "repair=fine_pruning", "++ft_sam.steps=7")
+    assert reads == {"ft_sam"}
+    defaults = OmegaConf.load(f"{config.project_root()}/conf/repair/ft_sam.yaml").ft_sam
+    assert cfg.ft_sam.steps == 7 and cfg.ft_sam.lrs == defaults.lrs
+    assert cfg.ft_sam.rho == defaults.rho
+    config.validate(cfg)
+    cfg, _ = ft_sam_sections(tmp_path, demo_dir, "repair=fine_pruning", "++ft_sam.steps=0")
+    with pytest.raises(UserError, match=r"ft_sam\.steps=0"):
+        config.validate(cfg)
+    for overrides in (["repair=fine_pruning", "goodnet.auxiliary=repaired"], ["repair=anp"]):
+        cfg, reads = ft_sam_sections(tmp_path, demo_dir, *overrides)
+        expected = set() if "goodnet.auxiliary=repaired" in overrides else {"ft_sam"}
+        assert reads == expected and ("ft_sam" in cfg) == bool(expected)
+    cfg, reads = ft_sam_sections(tmp_path, demo_dir, "repair=[fine_pruning,ft_sam]")
+    assert reads == set()  # the repaired net is the auxiliary
+
+
+def test_auto_auxiliary_is_b_repaired_by_ft_sam_unless_the_repair_had_an_ft_sam_step(
+    tmp_path, demo_dir, demo_model, clean
+):
+    """`auto`: after a chain with an FT-SAM step, M' is the repaired net B'; after another
+    repair, M' is B repaired by FT-SAM at the run's settings, the net the repair itself
+    would give (same seed), not B' and not B."""
+    cfg, _ = ft_sam_sections(
+        tmp_path, demo_dir, "repair=fine_pruning", "++ft_sam.steps=3", "++ft_sam.lrs=[0.001]"
+    )
+    settings = OmegaConf.to_object(cfg.ft_sam)
+    repaired, memo = copy_model(demo_model), Memo()  # a stand-in B', shared expert
+    auto = SimpleNamespace(**{**SETTINGS, "auxiliary": "auto"})
+
+    def aux(steps):
+        context = detectors.Context(
+            demo_model, repaired, clean, auto, 0, 512, memo, steps, settings
+        )
+        return detectors.fit("badexpert", context)
+
+    after_ft_sam = aux(("fine_pruning", "ft_sam"))
+    assert after_ft_sam.parts["auxiliary"] is repaired
+    assert after_ft_sam.metrics["auxiliary_is_repaired"] == 1.0
+    own = aux(("fine_pruning",))
+    assert own.metrics["auxiliary_is_repaired"] == 0.0
+    model = own.parts["auxiliary"]
+    assert model is not repaired and model is not demo_model
+    case = repairs.Case(demo_model, "", clean, Journal(), 0, 512)
+    training.seed_everything(0)
+    direct = ft_sam.repair(case, ft_sam=settings)
+    for mine, theirs in zip(model.get_weights(), direct.get_weights(), strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    assert any(
+        not np.array_equal(w, b)
+        for w, b in zip(model.get_weights(), demo_model.get_weights(), strict=True)
+    )

@@ -46,6 +46,7 @@ def test_default_config_is_the_demo_with_an_absolute_store(tmp_path, demo_dir):
     assert list(cfg.repair) == ["fine_pruning", "ft_sam"] and cfg.prune.max_acc_drop == 0.04
     assert cfg.prune.sparsity is None  # the stopping rule, unless a sparsity is given
     assert list(cfg.goodnet.detector) == ["disagreement", "badexpert"]
+    assert cfg.goodnet.auxiliary.value == "auto"  # B' after the chain's FT-SAM step
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     assert cfg.tracking.experiment == "demo"
     assert set(cfg.data.poisoned) == {"patch"}

@@ -40,6 +40,8 @@ DETECTOR_SETTINGS = [
     "finetune.epochs=1",
     "goodnet.k=4",
     "goodnet.teco_corruptions=[contrast,brightness]",  # 10 copies, not 30
+    "++ft_sam.steps=3",  # BaDExpert's own FT-SAM auxiliary (auto: finetune has no FT-SAM)
+    "++ft_sam.lrs=[0.001]",
 ]
 
 
@@ -198,6 +200,12 @@ def test_the_goodnet_of_every_detector_is_scored_alike_and_never_reads_the_evalu
     for key, value in ran.items():
         assert metrics[key] == pytest.approx(value, abs=1e-9), key
     assert 0 < metrics["goodnet/flag_rate_clean"] < 1  # both kinds of answer compared
+    # BaDExpert's auxiliary is B repaired by FT-SAM (the repair, finetune, has no FT-SAM
+    # step), saved in the GoodNet beside B', and it too never read the evaluation data
+    assert metrics["goodnet/badexpert/auxiliary_is_repaired"] == 0.0
+    assert cfg.ft_sam.steps == 3 and cfg.ft_sam.erasing == 0.5  # forced key, file default
+    saved = plain(folder / "real/out/goodnet.h5")
+    assert any(layer.name.startswith("aux_") for layer in saved.layers)
     for file in ("repaired_net.h5", "goodnet.h5"):
         assert_same_weights(folder / "real/out" / file, folder / "swapped/out" / file)
 

@@ -24,7 +24,9 @@ from badnet_repair.ranges import in_range, ranged
 
 
 class Auxiliary(Enum):
+    auto = "auto"  # repaired where the repair has an FT-SAM step, else ft_sam
     repaired = "repaired"  # the run's repaired net B'
+    ft_sam = "ft_sam"  # B repaired by FT-SAM (the run's ft_sam section, else its defaults)
     finetuned = "finetuned"  # B fine-tuned on the true labels of the clean training split
 
 

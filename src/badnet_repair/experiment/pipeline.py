@@ -9,17 +9,19 @@ arguments, so each can be used and tested on its own.
 import json
 import logging
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import tf_keras as keras
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from badnet_repair import files, plots
 from badnet_repair.defenses import detectors, goodnet, repairs
 from badnet_repair.defenses.budget import NoneWithinBudget
 from badnet_repair.defenses.clean import CleanData, Memo
+from badnet_repair.defenses.detectors import badexpert
 from badnet_repair.experiment import config, inputs, sweep, tracking
 from badnet_repair.experiment.evaluate import (
     Answers,
@@ -48,8 +50,9 @@ def run(
     with `sweep.resume` a point whose config already has a FINISHED run is skipped.
     """
     config.settle(cfg)
+    goodnet_reads = _goodnet_sections(cfg)
     config.validate(cfg)
-    for section in repairs.unread(cfg):
+    for section in sorted(set(repairs.unread(cfg)) - goodnet_reads):
         log.warning(
             "config section %s: not read by repair=%s (ignored)", section, repairs.label(cfg)
         )
@@ -80,6 +83,26 @@ def run(
         metrics = _with_objective(_experiment(cfg, out_dir), cfg)
         mlflow.log_metric("objective", metrics["objective"])
         return metrics
+
+
+def _goodnet_sections(cfg: DictConfig) -> set[str]:
+    """The repair sections the GoodNet reads: `ft_sam` where BaDExpert repairs a copy of B
+    with FT-SAM for its auxiliary model (`goodnet.auxiliary` ft_sam, or auto and no FT-SAM
+    step in the repair). Where the repair brings no such section, it is FT-SAM's file's
+    defaults, under any `++ft_sam.KEY=` given: checked, logged and hashed as a repair's."""
+    chosen = detectors.parse(cfg.goodnet.detector)
+    if (
+        "badexpert" not in chosen
+        or badexpert.auxiliary_kind(cfg.goodnet, repairs.steps(cfg)) != "ft_sam"
+    ):
+        return set()
+    if "ft_sam" not in repairs.steps(cfg):
+        schema = {f.name: f.type for f in fields(repairs.settings("ft_sam"))}["ft_sam"]
+        defaults = OmegaConf.load(Path(config.project_root()) / "conf/repair/ft_sam.yaml")
+        given = cfg.get("ft_sam") or {}
+        with open_dict(cfg):
+            cfg.ft_sam = OmegaConf.merge(OmegaConf.structured(schema), defaults.ft_sam, given)
+    return {"ft_sam"}
 
 
 def _with_objective(metrics: dict[str, float], cfg: DictConfig) -> dict[str, float]:
@@ -176,7 +199,15 @@ def _goodnet(
     """Fit the detectors on clean data, score each and the GoodNet by its rule on the
     answers in hand (not by running it: STRIP alone costs k + 2 passes per image), save."""
     context = detectors.Context(
-        base.badnet, repaired, case.clean, cfg.goodnet, cfg.seed, cfg.eval_batch_size, case.memo
+        base.badnet,
+        repaired,
+        case.clean,
+        cfg.goodnet,
+        cfg.seed,
+        cfg.eval_batch_size,
+        case.memo,
+        tuple(repairs.steps(cfg)),
+        OmegaConf.to_object(cfg.ft_sam) if "ft_sam" in cfg else None,
     )
     fitted = [detectors.fit(name, context) for name in detectors.parse(cfg.goodnet.detector)]
     sets = {None: base.test, **base.poisoned}

@@ -56,6 +56,8 @@ class Context:
     seed: int
     batch_size: int
     memo: Memo  # shared by every run over the same BadNet and data in this process
+    repair_steps: tuple[str, ...] = ()  # the run's repair, or a chain's steps
+    ft_sam: Any = None  # FT-SAM's settings, for a BaDExpert auxiliary of its own
 
 
 @dataclass

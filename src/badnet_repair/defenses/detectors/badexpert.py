@@ -1,7 +1,11 @@
 """BaDExpert (Xie et al., ICLR 2024): a backdoor expert E, B fine-tuned on clean images
 with deliberately wrong labels (y + 1) mod N, forgets the normal task but keeps the
-backdoor, as no triggered image ever tells it otherwise; an auxiliary model M' (a
-repaired net) keeps the normal task and has lost the backdoor. On an input where B
+backdoor, as no triggered image ever tells it otherwise; an auxiliary model M' keeps
+the normal task and has lost the backdoor. M' is the run's repaired net B' where the
+repair has an FT-SAM step, else B repaired by FT-SAM for the detector alone
+(`goodnet.auxiliary=auto`): with a repair that leaves the backdoor in, such as
+fine-pruning on these nets, M' = B' answers the target too and the score fails on half
+the zoo (docs/goodnet.md). On an input where B
 answers y, a = E's probability of y and b = M''s: a triggered input has a high, b low;
 a clean one the reverse. The score is the authors' default ('triangle'),
 -min(2b / max(a, 1e-8), (1 - a) / max(0.5 - b, 1e-8)), flagged above a conformal
@@ -17,7 +21,8 @@ then merely reads B's confidence (demo_bn: 59% detected). A gentle 3e-4 for 2 ep
 batch 32 keeps the backdoor and mostly forgets (0.25-0.5 held-out accuracy), hence the
 defaults. E (and a fine-tuned M') depend on B alone, so the points of a sweep over one
 BadNet train them once. Cost: two extra forward passes per input (B and E; M' = B' is
-the GoodNet's own answer), one more with `goodnet.auxiliary=finetuned`.
+the GoodNet's own answer), one more with an M' of its own, whose FT-SAM run costs what
+the repair does (about two minutes on the demo, 2 cores).
 """
 
 import hashlib
@@ -30,9 +35,13 @@ import tf_keras as keras
 from badnet_repair import UserError
 from badnet_repair.data import Dataset
 from badnet_repair.defenses import goodnet
+from badnet_repair.defenses.budget import NoneWithinBudget
 from badnet_repair.defenses.clean import Memo
 from badnet_repair.defenses.detectors import Context, Fitted, Inputs, frr_each
 from badnet_repair.defenses.detectors import calibrate as conformal
+from badnet_repair.defenses.repairs import Case
+from badnet_repair.defenses.repairs import ft_sam as ft_sam_repair
+from badnet_repair.journal import Journal
 from badnet_repair.network import models
 from badnet_repair.network.predict import accuracy, predict_classes, probabilities
 from badnet_repair.network.pruning import copy_model
@@ -54,9 +63,13 @@ def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> No
         )
 
 
-def auxiliary_kind(settings: Any) -> str:
-    """`goodnet.auxiliary` as a plain string (an enum in the config, a string in tests)."""
-    return str(getattr(settings.auxiliary, "value", settings.auxiliary))
+def auxiliary_kind(settings: Any, repair_steps: Any = ()) -> str:
+    """`goodnet.auxiliary` as a plain string (an enum in the config, a string in tests),
+    `auto` resolved: `repaired` where the run's repair has an FT-SAM step, else `ft_sam`."""
+    kind = str(getattr(settings.auxiliary, "value", settings.auxiliary))
+    if kind == "auto":
+        return "repaired" if "ft_sam" in repair_steps else "ft_sam"
+    return kind
 
 
 def triangle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -116,6 +129,22 @@ def train_auxiliary(badnet: keras.Model, clean: Any, settings: Any, seed: int) -
     return aux
 
 
+def train_ft_sam_auxiliary(
+    badnet: keras.Model, clean: Any, ft_sam: Any, seed: int, batch_size: int
+) -> keras.Model | None:
+    """M' for `goodnet.auxiliary=ft_sam`: B repaired by FT-SAM at `ft_sam`'s settings, as
+    the repair would (its series are not logged: they are not the run's repair's); None
+    where no learning rate keeps FT-SAM's budget."""
+    log.info("BaDExpert: repairing a copy of B with FT-SAM for its auxiliary model")
+    case = Case(badnet, "", clean, Journal(), seed, batch_size, Memo())
+    seed_everything(seed)
+    try:
+        return ft_sam_repair.repair(case, ft_sam=ft_sam)
+    except NoneWithinBudget as declined:
+        log.warning("BaDExpert: no FT-SAM auxiliary (%s); the repaired net B' is used", declined)
+        return None
+
+
 def fit(context: Context) -> Fitted:
     s, clean, badnet = context.settings, context.clean, context.badnet
     held = clean.holdout
@@ -125,8 +154,21 @@ def fit(context: Context) -> Fitted:
     expert, metrics = context.memo.shared(
         expert_key, lambda: train_expert(badnet, clean, s, context.seed)
     )
-    if auxiliary_kind(s) == "repaired":
+    kind = auxiliary_kind(s, context.repair_steps)
+    if kind == "repaired":
         aux, aux_key = context.repaired, None
+    elif kind == "ft_sam":
+        if context.ft_sam is None:
+            raise UserError("goodnet.auxiliary=ft_sam: the run has no ft_sam settings")
+        aux_key = ("badexpert ft_sam auxiliary", repr(context.ft_sam), context.seed)
+        aux = context.memo.shared(
+            aux_key,
+            lambda: train_ft_sam_auxiliary(
+                badnet, clean, context.ft_sam, context.seed, context.batch_size
+            ),
+        )
+        if aux is None:
+            aux, aux_key = context.repaired, None
     else:
         aux_key = (
             "badexpert auxiliary",
@@ -169,7 +211,12 @@ def fit(context: Context) -> Fitted:
         flag_layer=lambda graph: flag_layer(graph, expert, aux, threshold),
         score=score,
         threshold=threshold,
-        metrics={**metrics, "threshold": threshold, **calibration.metrics()},
+        metrics={
+            **metrics,
+            "auxiliary_is_repaired": float(aux is context.repaired),
+            "threshold": threshold,
+            **calibration.metrics(),
+        },
         parts={"expert": expert, "auxiliary": aux, "calibration_scores": calibration_scores},
     )
 
