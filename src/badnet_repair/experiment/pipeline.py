@@ -90,6 +90,8 @@ def _goodnet_sections(cfg: DictConfig) -> set[str]:
     with FT-SAM for its auxiliary model (`goodnet.auxiliary` ft_sam, or auto and no FT-SAM
     step in the repair). Where the repair brings no such section, it is FT-SAM's file's
     defaults, under any `++ft_sam.KEY=` given: checked, logged and hashed as a repair's."""
+    if any(OmegaConf.is_missing(cfg.goodnet, key) for key in ("detector", "auxiliary")):
+        return set()  # `config.validate` names the key
     chosen = detectors.parse(cfg.goodnet.detector)
     if (
         "badexpert" not in chosen
