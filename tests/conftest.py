@@ -87,7 +87,8 @@ def nothing_written_to_the_checkout():
 def own_mlflow_store(tmp_path_factory, monkeypatch):
     """A fresh SQLite MLflow store per test (created on first use), no experiment chosen,
     and the working directory a temporary folder, where MLflow puts the artifacts of a run
-    started without an experiment (its default artifact root is ./mlruns)."""
+    started without an experiment (its default artifact root is ./mlruns); no run left
+    active after it."""
     tmp = tmp_path_factory.mktemp("mlflow")
     monkeypatch.chdir(tmp)
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
@@ -95,6 +96,13 @@ def own_mlflow_store(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    yield
+    # a run left active (MLflow's fluent logging starts one where none is) would make the
+    # worker's next run fail in another test, far from the cause: end it and say so here
+    leaked = mlflow.active_run()
+    if leaked is not None:
+        mlflow.end_run()
+        pytest.fail(f"the test left MLflow run {leaked.info.run_id} active")
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ the detector is perfect."""
 
 from types import SimpleNamespace
 
+import mlflow
 import numpy as np
 import pytest
 import tf_keras as keras
@@ -209,16 +210,22 @@ def test_auto_auxiliary_is_b_repaired_by_ft_sam_unless_the_repair_had_an_ft_sam_
         )
         return detectors.fit("badexpert", context)
 
-    after_ft_sam = aux(("fine_pruning", "ft_sam"))
-    assert after_ft_sam.parts["auxiliary"] is repaired
-    assert after_ft_sam.metrics["auxiliary_is_repaired"] == 1.0
-    own = aux(("fine_pruning",))
+    with mlflow.start_run() as run:
+        after_ft_sam = aux(("fine_pruning", "ft_sam"))
+        assert after_ft_sam.parts["auxiliary"] is repaired
+        assert after_ft_sam.metrics["auxiliary_is_repaired"] == 1.0
+        assert not mlflow.get_run(run.info.run_id).data.metrics  # nothing trained, nothing logged
+        own = aux(("fine_pruning",))
     assert own.metrics["auxiliary_is_repaired"] == 0.0
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    assert logged[f"{badexpert.AUXILIARY}ft_sam/lr"] == 0.001  # its training, apart
+    assert not [name for name in logged if name.startswith("ft_sam/")]
     model = own.parts["auxiliary"]
     assert model is not repaired and model is not demo_model
     case = repairs.Case(demo_model, "", clean, Journal(), 0, 512)
     training.seed_everything(0)
-    direct = ft_sam.repair(case, ft_sam=settings)
+    with mlflow.start_run():  # the repair logs its series to the active run
+        direct = ft_sam.repair(case, ft_sam=settings)
     for mine, theirs in zip(model.get_weights(), direct.get_weights(), strict=True):
         np.testing.assert_array_equal(mine, theirs)
     assert any(

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-8  # the authors' guard on both divisions
 MIN_CALIBRATION = 20  # clean held-out images the threshold is set on, at least
+AUXILIARY = "goodnet/badexpert/auxiliary/"  # where an own auxiliary's training is logged
 
 
 def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:
@@ -133,10 +134,11 @@ def train_ft_sam_auxiliary(
     badnet: keras.Model, clean: Any, ft_sam: Any, seed: int, batch_size: int
 ) -> keras.Model | None:
     """M' for `goodnet.auxiliary=ft_sam`: B repaired by FT-SAM at `ft_sam`'s settings, as
-    the repair would (its series are not logged: they are not the run's repair's); None
-    where no learning rate keeps FT-SAM's budget."""
+    the repair would, its series logged to the active run under `AUXILIARY` (apart from
+    the repair's: they are not in metrics.json); None where no learning rate keeps
+    FT-SAM's budget."""
     log.info("BaDExpert: repairing a copy of B with FT-SAM for its auxiliary model")
-    case = Case(badnet, "", clean, Journal(), seed, batch_size, Memo())
+    case = Case(badnet, "", clean, Journal(AUXILIARY), seed, batch_size, Memo())
     seed_everything(seed)
     try:
         return ft_sam_repair.repair(case, ft_sam=ft_sam)
