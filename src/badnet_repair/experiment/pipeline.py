@@ -92,13 +92,10 @@ def _goodnet_sections(cfg: DictConfig) -> set[str]:
     defaults, under any `++ft_sam.KEY=` given: checked, logged and hashed as a repair's."""
     if any(OmegaConf.is_missing(cfg.goodnet, key) for key in ("detector", "auxiliary")):
         return set()  # `config.validate` names the key
-    chosen = detectors.parse(cfg.goodnet.detector)
-    if (
-        "badexpert" not in chosen
-        or badexpert.auxiliary_kind(cfg.goodnet, repairs.steps(cfg)) != "ft_sam"
-    ):
+    chosen, steps = detectors.parse(cfg.goodnet.detector), repairs.steps(cfg)
+    if "badexpert" not in chosen or badexpert.auxiliary_kind(cfg.goodnet, steps) != "ft_sam":
         return set()
-    if "ft_sam" not in repairs.steps(cfg):
+    if "ft_sam" not in steps:
         schema = {f.name: f.type for f in fields(repairs.settings("ft_sam"))}["ft_sam"]
         defaults = OmegaConf.load(Path(config.project_root()) / "conf/repair/ft_sam.yaml")
         given = cfg.get("ft_sam") or {}
