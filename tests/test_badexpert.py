@@ -54,7 +54,7 @@ def fitted(demo_model, clean):
     context = detectors.Context(
         demo_model, demo_model, clean, SimpleNamespace(**SETTINGS), 0, 512, Memo()
     )
-    return detectors.fit("badexpert", context)
+    return detectors.fit(["badexpert"], context)[0]
 
 
 def scores_on(fitted, badnet, x: np.ndarray) -> np.ndarray:
@@ -208,7 +208,7 @@ def test_auto_auxiliary_is_b_repaired_by_ft_sam_unless_the_repair_had_an_ft_sam_
         context = detectors.Context(
             demo_model, repaired, clean, auto, 0, 512, memo, steps, settings
         )
-        return detectors.fit("badexpert", context)
+        return detectors.fit(["badexpert"], context)[0]
 
     with mlflow.start_run() as run:
         after_ft_sam = aux(("fine_pruning", "ft_sam"))

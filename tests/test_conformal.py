@@ -1,4 +1,5 @@
-"""The GoodNet's false-rejection promise: conformal thresholds and their union.
+"""The GoodNet's false-rejection promise: conformal thresholds, one detector or several
+calibrated together.
 
 Pure arithmetic on synthetic scores (no TensorFlow): many independent draws from one
 distribution, calibration on n of them, false rejection measured on fresh ones. The
@@ -15,56 +16,97 @@ DRAWS = 2000  # calibrations, each judged on its own fresh clean scores
 FRESH = 200
 
 
-def fresh_rejection(n: int, frr: float, rng: np.random.Generator, detectors: int = 1) -> float:
-    """The mean false rejection over DRAWS calibrations on n clean scores, of `detectors`
-    independent scores each calibrated at frr / detectors and flagged by any."""
-    rates = []
+def fresh_rejection(n: int, frr: float, rng: np.random.Generator, draw) -> tuple[float, float]:
+    """The mean false rejection over DRAWS joint calibrations on n clean score vectors
+    `draw(rng, n)` (n, m), each judged on FRESH new ones (flagged by any detector), and
+    the mean promised bound."""
+    rates, bounds = [], []
     for _ in range(DRAWS):
-        flagged = np.zeros(FRESH, bool)
-        for _ in range(detectors):
-            calibration = calibrate(rng.standard_normal(n), frr / detectors, "test")
-            flagged |= rng.standard_normal(FRESH) > calibration.threshold
-        rates.append(flagged.mean())
-    return float(np.mean(rates))
+        calibration = calibrate(draw(rng, n), frr, "test")
+        fresh = draw(rng, FRESH)
+        rates.append(np.any(fresh > np.array(calibration.thresholds), axis=1).mean())
+        bounds.append(calibration.bound)
+    return float(np.mean(rates)), float(np.mean(bounds))
+
+
+def one(rng, n):
+    return rng.standard_normal((n, 1))
+
+
+def independent(rng, n):
+    return rng.standard_normal((n, 3))
+
+
+def correlated(rng, n):
+    """Two detectors that mostly flag the same images (as ours flag B's errors)."""
+    shared = rng.standard_normal((n, 1))
+    return shared + 0.3 * rng.standard_normal((n, 2))
+
+
+def standard_error(frr: float, n: int) -> float:
+    """Of the mean of DRAWS rates: each varies with its fresh draw and its calibration."""
+    return np.sqrt(frr * (1 - frr) * (1 / FRESH + 1 / (n + 2))) / np.sqrt(DRAWS)
 
 
 @pytest.mark.parametrize(("n", "frr"), [(19, 0.05), (60, 0.05), (120, 0.05), (300, 0.01)])
-def test_expected_false_rejection_on_fresh_draws_is_within_the_bound(n, frr):
-    """Split conformal: E[rejection] = 1 - rank/(n + 1) <= frr, and above frr - 1/(n + 1).
-    The mean of DRAWS rates estimates it with standard error at most
-    sqrt(frr (1 - frr) / FRESH + Var(bound draw)) / sqrt(DRAWS); 4 standard errors."""
+def test_one_detectors_expected_false_rejection_on_fresh_draws_is_its_bound(n, frr):
+    """Split conformal: E[rejection] = 1 - rank/(n + 1) <= frr, with rank the
+    ceil((n + 1)(1 - frr))-th smallest score, and above frr - 1/(n + 1); 4 standard errors."""
     rng = np.random.default_rng(n)
-    bound = calibrate(np.zeros(n), frr, "test").bound
-    measured = fresh_rejection(n, frr, rng)
-    se = np.sqrt(frr * (1 - frr) * (1 / FRESH + 1 / (n + 2))) / np.sqrt(DRAWS)
-    assert bound <= frr + 1e-12
-    assert abs(measured - bound) < 4 * se, (measured, bound, se)
+    scores = np.arange(float(n))
+    rank = int(np.ceil((n + 1) * (1 - frr) - 1e-9))
+    calibration = calibrate(scores, frr, "test")
+    assert calibration.thresholds == [scores[rank - 1]]
+    assert calibration.bound == pytest.approx(1 - rank / (n + 1)) and calibration.bound <= frr
+    measured, _ = fresh_rejection(n, frr, rng, one)
+    se = standard_error(frr, n)
+    assert abs(measured - calibration.bound) < 4 * se, (measured, calibration.bound, se)
     assert measured > frr - 1 / (n + 1) - 4 * se  # not needlessly strict either
 
 
+@pytest.mark.parametrize("draw", [independent, correlated])
+def test_detectors_calibrated_together_keep_the_goodnets_rate(draw):
+    """Flagged by any of several detectors, the GoodNet rejects at most its promised bound
+    (<= frr) of fresh clean inputs on average, whether the detectors flag different
+    images or the same ones."""
+    n, frr = 200, 0.05
+    measured, bound = fresh_rejection(n, frr, np.random.default_rng(1), draw)
+    assert bound <= frr
+    assert measured <= bound + 4 * standard_error(frr, n), (measured, bound)
+
+
+def test_calibrating_together_spends_what_each_at_frr_over_m_would_leave():
+    """Where the detectors mostly flag the same images, each at frr / m (Bonferroni)
+    rejects far less than frr in all; calibrated together they use the promised rate,
+    and flag more of what only they see."""
+    rng = np.random.default_rng(2)
+    n, frr, rates = 200, 0.05, {"together": [], "each at frr / 2": []}
+    for _ in range(500):
+        clean, fresh = correlated(rng, n), correlated(rng, FRESH)
+        together = np.array(calibrate(clean, frr, "test").thresholds)
+        apart = np.array([calibrate(clean[:, j], frr / 2, "test").thresholds[0] for j in (0, 1)])
+        rates["together"].append(np.any(fresh > together, axis=1).mean())
+        rates["each at frr / 2"].append(np.any(fresh > apart, axis=1).mean())
+    together, apart = np.mean(rates["together"]), np.mean(rates["each at frr / 2"])
+    assert apart < 0.75 * frr < together <= frr + 4 * standard_error(frr, n) / np.sqrt(500 / DRAWS)
+
+
+def test_ties_are_counted_against_the_promise():
+    """Scores all equal (a disagreement score where the nets always agree): none of them
+    can be flagged without flagging all, so only a new input above them all is."""
+    calibration = calibrate(np.zeros((120, 2)), 0.05, "test")
+    assert calibration.thresholds == [0.0, 0.0]
+    assert calibration.bound == pytest.approx(6 / 121)
+
+
 def test_too_few_calibration_images_use_the_rate_they_support(caplog):
-    """19 scores cannot promise 1%: the largest is used, promising 1/20, said in one line."""
-    scores = np.arange(19.0)
+    """19 scores cannot promise 1%: the largest is used, promising 1/20, said in one line;
+    two detectors on 30 images cannot promise 5% (their tops are two images)."""
     with caplog.at_level(logging.WARNING):
-        got = calibrate(scores, 0.01, "detector x")
-    assert got.threshold == 18.0 and got.bound == pytest.approx(1 / 20)
+        got = calibrate(np.arange(19.0), 0.01, "detector x")
+    assert got.thresholds == [18.0] and got.bound == pytest.approx(1 / 20)
     assert "detector x: 19 clean calibration images support" in caplog.text
     assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
-
-
-def test_the_union_of_detectors_keeps_the_goodnets_rate():
-    """Three detectors flagged by any, each calibrated at frr/3 (Bonferroni): the union's
-    false rejection stays within frr; each at frr would have rejected about 3 frr."""
-    rng = np.random.default_rng(0)
-    n, frr = 200, 0.05
-    union = fresh_rejection(n, frr, rng, detectors=3)
-    se = np.sqrt(frr / FRESH) / np.sqrt(DRAWS)
-    assert union <= frr + 4 * se, union
-    naive = []
-    for _ in range(200):
-        flagged = np.zeros(FRESH, bool)
-        for _ in range(3):
-            calibration = calibrate(rng.standard_normal(n), frr, "test")
-            flagged |= rng.standard_normal(FRESH) > calibration.threshold
-        naive.append(flagged.mean())
-    assert np.mean(naive) > 2 * frr  # the promise is broken without the split
+    two = np.stack([np.arange(30.0), -np.arange(30.0)], axis=1)
+    got = calibrate(two, 0.05, "x + y")
+    assert got.thresholds == [29.0, 0.0] and got.bound == pytest.approx(2 / 31)

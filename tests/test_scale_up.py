@@ -46,7 +46,7 @@ def fitted_on(model, clean_x, **kw) -> detectors.Fitted:
     context = detectors.Context(
         model, model, CleanData(clean, clean, clean), settings(**kw), 0, 64, Memo()
     )
-    return detectors.fit("scale_up", context)
+    return detectors.fit(["scale_up"], context)[0]
 
 
 def judge(model, fitted, x) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ def fitted_on(model, clean_x, seed=0, **kw) -> detectors.Fitted:
     context = detectors.Context(
         model, model, CleanData(clean, clean, clean), settings(**kw), seed, 64, Memo()
     )
-    return detectors.fit("teco", context)
+    return detectors.fit(["teco"], context)[0]
 
 
 def scores(model, fitted, x) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +156,7 @@ def test_goodnet_of_both_input_detectors_loads_in_plain_tensorflow(tmp_path):
     context = detectors.Context(
         badnet, repaired, CleanData(clean, clean, clean), both, 0, 64, Memo()
     )
-    fitted = [detectors.fit(name, context) for name in ("scale_up", "teco")]
+    fitted = detectors.fit(["scale_up", "teco"], context)
     gn = goodnet.build_goodnet(badnet, repaired, fitted)
     path = goodnet.save_goodnet(gn.model, tmp_path / "goodnet.h5")
     np.save(tmp_path / "x.npy", x[100:])

@@ -208,7 +208,7 @@ def _goodnet(
         tuple(repairs.steps(cfg)),
         OmegaConf.to_object(cfg.ft_sam) if "ft_sam" in cfg else None,
     )
-    fitted = [detectors.fit(name, context) for name in detectors.parse(cfg.goodnet.detector)]
+    fitted = detectors.fit(detectors.parse(cfg.goodnet.detector), context)
     sets = {None: base.test, **base.poisoned}
     inputs = {
         t: detectors.Inputs(ds.name, ds.x, base.answers.of(t), repaired_answers.of(t))

@@ -5,17 +5,18 @@ any; `both` is that list).
 A detector is the module `badnet_repair/defenses/detectors/NAME.py`, defining
 - `check(badnet, settings, clean, batch_size)`: refuse, before any work, what it cannot
   handle (a net it cannot run, too little clean data for its threshold);
-- `fit(context) -> Fitted`: everything it learns, from the defender's clean data only.
-A fitted detector has a score per input (higher: more suspicious) and a conformal
-threshold (`calibrate`) set on clean images it has not learned from, so that it rejects
-at most its share of `goodnet.frr` of new clean inputs in expectation. It also builds
-its flag from standard Keras layers inside the GoodNet (`goodnet.Graph`).
+- `fit(context) -> Scored`: everything it learns, from the defender's clean data only,
+  with its scores (higher: more suspicious) on the clean images it did not learn from,
+  and how it flags once given a threshold (its flag built from standard Keras layers
+  inside the GoodNet, `goodnet.Graph`).
 
-The GoodNet flags an input when any of its detectors does, so the detectors split
-`goodnet.frr` evenly (Bonferroni): with m of them, each is calibrated at frr / m, and
-the union rejects at most frr of clean inputs in expectation.
+The GoodNet flags an input when any of its detectors does. `fit` sets the chosen
+detectors' thresholds together (`calibrate`, conformal), on the clean images all of
+them may be calibrated on, so that the GoodNet as a whole rejects at most `goodnet.frr`
+of new clean inputs in expectation.
 """
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,22 +109,62 @@ def check(badnet: keras.Model, settings: Any, clean: CleanData, batch_size: int)
         module(name).check(badnet, settings, clean, batch_size)
 
 
-def fit(name: str, context: Context) -> Fitted:
-    return module(name).fit(context)
+@dataclass
+class Scored:
+    """A fitted detector before its threshold: its scores on the clean images it may be
+    calibrated on (none that it learned from), and `place`, which gives the detector
+    flagging scores above a threshold."""
+
+    name: str
+    clean_x: np.ndarray
+    clean_scores: np.ndarray
+    place: Callable[[float], Fitted]
 
 
-def frr_each(settings: Any) -> float:
-    """Each detector's share of `goodnet.frr` (Bonferroni over the chosen detectors)."""
-    return settings.frr / len(parse(settings.detector))
+def fit(names: list[str], context: Context) -> list[Fitted]:
+    """The detectors `names`, each fitted on clean data, then calibrated together on the
+    clean images all of them may be calibrated on, so that the GoodNet, which flags an
+    input when any of them does, rejects at most `goodnet.frr` of new clean inputs in
+    expectation (`calibrate`)."""
+    scored = [module(name).fit(context) for name in names]
+    calibration = calibrate(common_scores(scored), context.settings.frr, " + ".join(names))
+    fitted = []
+    for detector, threshold in zip(scored, calibration.thresholds, strict=True):
+        placed = detector.place(threshold)
+        placed.metrics.update(calibration.metrics())
+        fitted.append(placed)
+    return fitted
+
+
+def _image_keys(x: np.ndarray) -> list[tuple[bytes, int]]:
+    """Each image's content digest, with its occurrence number among equal images."""
+    seen: dict[bytes, int] = {}
+    keys = []
+    for image in x:
+        digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).digest()
+        keys.append((digest, seen.get(digest, 0)))
+        seen[digest] = keys[-1][1] + 1
+    return keys
+
+
+def common_scores(scored: list[Scored]) -> np.ndarray:
+    """(n, m): the m detectors' scores on the n clean images every one of them may be
+    calibrated on (the held-out split for those that learn from the training split)."""
+    if len(scored) == 1:
+        return np.asarray(scored[0].clean_scores, np.float64)[:, None]
+    by_image = [dict(zip(_image_keys(d.clean_x), d.clean_scores, strict=True)) for d in scored]
+    shared = [key for key in by_image[0] if all(key in other for other in by_image[1:])]
+    rows = [[scores[key] for scores in by_image] for key in shared]
+    return np.asarray(rows, np.float64).reshape(len(shared), len(scored))
 
 
 @dataclass
 class Calibration:
-    """A conformal threshold: flagging scores above `threshold` rejects at most `bound`
-    of new clean inputs in expectation, for inputs exchangeable with the `size` clean
-    calibration images (split conformal: `bound` = 1 - rank / (size + 1))."""
+    """Conformal thresholds, one per detector: flagging an input when any detector's score
+    is above its threshold rejects at most `bound` of new clean inputs in expectation, for
+    inputs exchangeable with the `size` clean calibration images."""
 
-    threshold: float
+    thresholds: list[float]
     size: int
     bound: float
 
@@ -131,28 +172,58 @@ class Calibration:
         return {"calibration_images": float(self.size), "frr_bound": self.bound}
 
 
-def calibrate(clean_scores: np.ndarray, frr: float, who: str) -> Calibration:
-    """The smallest threshold whose expected false rejection on new clean inputs is at
-    most `frr`: the rank ceil((n + 1)(1 - frr)) score of the n clean `clean_scores`
-    (a sample quantile would promise `frr` and keep about frr + 1/n). With fewer than
-    1/frr - 1 scores no rank keeps the promise: the largest score is used, which
-    promises 1/(n + 1), and a warning says so."""
-    ranked = np.sort(np.asarray(clean_scores, np.float64))
-    n = len(ranked)
-    rank = int(np.ceil((n + 1) * (1.0 - frr) - 1e-9))
-    if rank > n:
+def calibrate(scores: np.ndarray, frr: float, who: str) -> Calibration:
+    """Thresholds for m detectors at once from their scores (n, m) on n clean images (a
+    1-d array: one detector), flagged by any, promising at most `frr` false rejection.
+
+    The rule is the minimum of the detectors' conformal p-values, calibrated jointly
+    (rather than each detector at frr / m, which is as strict as if they never flagged
+    the same clean image, while ours mostly flag the same ones: B's errors). Every
+    detector flags above its k-th largest calibration score, one k for all, the largest
+    k for which 1 + N(k) <= frr (n + 1), where N(k) bounds how many calibration images
+    rank among the top k of some detector once the new input is ranked with them. A
+    flagged input's full-conformal p-value (its best rank across detectors, among the
+    n + 1 images, a symmetric score) is then at most frr, so a new clean input, which is
+    exchangeable with the calibration images, is flagged with probability at most
+    `bound` = floor(frr (n + 1)) / (n + 1). With one detector this is split conformal,
+    the rank ceil((n + 1)(1 - frr)) score from the bottom. Where even k = 1 breaks the
+    promise (fewer than about m / frr - 1 images), the largest scores are used, which
+    promise m / (n + 1), and a warning says so.
+    """
+    s = np.asarray(scores, np.float64)
+    s = s[:, None] if s.ndim == 1 else s
+    n, m = s.shape
+    if n == 0:
+        raise UserError(f"{who}: no clean image that every detector may be calibrated on")
+    # ranks[i, j]: how many calibration scores of detector j are >= image i's (1 = top)
+    ranks = np.stack(
+        [n - np.searchsorted(np.sort(s[:, j]), s[:, j], side="left") for j in range(m)], axis=1
+    )
+    ks = np.arange(n + 1)
+    counted = np.zeros(n + 1)
+    for j in range(m):  # the new input tops detector j: its k-th image drops to rank k + 1
+        others = np.delete(ranks, j, axis=1).min(axis=1) if m > 1 else np.full(n, n + 1)
+        effective = np.sort(np.minimum(ranks[:, j] + 1, others))
+        counted = np.maximum(counted, np.searchsorted(effective, ks, side="right"))
+    kept = np.flatnonzero(1 + counted[1:] <= frr * (n + 1) + 1e-9) + 1
+    k = int(kept.max()) if len(kept) else 1
+    bound = (np.floor(frr * (n + 1) + 1e-9) if len(kept) else m) / (n + 1)
+    if not len(kept):
         log.warning(
             "%s: %d clean calibration images support a false-rejection rate of %.4f at "
             "best, not the %.4f asked; using that (more clean validation data, or a larger "
             "data.holdout, would do)",
             who,
             n,
-            1.0 / (n + 1),
+            bound,
             frr,
         )
-        rank = n
-    bound = 1.0 - rank / (n + 1)
     log.info(
-        "%s: threshold at rank %d of %d clean scores, false rejection <= %.4f", who, rank, n, bound
+        "%s: thresholds at the rank %d of %d clean scores (from the top), false rejection <= %.4f",
+        who,
+        k,
+        n,
+        bound,
     )
-    return Calibration(float(ranked[rank - 1]), n, bound)
+    thresholds = -np.sort(-s, axis=0)[k - 1]
+    return Calibration([float(t) for t in thresholds], n, float(bound))

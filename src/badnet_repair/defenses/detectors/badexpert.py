@@ -9,9 +9,8 @@ the zoo (docs/goodnet.md). On an input where B
 answers y, a = E's probability of y and b = M''s: a triggered input has a high, b low;
 a clean one the reverse. The score is the authors' default ('triangle'),
 -min(2b / max(a, 1e-8), (1 - a) / max(0.5 - b, 1e-8)), flagged above a conformal
-threshold set on every clean held-out image (on the class B answers, right or wrong, as
-on any new input), so that at most its share of `goodnet.frr` of new clean inputs is
-rejected in expectation.
+threshold calibrated on every clean held-out image (on the class B answers, right or
+wrong, as on any new input), together with the GoodNet's other detectors.
 
 E stops as soon as its accuracy on the clean held-out images falls below
 `goodnet.expert_stop_acc`, checked after every step, or when its epochs end. The paper
@@ -37,8 +36,7 @@ from badnet_repair.data import Dataset
 from badnet_repair.defenses import goodnet
 from badnet_repair.defenses.budget import NoneWithinBudget
 from badnet_repair.defenses.clean import Memo
-from badnet_repair.defenses.detectors import Context, Fitted, Inputs, frr_each
-from badnet_repair.defenses.detectors import calibrate as conformal
+from badnet_repair.defenses.detectors import Context, Fitted, Inputs, Scored
 from badnet_repair.defenses.repairs import Case
 from badnet_repair.defenses.repairs import ft_sam as ft_sam_repair
 from badnet_repair.journal import Journal
@@ -147,7 +145,7 @@ def train_ft_sam_auxiliary(
         return None
 
 
-def fit(context: Context) -> Fitted:
+def fit(context: Context) -> Scored:
     s, clean, badnet = context.settings, context.clean, context.badnet
     held = clean.holdout
     answered = predict_classes(badnet, held.x, context.batch_size)
@@ -199,28 +197,28 @@ def fit(context: Context) -> Fitted:
 
     a, b = ab(Inputs(held.name, held.x, answered, answered))
     calibration_scores = triangle(a, b)
-    calibration = conformal(calibration_scores, frr_each(s), "BaDExpert")
-    threshold = calibration.threshold
     log.info(
-        "BaDExpert: threshold %.6g on %d clean held-out images (median a %.3f, b %.3f)",
-        threshold,
-        calibration.size,
+        "BaDExpert: scored %d clean held-out images (median a %.3f, b %.3f)",
+        len(held),
         np.median(a),
         np.median(b),
     )
-    return Fitted(
-        "badexpert",
-        flag_layer=lambda graph: flag_layer(graph, expert, aux, threshold),
-        score=score,
-        threshold=threshold,
-        metrics={
-            **metrics,
-            "auxiliary_is_repaired": float(aux is context.repaired),
-            "threshold": threshold,
-            **calibration.metrics(),
-        },
-        parts={"expert": expert, "auxiliary": aux, "calibration_scores": calibration_scores},
-    )
+
+    def place(threshold: float) -> Fitted:
+        return Fitted(
+            "badexpert",
+            flag_layer=lambda graph: flag_layer(graph, expert, aux, threshold),
+            score=score,
+            threshold=threshold,
+            metrics={
+                **metrics,
+                "auxiliary_is_repaired": float(aux is context.repaired),
+                "threshold": threshold,
+            },
+            parts={"expert": expert, "auxiliary": aux, "calibration_scores": calibration_scores},
+        )
+
+    return Scored("badexpert", held.x, calibration_scores, place)
 
 
 def flag_layer(

@@ -17,7 +17,7 @@ import numpy as np
 import tf_keras as keras
 
 from badnet_repair.defenses import goodnet
-from badnet_repair.defenses.detectors import Context, Fitted, Inputs, calibrate, frr_each
+from badnet_repair.defenses.detectors import Context, Fitted, Inputs, Scored
 from badnet_repair.network.predict import probabilities
 
 # The threshold sits this far above the calibrated score: agreeing nets (score 0) never
@@ -36,23 +36,25 @@ def margin(p_repaired: np.ndarray, badnet_classes: np.ndarray) -> np.ndarray:
     return p_repaired.max(axis=1) - p_repaired[rows, np.asarray(badnet_classes, int)]
 
 
-def fit(context: Context) -> Fitted:
+def fit(context: Context) -> Scored:
     holdout, batch = context.clean.holdout, context.batch_size
     p_bad = probabilities(context.badnet, holdout.x, batch)
     clean_scores = margin(probabilities(context.repaired, holdout.x, batch), p_bad.argmax(axis=1))
-    calibration = calibrate(clean_scores, frr_each(context.settings), "disagreement")
-    threshold = calibration.threshold + MARGIN
 
     def score(inputs: Inputs) -> np.ndarray:
         return margin(probabilities(context.repaired, inputs.x, batch), inputs.badnet)
 
-    return Fitted(
-        "disagreement",
-        flag_layer=lambda graph: flag_layer(graph, threshold),
-        score=score,
-        threshold=threshold,
-        metrics={"margin_threshold": threshold, **calibration.metrics()},
-    )
+    def place(calibrated: float) -> Fitted:
+        threshold = calibrated + MARGIN
+        return Fitted(
+            "disagreement",
+            flag_layer=lambda graph: flag_layer(graph, threshold),
+            score=score,
+            threshold=threshold,
+            metrics={"margin_threshold": threshold},
+        )
+
+    return Scored("disagreement", holdout.x, clean_scores, place)
 
 
 def flag_layer(graph: goodnet.Graph, threshold: float) -> Any:

@@ -23,8 +23,7 @@ import tf_keras as keras
 
 from badnet_repair import UserError
 from badnet_repair.defenses import goodnet, variants
-from badnet_repair.defenses.detectors import Calibration, Context, Fitted, Inputs, frr_each
-from badnet_repair.defenses.detectors import calibrate as conformal
+from badnet_repair.defenses.detectors import Context, Fitted, Inputs, Scored
 from badnet_repair.network import models
 from badnet_repair.network.predict import predict_classes
 
@@ -85,11 +84,11 @@ def class_statistics(
     return mean, std
 
 
-def fit(context: Context) -> Fitted:
+def fit(context: Context) -> Scored:
     s, badnet = context.settings, context.badnet
     factors, high = [float(f) for f in s.scale_up_factors], float(s.pixel_max)
-    classwise, frr = bool(s.scale_up_classwise), frr_each(s)
-    key = ("scale_up", tuple(factors), high, classwise, frr, context.seed)
+    classwise = bool(s.scale_up_classwise)
+    key = ("scale_up", tuple(factors), high, classwise, context.seed)
     copier = variants.copies_model(badnet, amplify(factors, high), "scale_up_")
 
     def spc_of(x: np.ndarray, on_input: np.ndarray) -> np.ndarray:
@@ -99,9 +98,9 @@ def fit(context: Context) -> Fitted:
     floor = 1.0 / len(factors)
     clean_x = context.clean.validation.x
     learned = context.memo.shared(
-        key, lambda: calibrate(badnet, spc_of, clean_x, classwise, frr, floor, context.seed)
+        key, lambda: learn(badnet, spc_of, clean_x, classwise, floor, context.seed)
     )
-    mean, std, calibration = learned["mean"], learned["std"], learned["calibration"]
+    mean, std = learned["mean"], learned["std"]
 
     def score(inputs: Inputs) -> np.ndarray:
         def compute() -> np.ndarray:
@@ -111,19 +110,21 @@ def fit(context: Context) -> Fitted:
 
         return context.memo.shared(("scale_up scores", variants.content(inputs.x), *key), compute)
 
-    threshold = calibration.threshold
-    # B's SPC must exceed cut_y (per class) to be flagged: the threshold undone
-    cuts = (
-        (mean + threshold * np.maximum(std, floor)) if classwise else np.full(len(mean), threshold)
-    )
-    return Fitted(
-        "scale_up",
-        flag_layer=lambda graph: flag_layer(graph, factors, high, cuts * len(factors)),
-        score=score,
-        threshold=threshold,
-        metrics={"threshold": threshold, **calibration.metrics()},
-        parts={"mean": mean, "std": std, "calibration_scores": learned["scores"]},
-    )
+    def place(threshold: float) -> Fitted:
+        # B's SPC must exceed cut_y (per class) to be flagged: the threshold undone
+        cuts = np.full_like(mean, threshold)
+        if classwise:
+            cuts = mean + threshold * np.maximum(std, floor)
+        return Fitted(
+            "scale_up",
+            flag_layer=lambda graph: flag_layer(graph, factors, high, cuts * len(factors)),
+            score=score,
+            threshold=threshold,
+            metrics={"threshold": threshold},
+            parts={"mean": mean, "std": std, "calibration_scores": learned["scores"]},
+        )
+
+    return Scored("scale_up", learned["x"], learned["scores"], place)
 
 
 def normalise(
@@ -134,29 +135,28 @@ def normalise(
     return (spc - mean[classes]) / np.maximum(std[classes], floor)
 
 
-def calibrate(
+def learn(
     badnet: keras.Model,
     spc_of: Any,
     clean_x: np.ndarray,
     classwise: bool,
-    frr: float,
     floor: float,
     seed: int,
 ) -> dict[str, Any]:
-    """The conformal threshold on the clean SPCs (all clean images; with `classwise`, the
-    per-class statistics from a seeded half and the threshold on the other half)."""
+    """The clean SPCs the threshold is calibrated on (all clean images; with `classwise`,
+    the per-class statistics from a seeded half, and the normalised scores of the other
+    half, `x`)."""
     classes = predict_classes(badnet, clean_x)
     spc = spc_of(clean_x, classes)
     n_classes = models.num_classes(badnet)
     if not classwise:
         mean, std = np.zeros(n_classes), np.ones(n_classes)
-        return dict(mean=mean, std=std, scores=spc, calibration=conformal(spc, frr, "SCALE-UP"))
+        return dict(mean=mean, std=std, scores=spc, x=clean_x)
     order = np.random.default_rng(seed).permutation(len(clean_x))
     stats, held = order[: len(order) // 2], order[len(order) // 2 :]
     mean, std = class_statistics(spc[stats], classes[stats], n_classes)
     scores = normalise(spc[held], classes[held], mean, std, floor)
-    calibration: Calibration = conformal(scores, frr, "SCALE-UP (class-wise)")
-    return dict(mean=mean, std=std, scores=scores, calibration=calibration)
+    return dict(mean=mean, std=std, scores=scores, x=clean_x[held])
 
 
 def flag_layer(graph: goodnet.Graph, factors: list[float], high: float, cuts: np.ndarray) -> Any:

@@ -19,8 +19,7 @@ import tf_keras as keras
 
 from badnet_repair import UserError
 from badnet_repair.defenses import goodnet
-from badnet_repair.defenses.detectors import Calibration, Context, Fitted, Inputs, frr_each
-from badnet_repair.defenses.detectors import calibrate as conformal
+from badnet_repair.defenses.detectors import Context, Fitted, Inputs, Scored
 from badnet_repair.network import models, topology
 from badnet_repair.network.predict import probabilities
 
@@ -43,15 +42,13 @@ def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> No
     topology.replay(badnet, blends, "trial_", distributed=True, logits=True)
 
 
-def fit(context: Context) -> Fitted:
+def fit(context: Context) -> Scored:
     s, badnet = context.settings, context.badnet
-    frr = frr_each(s)
-    key = (s.k, s.alpha, frr, context.seed)
-    overlays, calibration, entropies = context.memo.shared(
+    key = (s.k, s.alpha, context.seed)
+    overlays, calibration_x, entropies = context.memo.shared(
         ("strip", *key),
-        lambda: calibrate(badnet, context.clean.validation.x, s.k, frr, s.alpha, context.seed),
+        lambda: draw(badnet, context.clean.validation.x, s.k, s.alpha, context.seed),
     )
-    threshold = -calibration.threshold
 
     def score(inputs: Inputs) -> np.ndarray:
         def compute() -> np.ndarray:
@@ -62,14 +59,17 @@ def fit(context: Context) -> Fitted:
 
         return context.memo.shared(("strip scores", inputs.name, *key), compute)
 
-    return Fitted(
-        "strip",
-        flag_layer=lambda graph: flag_layer(graph, overlays, s.alpha, threshold),
-        score=score,
-        threshold=calibration.threshold,
-        metrics={"entropy_threshold": threshold, **calibration.metrics()},
-        parts={"overlays": overlays, "alpha": s.alpha, "entropies": entropies},
-    )
+    def place(threshold: float) -> Fitted:
+        return Fitted(
+            "strip",
+            flag_layer=lambda graph: flag_layer(graph, overlays, s.alpha, -threshold),
+            score=score,
+            threshold=threshold,
+            metrics={"entropy_threshold": -threshold},
+            parts={"overlays": overlays, "alpha": s.alpha, "entropies": entropies},
+        )
+
+    return Scored("strip", calibration_x, -entropies, place)
 
 
 def blend(x: np.ndarray, overlays: np.ndarray, alpha: float) -> np.ndarray:
@@ -94,26 +94,17 @@ def mean_entropy(
     return np.concatenate(out) if out else np.empty(0)
 
 
-def calibrate(
-    model: keras.Model,
-    clean_x: np.ndarray,
-    k: int = 32,
-    frr: float = 0.05,
-    alpha: float = 0.5,
-    seed: int = 0,
-) -> tuple[np.ndarray, Calibration, np.ndarray]:
-    """STRIP's overlays (`k` of `clean_x`, drawn with `seed`) and its conformal threshold
-    on the negated mean entropy, set on the rest of `clean_x` (so the overlays never judge
-    themselves) for a false rejection of at most `frr`. Returns (overlays, calibration
-    of the score -entropy, entropies)."""
+def draw(
+    model: keras.Model, clean_x: np.ndarray, k: int = 32, alpha: float = 0.5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """STRIP's overlays (`k` of `clean_x`, drawn with `seed`) and the rest of `clean_x`,
+    the images its threshold may be calibrated on (so the overlays never judge
+    themselves), with their mean entropies. Returns (overlays, the rest, entropies)."""
     order = np.random.default_rng(seed).permutation(len(clean_x))
     calibration_x = clean_x[order[k:]]
     overlays = clean_x[np.sort(order[:k])].astype(np.float32)
-    log.info(
-        "STRIP: setting the threshold on %d clean images, %d blends each", len(calibration_x), k
-    )
-    entropies = mean_entropy(model, calibration_x, overlays, alpha)
-    return overlays, conformal(-entropies, frr, "STRIP"), entropies
+    log.info("STRIP: scoring %d clean images, %d blends each", len(calibration_x), k)
+    return overlays, calibration_x, mean_entropy(model, calibration_x, overlays, alpha)
 
 
 def flag_layer(graph: goodnet.Graph, overlays: np.ndarray, alpha: float, threshold: float) -> Any:

@@ -22,8 +22,7 @@ import tf_keras as keras
 
 from badnet_repair import UserError
 from badnet_repair.defenses import goodnet, variants
-from badnet_repair.defenses.detectors import Context, Fitted, Inputs, frr_each
-from badnet_repair.defenses.detectors import calibrate as conformal
+from badnet_repair.defenses.detectors import Context, Fitted, Inputs, Scored
 from badnet_repair.network.predict import predict_classes
 
 log = logging.getLogger(__name__)
@@ -172,24 +171,22 @@ def spread(severities: np.ndarray) -> np.ndarray:
     return np.sqrt(t * (s * s).sum(axis=1) - s.sum(axis=1) ** 2) / t
 
 
-def fit(context: Context) -> Fitted:
+def fit(context: Context) -> Scored:
     s, badnet = context.settings, context.badnet
     kinds, high = [str(k) for k in s.teco_corruptions], float(s.pixel_max)
-    key = ("teco", tuple(kinds), high, frr_each(s), context.seed)
+    key = ("teco", tuple(kinds), high, context.seed)
     copier = variants.copies_model(badnet, corrupt(kinds, high, context.seed), "teco_")
 
     def scores_of(x: np.ndarray, on_input: np.ndarray) -> np.ndarray:
         on_copies = variants.classes_of_copies(badnet, copier, x, context.batch_size)
         return spread(flip_severities(on_copies, on_input))
 
-    def learn() -> tuple[np.ndarray, Any]:
-        clean_x = context.clean.validation.x
-        log.info("TeCo: setting the threshold on %d clean images", len(clean_x))
-        clean_scores = scores_of(clean_x, predict_classes(badnet, clean_x, context.batch_size))
-        return clean_scores, conformal(clean_scores, frr_each(s), "TeCo")
+    def learn() -> np.ndarray:
+        log.info("TeCo: scoring %d clean images", len(clean_x))
+        return scores_of(clean_x, predict_classes(badnet, clean_x, context.batch_size))
 
-    clean_scores, calibration = context.memo.shared(key, learn)
-    threshold = calibration.threshold
+    clean_x = context.clean.validation.x
+    clean_scores = context.memo.shared(key, learn)
 
     def score(inputs: Inputs) -> np.ndarray:
         def compute() -> np.ndarray:
@@ -198,14 +195,17 @@ def fit(context: Context) -> Fitted:
 
         return context.memo.shared(("teco scores", variants.content(inputs.x), *key), compute)
 
-    return Fitted(
-        "teco",
-        flag_layer=lambda graph: flag_layer(graph, kinds, high, context.seed, threshold),
-        score=score,
-        threshold=threshold,
-        metrics={"threshold": threshold, **calibration.metrics()},
-        parts={"calibration_scores": clean_scores},
-    )
+    def place(threshold: float) -> Fitted:
+        return Fitted(
+            "teco",
+            flag_layer=lambda graph: flag_layer(graph, kinds, high, context.seed, threshold),
+            score=score,
+            threshold=threshold,
+            metrics={"threshold": threshold},
+            parts={"calibration_scores": clean_scores},
+        )
+
+    return Scored("teco", clean_x, clean_scores, place)
 
 
 def flag_layer(
