@@ -13,7 +13,9 @@ over seeds. Run the same configuration at several seeds, then read the runs back
 Per BadNet (and repair, detectors, frr), it prints each seed's clean accuracy and ASR of
 the repaired net, the GoodNet's false rejection on the clean test set and its detection
 per trigger, then their mean over seeds with the mean's standard error (sample standard
-deviation / sqrt(seeds)), beside the promised rate (the detectors' bounds added up).
+deviation / sqrt(seeds)), beside the promised rate (`frr_bound`, which every detector
+logs: the GoodNet's, since its detectors are calibrated together; before 2026-12-04,
+night, each detector's share, to be added up).
 
 Usage: python benchmarks/goodnet_draws.py [--tracking-uri URI ...] [--experiment NAME ...]
 """
@@ -66,10 +68,9 @@ def table(runs: list[dict]) -> str:
             for k in members[0]["metrics"]
             if k.startswith("goodnet/detect/")
         )
-        bound = sum(v for k, v in members[0]["metrics"].items() if k.endswith("/frr_bound"))
+        bound = max(v for k, v in members[0]["metrics"].items() if k.endswith("/frr_bound"))
         lines += [
-            f"\n{badnet}, repair {repair}, detector {detector}, frr {frr} "
-            f"(promised: {bound:.4f} in expectation)",
+            f"\n{badnet}, repair {repair}, detector {detector}, frr {frr} (frr_bound {bound:.4f})",
             "| seed | repaired clean acc | repaired ASR | GoodNet false rejection | detected | "
             "held-out errors of B |",
             "|---|---|---|---|---|---|",

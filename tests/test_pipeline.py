@@ -203,7 +203,8 @@ def test_a_command_line_run_gives_the_numbers_of_a_run_in_another_process(
 
 @pytest.mark.slow
 def test_points_over_one_badnet_calibrate_strip_once(tmp_path, demo_dir, small_scoring, caplog):
-    """STRIP depends on the BadNet only: a second point reuses its threshold and flags."""
+    """STRIP depends on the BadNet only: a second point reuses its overlays, clean scores
+    and so its threshold."""
     caplog.set_level(logging.INFO, logger="badnet_repair")
     results = [
         pipeline.run(
@@ -219,7 +220,7 @@ def test_points_over_one_badnet_calibrate_strip_once(tmp_path, demo_dir, small_s
         )
         for s in (0.7, 0.9)
     ]
-    calibrations = [r for r in caplog.records if "setting the threshold" in r.getMessage()]
+    calibrations = [r for r in caplog.records if "STRIP: scoring" in r.getMessage()]
     assert len(calibrations) == 1
     assert (
         results[0]["goodnet/strip/entropy_threshold"]
