@@ -13,7 +13,7 @@ import tensorflow as tf
 from badnet_repair import UserError, data
 from badnet_repair.defenses import detectors, goodnet
 from badnet_repair.defenses.clean import CleanData, Memo
-from badnet_repair.defenses.detectors import badexpert
+from badnet_repair.defenses.detectors import badexpert, disagreement
 from badnet_repair.experiment import answer
 from badnet_repair.experiment.evaluate import (
     Answers,
@@ -189,6 +189,25 @@ def test_strip_threshold_is_set_on_the_clean_images_not_drawn(demo_model, fitted
     assert threshold == pytest.approx(-np.sort(-h)[rank - 1], rel=1e-5)
     assert FRR - 2 / len(h) <= np.mean(h < threshold) <= FRR
     assert strip.metrics["frr_bound"] == pytest.approx(1 - rank / (len(h) + 1))
+
+
+def test_a_pair_is_calibrated_together_on_the_held_out_images(demo_model, repaired, fitted, split):
+    """BaDExpert and disagreement in one GoodNet: their thresholds are the joint rule's on
+    both scores of the same held-out images, with one bound for both, and the pair flags
+    at most FRR of those images."""
+    pair = fitted["badexpert_disagreement"]
+    holdout = data.split(split[1], 0.25, seed=0)[1]
+    answers = (predict_classes(demo_model, holdout.x), predict_classes(repaired, holdout.x))
+    judged = detectors.Inputs(holdout.name, holdout.x, *answers)
+    scores = np.stack([pair[name].score(judged) for name in CHOICES["badexpert_disagreement"]], 1)
+    joint = detectors.calibrate(scores, FRR, "pair")
+    assert pair["badexpert"].threshold == pytest.approx(joint.thresholds[0], rel=1e-9)
+    margin = joint.thresholds[1] + disagreement.MARGIN
+    assert pair["disagreement"].threshold == pytest.approx(margin, rel=1e-9)
+    bounds = {pair[name].metrics["frr_bound"] for name in pair}
+    assert bounds == {joint.bound} and joint.bound <= FRR
+    assert {pair[name].metrics["calibration_images"] for name in pair} == {len(holdout)}
+    assert np.mean(np.any(scores > np.array(joint.thresholds), axis=1)) <= FRR
 
 
 def test_strip_rejects_about_frr_of_unseen_clean_images(goodnets, demo_data):
