@@ -149,9 +149,11 @@ def _image_keys(x: np.ndarray) -> list[tuple[bytes, int]]:
 
 def common_scores(scored: list[Scored]) -> np.ndarray:
     """(n, m): the m detectors' scores on the n clean images every one of them may be
-    calibrated on (the held-out split for those that learn from the training split)."""
-    if len(scored) == 1:
-        return np.asarray(scored[0].clean_scores, np.float64)[:, None]
+    calibrated on (the held-out split for those that learn from the training split).
+    Detectors scored on the very same images (one array) are taken as they are; others
+    are matched image by image, by content."""
+    if all(d.clean_x is scored[0].clean_x for d in scored):
+        return np.stack([np.asarray(d.clean_scores, np.float64) for d in scored], axis=1)
     by_image = [dict(zip(_image_keys(d.clean_x), d.clean_scores, strict=True)) for d in scored]
     shared = [key for key in by_image[0] if all(key in other for other in by_image[1:])]
     rows = [[scores[key] for scores in by_image] for key in shared]

@@ -181,11 +181,12 @@ def fit(context: Context) -> Scored:
         on_copies = variants.classes_of_copies(badnet, copier, x, context.batch_size)
         return spread(flip_severities(on_copies, on_input))
 
+    clean_x = context.clean.validation.x
+
     def learn() -> np.ndarray:
         log.info("TeCo: scoring %d clean images", len(clean_x))
         return scores_of(clean_x, predict_classes(badnet, clean_x, context.batch_size))
 
-    clean_x = context.clean.validation.x
     clean_scores = context.memo.shared(key, learn)
 
     def score(inputs: Inputs) -> np.ndarray:
