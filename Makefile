@@ -31,7 +31,7 @@ TEST_THREADS := TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREAD
 test: $(VENV)/.installed  ## lint, then the whole test suite on two workers (one per module)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(TEST_THREADS) $(PY) -m pytest -n 2 --dist loadfile
+	$(TEST_THREADS) $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 ui: $(VENV)/.installed  ## the MLflow UI on the default store, http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port 5000

@@ -40,6 +40,8 @@ DETECTOR_SETTINGS = [
     "finetune.epochs=1",
     "goodnet.k=4",
     "goodnet.teco_corruptions=[contrast,brightness]",  # 10 copies, not 30
+    "goodnet.scale_up_factors=[3,5]",  # 2 copies, not 5
+    "goodnet.expert_epochs=1",
     "++ft_sam.steps=3",  # BaDExpert's own FT-SAM auxiliary (auto: finetune has no FT-SAM)
     "++ft_sam.lrs=[0.001]",
 ]

@@ -242,22 +242,26 @@ PLAIN_TF = """
 import json, sys
 import numpy as np
 import tensorflow as tf
-x = np.load(sys.argv[1])
+pairs = zip(sys.argv[1::2], sys.argv[2::2])
 answers = {
-    path: np.argmax(tf.keras.models.load_model(path, compile=False).predict(x, verbose=0), axis=1)
-    for path in sys.argv[2:]
+    path: np.argmax(
+        tf.keras.models.load_model(path, compile=False).predict(np.load(x), verbose=0), axis=1
+    )
+    for x, path in pairs
 }
 print(json.dumps({"keras": tf.keras.__version__, **{p: a.tolist() for p, a in answers.items()}}))
 """
 
 
-def answers_in_plain_tensorflow(x_path, paths: list) -> dict[str, list[int]]:
-    """The classes each saved model file gives the images in `x_path` (.npy), loaded and
-    run by plain TensorFlow with Keras 3 in a process of its own."""
+def answers_in_plain_tensorflow(inputs: dict[str, str]) -> dict[str, list[int]]:
+    """The classes each saved model file gives its images (`inputs`: model file -> .npy
+    of images), loaded and run by plain TensorFlow with Keras 3 in a process of its own
+    (one process for every file: its start is most of the time)."""
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    pairs = [arg for path, x in inputs.items() for arg in (str(x), str(path))]
     done = subprocess.run(
-        [sys.executable, "-c", PLAIN_TF, str(x_path), *map(str, paths)],
+        [sys.executable, "-c", PLAIN_TF, *pairs],
         env=env,
         capture_output=True,
         text=True,
@@ -269,11 +273,45 @@ def answers_in_plain_tensorflow(x_path, paths: list) -> dict[str, list[int]]:
     return got
 
 
+def input_detectors_goodnet(folder) -> tuple[str, np.ndarray, list[int]]:
+    """A GoodNet of SCALE-UP and TeCo (every layer their copies are made of: blur,
+    pixelate, contrast, noise held in weights, amplification) on a small pair, saved: its
+    file, images, and the classes it gives them here."""
+    badnet, repaired, x = small_pair()
+    clean = data.Dataset("clean", x[:100], predict_classes(badnet, x[:100]))
+    both = SimpleNamespace(
+        detector=["scale_up", "teco"],
+        frr=0.1,
+        pixel_max=1.0,
+        scale_up_factors=[3, 5, 7, 9, 11],
+        scale_up_classwise=False,
+        teco_corruptions=[
+            "gaussian_noise",
+            "impulse_noise",
+            "gaussian_blur",
+            "pixelate",
+            "contrast",
+            "brightness",
+        ],
+    )
+    context = detectors.Context(
+        badnet, repaired, CleanData(clean, clean, clean), both, 0, 64, Memo()
+    )
+    gn = goodnet.build_goodnet(badnet, repaired, detectors.fit(both.detector, context))
+    path = goodnet.save_goodnet(gn.model, folder / "goodnet_scale_up_teco.h5")
+    expected = predict_classes(gn.model, x[100:]).tolist()
+    assert predict_classes(goodnet.load_goodnet(path), x[100:]).tolist() == expected
+    return str(path), x[100:], expected
+
+
 @pytest.mark.slow  # a second TensorFlow, with Keras 3, started in a process of its own
-def test_saved_goodnet_loads_in_plain_tensorflow(tmp_path, goodnets, sample):
+def test_saved_goodnets_load_in_plain_tensorflow(tmp_path, goodnets, sample):
+    """Every detector's layers are standard: plain TensorFlow (Keras 3) loads each saved
+    GoodNet, the demo's of every choice and the input detectors' on a small pair, and
+    gives the classes it gives here."""
     x = sample[::3]
     np.save(tmp_path / "x.npy", x)
-    paths, expected = [], {}
+    inputs, expected = {}, {}
     for detector, gn in goodnets.items():
         path = goodnet.save_goodnet(gn.model, tmp_path / f"goodnet_{detector}.h5")
         config = models.read_model_config(path)
@@ -282,8 +320,11 @@ def test_saved_goodnet_loads_in_plain_tensorflow(tmp_path, goodnets, sample):
         reloaded = goodnet.load_goodnet(path)
         expected[str(path)] = predict_classes(gn.model, x).tolist()
         assert predict_classes(reloaded, x).tolist() == expected[str(path)]
-        paths.append(str(path))
-    assert answers_in_plain_tensorflow(tmp_path / "x.npy", paths) == expected
+        inputs[str(path)] = tmp_path / "x.npy"
+    path, small_x, expected[path] = input_detectors_goodnet(tmp_path)
+    np.save(tmp_path / "small_x.npy", small_x)
+    inputs[path] = tmp_path / "small_x.npy"
+    assert answers_in_plain_tensorflow(inputs) == expected
 
 
 def test_detectors_refuse_bad_settings_before_any_work(demo_model):

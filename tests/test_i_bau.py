@@ -38,14 +38,19 @@ def toy_problem(seed: int = 0):
 def solve(inner, steps: int = 300) -> tf.Tensor:
     """delta*: the fixed point of delta -> delta - STEP grad inner(delta) (each step
     contracts the error by about 1 - 2 STEP LAMBDA = 0.8: 300 steps reach float64's
-    precision)."""
-    delta = tf.zeros(6, tf.float64)
-    for _ in range(steps):
-        with tf.GradientTape() as tape:
-            tape.watch(delta)
-            value = inner(delta)
-        delta = delta - STEP * tape.gradient(value, delta)
-    return delta
+    precision), as one TensorFlow graph: 300 eager steps took 2.5 s a solve."""
+
+    @tf.function
+    def fixed_point():
+        delta = tf.zeros(6, tf.float64)
+        for _ in tf.range(steps):
+            with tf.GradientTape() as tape:
+                tape.watch(delta)
+                value = inner(delta)
+            delta = delta - STEP * tape.gradient(value, delta)
+        return delta
+
+    return fixed_point()
 
 
 @pytest.mark.slow  # over 10 s on 2 cores

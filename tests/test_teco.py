@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import tf_keras as keras
-from test_goodnet import answers_in_plain_tensorflow, small_pair
 
 from badnet_repair import UserError, data
 from badnet_repair.defenses import detectors, goodnet, variants
@@ -143,23 +142,3 @@ def test_bad_settings_are_refused_before_any_work():
     small = SimpleNamespace(validation=data.Dataset("v", np.zeros((10, 2, 2, 1)), np.zeros(10)))
     with pytest.raises(UserError, match="10 clean images for its threshold"):
         teco.check(None, settings(), small, 64)
-
-
-@pytest.mark.slow  # a second TensorFlow, with Keras 3, started in a process of its own
-def test_goodnet_of_both_input_detectors_loads_in_plain_tensorflow(tmp_path):
-    """Every layer the copies are made of (blur, pixelate, contrast, noise held in
-    weights, amplification) is standard: Keras 3 loads the file and answers alike."""
-    badnet, repaired, x = small_pair()
-    clean = data.Dataset("clean", x[:100], predict_classes(badnet, x[:100]))
-    both = settings(detector=["scale_up", "teco"], scale_up_factors=[3, 5, 7, 9, 11])
-    both.scale_up_classwise = False
-    context = detectors.Context(
-        badnet, repaired, CleanData(clean, clean, clean), both, 0, 64, Memo()
-    )
-    fitted = detectors.fit(["scale_up", "teco"], context)
-    gn = goodnet.build_goodnet(badnet, repaired, fitted)
-    path = goodnet.save_goodnet(gn.model, tmp_path / "goodnet.h5")
-    np.save(tmp_path / "x.npy", x[100:])
-    expected = predict_classes(gn.model, x[100:]).tolist()
-    assert predict_classes(goodnet.load_goodnet(path), x[100:]).tolist() == expected
-    assert answers_in_plain_tensorflow(tmp_path / "x.npy", [path]) == {str(path): expected}
