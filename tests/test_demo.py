@@ -287,7 +287,7 @@ def test_a_shipped_net_of_another_recipe_is_not_used_and_other_images_are_said(
     assert "(clean_test_data.h5)" in caplog.text
 
 
-def test_only_a_full_scale_build_of_the_recipe_can_be_shipped(tiny_zoo):
-    here, _ = tiny_zoo
+def test_only_a_full_scale_build_of_the_recipe_can_be_shipped(tmp_path):
+    tiny = demo.ensure(tmp_path / "demo", "demo", TINY_SCALE)
     with pytest.raises(UserError, match="not a full-scale build of this version's demo"):
-        demo.ship(here["demo"], zoo.DEMO)
+        demo.ship(tiny, zoo.DEMO)
