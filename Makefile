@@ -23,9 +23,10 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed  ## the default experiment (demo BadNet, built on first use)
 	$(PY) run.py
 
-# The tests run on two workers (one per module), each process (and every run.py it starts)
-# with one TensorFlow thread per op: two workers of two threads each contend on 2 cores
-# (2026-12-04: 711 s and 714 s of pytest against 702-787 s with TensorFlow's default).
+# The tests run on two workers (a whole module at a time, the longest first: LONGEST_FIRST in
+# tests/conftest.py), each process (and every run.py it starts) with one TensorFlow thread
+# per op: two workers of two threads each contend on 2 cores (2026-12-04: 711 s and 714 s
+# of pytest against 702-787 s with TensorFlow's default).
 TEST_THREADS := TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS=1
 
 test: $(VENV)/.installed  ## lint, then the whole test suite on two workers (one per module)
