@@ -253,7 +253,7 @@ print(json.dumps({"keras": tf.keras.__version__, **{p: a.tolist() for p, a in an
 """
 
 
-def answers_in_plain_tensorflow(inputs: dict[str, str]) -> dict[str, list[int]]:
+def answers_in_plain_tensorflow(inputs: dict[str, os.PathLike]) -> dict[str, list[int]]:
     """The classes each saved model file gives its images (`inputs`: model file -> .npy
     of images), loaded and run by plain TensorFlow with Keras 3 in a process of its own
     (one process for every file: its start is most of the time)."""
