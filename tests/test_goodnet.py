@@ -13,7 +13,7 @@ import tensorflow as tf
 from badnet_repair import UserError, data
 from badnet_repair.defenses import detectors, goodnet
 from badnet_repair.defenses.clean import CleanData, Memo
-from badnet_repair.defenses.detectors import badexpert, disagreement
+from badnet_repair.defenses.detectors import badexpert, disagreement, teco
 from badnet_repair.experiment import answer
 from badnet_repair.experiment.evaluate import (
     Answers,
@@ -285,14 +285,7 @@ def input_detectors_goodnet(folder) -> tuple[str, np.ndarray, list[int]]:
         pixel_max=1.0,
         scale_up_factors=[3, 5, 7, 9, 11],
         scale_up_classwise=False,
-        teco_corruptions=[
-            "gaussian_noise",
-            "impulse_noise",
-            "gaussian_blur",
-            "pixelate",
-            "contrast",
-            "brightness",
-        ],
+        teco_corruptions=list(teco.SEVERITY),  # every corruption TeCo knows
     )
     context = detectors.Context(
         badnet, repaired, CleanData(clean, clean, clean), both, 0, 64, Memo()
