@@ -72,7 +72,7 @@ def test_threshold_is_set_on_every_clean_held_out_image_only(demo_model, clean, 
     held = clean.holdout
     expected = scores_on(fitted, demo_model, held.x)
     assert (predict_classes(demo_model, held.x) != held.y).any()  # wrong ones are in
-    np.testing.assert_allclose(fitted.parts["calibration_scores"], expected, rtol=1e-6)
+    np.testing.assert_allclose(fitted.calibration_scores, expected, rtol=1e-6)
     n = len(held)
     rank = int(np.ceil((n + 1) * (1 - FRR)))
     assert fitted.threshold == pytest.approx(np.sort(expected)[rank - 1], rel=1e-6)

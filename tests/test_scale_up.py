@@ -88,7 +88,7 @@ def test_threshold_is_conformal_on_the_clean_validation_consistencies():
     clean_x = np.random.default_rng(2).uniform(0.0, 0.2, (60, 4, 4, 1)).astype(np.float32)
     fitted = fitted_on(model, clean_x)
     expected, _ = judge(model, fitted, clean_x)
-    np.testing.assert_array_equal(fitted.parts["calibration_scores"], expected)
+    np.testing.assert_array_equal(fitted.calibration_scores, expected)
     rank = int(np.ceil(61 * 0.9))
     assert fitted.threshold == np.sort(expected)[rank - 1]
     assert fitted.metrics["calibration_images"] == 60

@@ -272,9 +272,11 @@ def test_a_sweep_whose_points_are_in_other_experiments_is_summarised_in_full(tmp
         client.set_terminated(child, "FINISHED")
     table = sweep.summarise(parent)
     assert "| run | model.name |" in table and "0.9600" in table and "0.9900" in table
-    assert sweep._other_experiments(home, parent) == ["demo_bn_clean", "demo_clean"]
+    children = sweep.finished_children(parent)
+    assert sweep.summarise(parent, children) == table
+    assert sweep._other_experiments(home, children) == ["demo_bn_clean", "demo_clean"]
     assert sweep._other_experiments(
-        client.get_experiment_by_name("demo_clean").experiment_id, parent
+        client.get_experiment_by_name("demo_clean").experiment_id, children
     ) == ["demo_bn_clean"]
     assert len(sweep.finished_children(parent, "demo_bn_clean")) == 1
     rows = leaderboard.runs(None, parent)

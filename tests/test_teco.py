@@ -129,7 +129,7 @@ def test_goodnet_follows_the_numpy_rule_on_the_demo(demo_model, demo_data):
     clean_part = len(test.x[::32])
     assert flags[clean_part:].mean() > flags[:clean_part].mean()
     np.testing.assert_array_equal(
-        fitted.parts["calibration_scores"], scores(demo_model, fitted, val.x[::4])[0]
+        fitted.calibration_scores, scores(demo_model, fitted, val.x[::4])[0]
     )
 
 

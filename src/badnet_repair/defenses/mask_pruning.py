@@ -17,7 +17,7 @@ from badnet_repair.network.predict import correct
 from badnet_repair.network.pruning import copy_model
 
 
-def threshold_curve(
+def correct_by_threshold(
     case: Case, values: dict[str, np.ndarray], thresholds: np.ndarray, dense: bool = False
 ) -> np.ndarray:
     """Per threshold t and clean held-out image, whether the BadNet with every channel
@@ -50,11 +50,10 @@ def prune_by_threshold(
     `name.png`, titled `label`."""
     everything = np.concatenate(list(values.values()))
     thresholds = np.round(np.arange(0.0, 1.0, step), 6)
-    right = threshold_curve(case, values, thresholds, dense)
+    right = correct_by_threshold(case, values, thresholds, dense)
     curve = right.mean(axis=1)
     pruned_at = np.array([(everything <= t).sum() for t in thresholds])
-    unpruned = correct(case.badnet, case.clean.holdout, case.batch_size)  # in a chain: its input
-    held = {None: unpruned, **dict(zip(thresholds, right, strict=True))}
+    held = {None: case.input_holdout_correct(), **dict(zip(thresholds, right, strict=True))}
     # None, pruning nothing, comes first: it stays when even threshold 0 costs too much
     chosen = strongest_within(
         case, list(held), held.get, max_acc_drop, margin_se, f"{name} threshold"

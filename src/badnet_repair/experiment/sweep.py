@@ -108,10 +108,11 @@ class MlflowSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         record = json.loads((Path(config.hydra.sweep.dir) / PARENT_FILE).read_text())
         mlflow.set_tracking_uri(config.tracking.uri)
-        table = summarise(record["run_id"])
+        children = finished_children(record["run_id"])  # searched once for all below
+        table = summarise(record["run_id"], children)
         print(f"\nSweep {record['sweep_id']} (MLflow parent run {record['run_id']}):\n")
         print(table or "no finished points")
-        elsewhere = _other_experiments(record["experiment_id"], record["run_id"])
+        elsewhere = _other_experiments(record["experiment_id"], children)
         if elsewhere:
             print(
                 f"\nThe points are in the experiments {', '.join(elsewhere)} (tracking.experiment "
@@ -134,18 +135,19 @@ class MlflowSweep(Callback):
         _open.clear()
 
 
-def _other_experiments(experiment_id: str, parent_run_id: str) -> list[str]:
-    """Names of the experiments, other than the parent's, that hold points of this sweep."""
-    ids = {run.info.experiment_id for run in finished_children(parent_run_id)} - {experiment_id}
+def _other_experiments(experiment_id: str, children: list) -> list[str]:
+    """Names of the experiments, other than the parent's, that hold these points of a
+    sweep (its `finished_children`)."""
+    ids = {run.info.experiment_id for run in children} - {experiment_id}
     client = mlflow.MlflowClient()
     return sorted(client.get_experiment(i).name for i in ids)
 
 
-def _rows(parent_run_id: str) -> tuple[list[dict], set[str], set[str]]:
-    """One row per sweep point (the newest FINISHED child per config), the param names,
-    and the series logged per step, whose last value is not a result (each run lists its
-    series in the tag `series`)."""
-    latest = {run.data.tags.get("config_hash"): run for run in finished_children(parent_run_id)}
+def _rows(children: list) -> tuple[list[dict], set[str], set[str]]:
+    """One row per sweep point (the newest of `finished_children` per config), the param
+    names, and the series logged per step, whose last value is not a result (each run
+    lists its series in the tag `series`)."""
+    latest = {run.data.tags.get("config_hash"): run for run in children}
     rows = [
         {"run": run.info.run_name, **run.data.params, **run.data.metrics} for run in latest.values()
     ]
@@ -182,9 +184,11 @@ def _metric_columns(rows: list[dict], not_results: set[str]) -> list[str]:
     return sorted(names, key=rank)
 
 
-def summarise(parent_run_id: str) -> str:
-    """Log the sweep table (CSV, markdown) and curve plot to the parent; return the markdown."""
-    rows, params, series = _rows(parent_run_id)
+def summarise(parent_run_id: str, children: list | None = None) -> str:
+    """Log the sweep table (CSV, markdown) and curve plot to the parent; return the
+    markdown. `children`: the parent's `finished_children`, if already in hand."""
+    found = finished_children(parent_run_id) if children is None else children
+    rows, params, series = _rows(found)
     if not rows:
         return ""
     keys = swept_keys(rows, params)

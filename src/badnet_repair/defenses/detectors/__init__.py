@@ -19,7 +19,7 @@ of new clean inputs in expectation.
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -63,14 +63,16 @@ class Context:
 
 @dataclass
 class Fitted:
-    """A detector ready to judge: its `score`, `threshold` and flag layers."""
+    """A detector ready to judge: its `score`, `threshold` and flag layers (what its
+    `Scored.place` returns; `fit` adds the name and the calibration scores)."""
 
-    name: str
     flag_layer: Callable[[Any], Any]  # goodnet.Graph -> flag tensor (batch, 1), 1 = flagged
     score: Callable[[Inputs], np.ndarray]
     threshold: float
     metrics: dict[str, float] = field(default_factory=dict)  # logged as goodnet/NAME/...
     parts: dict[str, Any] = field(default_factory=dict)  # what it learned (STRIP's overlays)
+    name: str = ""
+    calibration_scores: np.ndarray = field(default_factory=lambda: np.empty(0))  # Scored's
 
     def judge(self, inputs: Inputs) -> tuple[np.ndarray, np.ndarray]:
         """Its scores on `inputs` and which of them it flags."""
@@ -132,7 +134,7 @@ def fit(names: list[str], context: Context) -> list[Fitted]:
     for detector, threshold in zip(scored, calibration.thresholds, strict=True):
         placed = detector.place(threshold)
         placed.metrics.update(calibration.metrics())
-        fitted.append(placed)
+        fitted.append(replace(placed, name=detector.name, calibration_scores=detector.clean_scores))
     return fitted
 
 

@@ -206,7 +206,6 @@ def fit(context: Context) -> Scored:
 
     def place(threshold: float) -> Fitted:
         return Fitted(
-            "badexpert",
             flag_layer=lambda graph: flag_layer(graph, expert, aux, threshold),
             score=score,
             threshold=threshold,
@@ -215,7 +214,7 @@ def fit(context: Context) -> Scored:
                 "auxiliary_is_repaired": float(aux is context.repaired),
                 "threshold": threshold,
             },
-            parts={"expert": expert, "auxiliary": aux, "calibration_scores": calibration_scores},
+            parts={"expert": expert, "auxiliary": aux},
         )
 
     return Scored("badexpert", held.x, calibration_scores, place)

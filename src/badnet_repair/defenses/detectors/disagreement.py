@@ -47,7 +47,6 @@ def fit(context: Context) -> Scored:
     def place(calibrated: float) -> Fitted:
         threshold = calibrated + MARGIN
         return Fitted(
-            "disagreement",
             flag_layer=lambda graph: flag_layer(graph, threshold),
             score=score,
             threshold=threshold,

@@ -116,12 +116,11 @@ def fit(context: Context) -> Scored:
         if classwise:
             cuts = mean + threshold * np.maximum(std, floor)
         return Fitted(
-            "scale_up",
             flag_layer=lambda graph: flag_layer(graph, factors, high, cuts * len(factors)),
             score=score,
             threshold=threshold,
             metrics={"threshold": threshold},
-            parts={"mean": mean, "std": std, "calibration_scores": learned["scores"]},
+            parts={"mean": mean, "std": std},
         )
 
     return Scored("scale_up", learned["x"], learned["scores"], place)

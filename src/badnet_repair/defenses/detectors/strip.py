@@ -61,7 +61,6 @@ def fit(context: Context) -> Scored:
 
     def place(threshold: float) -> Fitted:
         return Fitted(
-            "strip",
             flag_layer=lambda graph: flag_layer(graph, overlays, s.alpha, -threshold),
             score=score,
             threshold=threshold,

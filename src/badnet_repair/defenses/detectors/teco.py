@@ -198,12 +198,10 @@ def fit(context: Context) -> Scored:
 
     def place(threshold: float) -> Fitted:
         return Fitted(
-            "teco",
             flag_layer=lambda graph: flag_layer(graph, kinds, high, context.seed, threshold),
             score=score,
             threshold=threshold,
             metrics={"threshold": threshold},
-            parts={"calibration_scores": clean_scores},
         )
 
     return Scored("teco", clean_x, clean_scores, place)

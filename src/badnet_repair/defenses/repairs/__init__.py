@@ -95,11 +95,21 @@ class Case:
         over one BadNet share it. `key` names everything else it depends on."""
         return self.memo.shared(key, compute)
 
+    def input_holdout_correct(self) -> np.ndarray:
+        """Per clean held-out image, whether the net this case repairs gets it right (the
+        BadNet; in a chain's later step, the previous step's net)."""
+        return self.shared(
+            "input holdout correct",
+            lambda: correct(self.badnet, self.clean.holdout, self.batch_size),
+        )
+
     def badnet_holdout_correct(self) -> np.ndarray:
         """Per clean held-out image, whether the BadNet gets it right: what budgets count
         from. In a chain, the original BadNet's, so that the steps' losses never add up
         past a budget."""
-        first = self.badnet if self.original is None else self.original
+        if self.original is None:
+            return self.input_holdout_correct()
+        first = self.original
         return self.shared(
             "badnet holdout correct", lambda: correct(first, self.clean.holdout, self.batch_size)
         )
