@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from badnet_repair.defenses.detectors import calibrate
+from badnet_repair.experiment.evaluate import detection_at
 
 DRAWS = 2000  # calibrations, each judged on its own fresh clean scores
 FRESH = 200
@@ -110,3 +111,27 @@ def test_too_few_calibration_images_use_the_rate_they_support(caplog):
     two = np.stack([np.arange(30.0), -np.arange(30.0)], axis=1)
     got = calibrate(two, 0.05, "x + y")
     assert got.thresholds == [29.0, 0.0] and got.bound == pytest.approx(2 / 31)
+
+
+def test_detection_at_a_rate_is_read_where_the_clean_rejection_first_stays_within_it():
+    """The operating point of an evaluation: one detector flags above its (k+1)-th largest
+    clean score for the largest k within the rate; several share one k, their union's
+    clean flags within the rate and one more step past it."""
+    clean = np.arange(1.0, 101.0)  # 100 clean scores, 1 ... 100
+    poisoned = np.array([100.5, 96.0, 95.0, 94.0])
+    # at 5%: the 5 clean scores above 95 are flagged, so 96 and 100.5 are, 95 and 94 not
+    assert detection_at(clean, poisoned, 0.05) == 0.5
+    assert detection_at(clean, poisoned, 0.0) == 0.25  # above every clean score: 100.5
+    assert detection_at(np.full(50, 3.0), np.array([3.0, 4.0]), 0.05) == 0.5  # ties: none
+    rng = np.random.default_rng(0)
+    two = rng.standard_normal((400, 2))
+    attacked = rng.standard_normal((300, 2)) + [2.0, 0.0]
+    ordered = -np.sort(-two, axis=0)
+
+    def union(scores, k):
+        return (scores > ordered[k]).any(axis=1)
+
+    k = next(k for k in range(400) if union(two, k + 1).mean() > 0.05)
+    assert union(two, k).mean() <= 0.05 < union(two, k + 1).mean()
+    assert detection_at(two, attacked, 0.05) == union(attacked, k).mean()
+    assert np.isnan(detection_at(two[:0], attacked, 0.05))

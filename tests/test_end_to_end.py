@@ -17,6 +17,7 @@ import tf_keras as keras
 from badnet_repair import data
 from badnet_repair.defenses import detectors, repairs
 from badnet_repair.experiment import inputs, pipeline
+from badnet_repair.experiment.evaluate import auroc, detection_at
 from badnet_repair.zoo import recipes as zoo
 
 from conftest import TINY, compose_config, evaluation_overrides
@@ -33,7 +34,15 @@ OWN_STAGES = {
     "seam": {"forgotten"},
 }
 EVERY_RUN = {"badnet", "repaired", "goodnet"}
-ARTIFACTS = {"config.yaml", "metrics.json", "repaired_net.h5", "goodnet.h5", "stages.png"}
+ARTIFACTS = {
+    "config.yaml",
+    "metrics.json",
+    "repaired_net.h5",
+    "goodnet.h5",
+    "goodnet_scores.npz",
+    "stages.png",
+}
+SETS = ("clean_test", "patch")  # the evaluation sets' names in goodnet_scores.npz
 PNG = b"\x89PNG\r\n\x1a\n"
 DETECTOR_SETTINGS = [
     "repair=finetune",
@@ -202,6 +211,10 @@ def test_the_goodnet_of_every_detector_is_scored_alike_and_never_reads_the_evalu
     for key, value in ran.items():
         assert metrics[key] == pytest.approx(value, abs=1e-9), key
     assert 0 < metrics["goodnet/flag_rate_clean"] < 1  # both kinds of answer compared
+    saved = np.load(folder / "real/out/goodnet_scores.npz")
+    together = [np.stack([saved[f"{d}.{t}"] for d in cfg.goodnet.detector], axis=1) for t in SETS]
+    for rate in (0.01, 0.05):  # the detectors' operating point together, as calibrated
+        assert metrics[f"goodnet/detect_at_frr_{rate:g}/patch"] == detection_at(*together, rate)
     # BaDExpert's auxiliary is B repaired by FT-SAM (the repair, finetune, has no FT-SAM
     # step), saved in the GoodNet beside B', and it too never read the evaluation data
     assert metrics["goodnet/badexpert/auxiliary_is_repaired"] == 0.0
@@ -217,7 +230,7 @@ def test_each_detector_is_scored_calibrated_and_saved_alike(every_detector, name
     """Each detector's own flags in the saved GoodNet (the inputs of its flag-by-any layer,
     in the order chosen) give the flag rates logged for it; it is scored (AUROC) and
     calibrated together with the others, at goodnet.frr, on the same clean images."""
-    _, cfg, metrics, answers = every_detector
+    folder, cfg, metrics, answers = every_detector
     own = {key.split("/", 2)[2] for key in metrics if key.startswith(f"goodnet/{name}/")}
     assert {"flag_rate_clean", "detect/patch", "auroc/patch", "calibration_images"} <= own
     assert metrics[f"goodnet/{name}/frr_bound"] <= cfg.goodnet.frr
@@ -229,3 +242,12 @@ def test_each_detector_is_scored_calibrated_and_saved_alike(every_detector, name
     on_test, on_poisoned = (flags[mine] for flags in answers.flags)
     assert metrics[f"goodnet/{name}/flag_rate_clean"] == pytest.approx(np.mean(on_test), abs=1e-9)
     assert metrics[f"goodnet/{name}/detect/patch"] == pytest.approx(np.mean(on_poisoned), abs=1e-9)
+    # its scores saved for analysis give its logged AUROC and operating points
+    saved = np.load(folder / "real/out/goodnet_scores.npz")
+    clean, poisoned = saved[f"{name}.clean_test"], saved[f"{name}.patch"]
+    assert len(clean) == len(on_test) and len(poisoned) == len(on_poisoned)
+    assert metrics[f"goodnet/{name}/auroc/patch"] == auroc(clean, poisoned)
+    for rate in (0.01, 0.05):
+        found = metrics[f"goodnet/{name}/detect_at_frr_{rate:g}/patch"]
+        assert found == detection_at(clean, poisoned, rate)
+    assert len(saved[f"{name}.calibration"]) >= metrics[f"goodnet/{name}/calibration_images"]

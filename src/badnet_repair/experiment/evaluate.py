@@ -132,6 +132,35 @@ def auroc(clean_scores: np.ndarray, poisoned_scores: np.ndarray) -> float:
     return float(np.mean((below + at_most) / 2) / len(ranked))
 
 
+# Clean-test rejection rates at which detection is also reported (`detection_at`)
+OPERATING_RATES = (0.01, 0.05)
+
+
+def detection_at(clean_scores: np.ndarray, poisoned_scores: np.ndarray, rate: float) -> float:
+    """The share of poisoned inputs flagged at the operating point that rejects at most
+    `rate` of the clean test inputs: each detector (a column; a 1-d array is one) flags
+    above its own (k+1)-th largest clean score, one k for all, the largest k whose union
+    of flags stays within `rate`, the way the GoodNet's detectors share one calibration.
+    An evaluation figure read off the test set, like AUROC; no detector is set by it."""
+    if not len(clean_scores) or not len(poisoned_scores):
+        return float("nan")
+    clean = np.asarray(clean_scores, np.float64).reshape(len(clean_scores), -1)
+    poisoned = np.asarray(poisoned_scores, np.float64).reshape(len(poisoned_scores), -1)
+    ordered = -np.sort(-clean, axis=0)  # each column from the largest down
+
+    def flags(scores: np.ndarray, k: int) -> np.ndarray:
+        return (scores > ordered[k][None, :]).any(axis=1)
+
+    low, high = 0, len(clean) - 1  # k = 0 flags no clean input (above each largest)
+    while low < high:  # the union's clean flags grow with k: the largest k within `rate`
+        middle = (low + high + 1) // 2
+        if np.mean(flags(clean, middle)) <= rate:
+            low = middle
+        else:
+            high = middle - 1
+    return float(np.mean(flags(poisoned, low)))
+
+
 def goodnet_scores(
     answers: Answers, clean: Dataset, poisoned: dict[str, Dataset], num_classes: int
 ) -> dict[str, float]:

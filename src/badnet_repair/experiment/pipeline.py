@@ -24,8 +24,10 @@ from badnet_repair.defenses.clean import CleanData, Memo
 from badnet_repair.defenses.detectors import badexpert
 from badnet_repair.experiment import config, inputs, sweep, tracking
 from badnet_repair.experiment.evaluate import (
+    OPERATING_RATES,
     Answers,
     auroc,
+    detection_at,
     goodnet_answers,
     goodnet_scores,
     objective,
@@ -224,6 +226,7 @@ def _goodnet(
         scored = scores[detector.name] = {t: s for t, (s, _) in judged.items()}
         for t in base.poisoned:
             metrics[f"auroc/{t}"] = auroc(scored[None], scored[t])
+            metrics.update(_operating_points(scored[None], scored[t], t))
         report.journal.log(
             {f"goodnet/{detector.name}/{key}": value for key, value in metrics.items()}
         )
@@ -232,8 +235,37 @@ def _goodnet(
     values = goodnet_scores(answers, base.test, base.poisoned, good.num_classes)
     values = {key.split("/", 1)[1]: value for key, value in values.items()}
     report.stage_from("goodnet", values, f"{' + '.join(good.detectors)}, by its rule")
+    together = {t: np.stack([scores[d.name][t] for d in fitted], axis=1) for t in sets}
+    for t in base.poisoned:
+        points = _operating_points(together[None], together[t], t)
+        report.journal.log({f"goodnet/{key}": value for key, value in points.items()})
     if base.poisoned:
         operating = dict(zip(good.detectors, flags, strict=True))
         figure = plots.roc_plot(scores, operating, report.triggers)
         report.journal.figure(figure, "goodnet_roc.png")
+    mlflow.log_artifact(str(_save_scores(fitted, scores, out_dir / "goodnet_scores.npz")))
     mlflow.log_artifact(str(goodnet.save_goodnet(good.model, out_dir / "goodnet.h5")))
+
+
+def _operating_points(clean: np.ndarray, poisoned: np.ndarray, trigger: str) -> dict:
+    """Detection of `trigger`'s inputs where the clean test set's rejection is at most 1%
+    and 5% (`detect_at_frr_0.01/trigger`, ...): how the ranking would do at those rates."""
+    return {
+        f"detect_at_frr_{rate:g}/{trigger}": detection_at(clean, poisoned, rate)
+        for rate in OPERATING_RATES
+    }
+
+
+def _save_scores(fitted: list, scores: dict[str, dict], path: Path) -> Path:
+    """Every detector's scores, for analysis after the run (another rate, another pair):
+    `NAME.calibration` (on the clean images it may be calibrated on), `NAME.clean_test`
+    and `NAME.TRIGGER`, in the order of the evaluation files."""
+    arrays = {}
+    for detector in fitted:
+        arrays[f"{detector.name}.calibration"] = np.asarray(detector.calibration_scores)
+        for t, values in scores[detector.name].items():
+            arrays[f"{detector.name}.{t or 'clean_test'}"] = np.asarray(values)
+    with files.atomic(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return path
