@@ -144,3 +144,38 @@ def test_the_clean_rule_never_reads_the_test_or_poisoned_sets(tmp_path):
         "| a | y | * |" in text
         and "goal (ASR <= 0.02 at <= 2 points lost) reached on: a, b" in text
     )
+
+
+def test_the_goodnets_detectors_have_a_table_of_their_own(tmp_path):
+    """Per run, each detector's figures and then the GoodNet's rule (`together`), which
+    has no AUROC of its own; runs without detector figures add no rows, and a board of
+    them no table."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("board")
+    repaired = {"repaired/clean_acc": 0.96, "repaired/asr/patch": 0.0}
+    badexpert = {"flag_rate_clean": 0.04, "detect/patch": 0.9, "auroc/patch": 0.99}
+    points = {"detect_at_frr_0.01/patch": 0.7, "detect_at_frr_0.05/patch": 0.95}
+    goodnet = {"flag_rate_clean": 0.05, "detect/patch": 0.92, **points}
+    figures = {f"goodnet/badexpert/{k}": v for k, v in {**badexpert, **points}.items()}
+    figures.update({f"goodnet/{k}": v + 0.02 for k, v in goodnet.items()})
+    finished_run(client, experiment, "a", "x", **repaired, **figures)
+    finished_run(client, experiment, "b", "x", **repaired)
+    rows = leaderboard.runs(["board"])
+    columns, cells = leaderboard.detector_table(rows)
+    assert columns == [
+        "badnet",
+        "repair",
+        "detector",
+        "frr",
+        "detect/patch",
+        "auroc/patch",
+        "at_1%/patch",
+        "at_5%/patch",
+    ]
+    assert cells == [
+        ["a", "x", "badexpert", "0.0400", "0.9000", "0.9900", "0.7000", "0.9500"],
+        ["a", "x", "together", "0.0700", "0.9400", "", "0.7200", "0.9700"],
+    ]
+    assert "GoodNet detectors:" in leaderboard.markdown(rows)
+    assert "GoodNet detectors:" not in leaderboard.markdown(rows[1:])

@@ -2,7 +2,8 @@
 
 Per BadNet and repair: the repaired net's clean accuracy and its drop from the BadNet's,
 ASR per trigger, the DER rating, the GoodNet's detection and false rejection, the wall
-time, and whether the goal (ASR <= 0.02 at <= 2 points of accuracy lost) was met. The
+time, and whether the goal (ASR <= 0.02 at <= 2 points of accuracy lost) was met; then
+each GoodNet detector's figures (`detector_table`). The
 best repair per BadNet is marked by a rule that reads clean data only (`best`); the test
 and poisoned sets are read for reporting. Written to a sweep's parent run
 (`leaderboard.md`, `.csv`, `.png`) when the sweep sets `sweep.leaderboard=true`, and
@@ -149,10 +150,51 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return columns, cells
 
 
-def markdown(rows: list[dict]) -> str:
-    columns, cells = table(rows)
+TOGETHER = "together"  # the GoodNet's own rule, in the detectors' table
+
+
+def _detectors(row: dict) -> list[str]:
+    """The GoodNet's detectors in a run (those with figures of their own)."""
+    ends = "/flag_rate_clean"
+    return sorted(
+        k.split("/")[1]
+        for k in row
+        if k.startswith("goodnet/") and k.count("/") == 2 and k.endswith(ends)
+    )
+
+
+def detector_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Per BadNet, repair and GoodNet detector, then `together` (the GoodNet's rule):
+    false rejection on the clean test set and, per trigger, detection at the thresholds
+    set on clean data, AUROC, and detection where the clean test set's rejection is at
+    most 1% and 5% (how well it ranks, at the rates a user asks for)."""
+    triggers = sorted({t for row in rows for t in _triggers(row)})
+    columns = ["badnet", "repair", "detector", "frr"]
+    columns += [f"{what}/{t}" for t in triggers for what in ("detect", "auroc", "at_1%", "at_5%")]
+    cells = []
+    for row in rows:
+        names = _detectors(row)
+        for name in [*names, TOGETHER] if names else []:
+            key = "goodnet/" if name == TOGETHER else f"goodnet/{name}/"
+            values = {"badnet": row["badnet"], "repair": row["repair"], "detector": name}
+            values["frr"] = row.get(f"{key}flag_rate_clean")
+            for t in triggers:
+                values[f"detect/{t}"] = row.get(f"{key}detect/{t}")
+                values[f"auroc/{t}"] = row.get(f"{key}auroc/{t}")
+                values[f"at_1%/{t}"] = row.get(f"{key}detect_at_frr_0.01/{t}")
+                values[f"at_5%/{t}"] = row.get(f"{key}detect_at_frr_0.05/{t}")
+            cells.append([_cell(values[c]) for c in columns])
+    return columns, cells
+
+
+def _markdown_table(columns: list[str], cells: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return lines + ["| " + " | ".join(c) + " |" for c in cells]
+
+
+def markdown(rows: list[dict]) -> str:
+    """The leaderboard, then (where the runs built GoodNets) each detector's figures."""
+    lines = _markdown_table(*table(rows))
     met = sorted({row["badnet"] for row in rows if row.get("goal")})
     lines += [
         "",
@@ -162,6 +204,14 @@ def markdown(rows: list[dict]) -> str:
         f"goal (ASR <= {GOAL_ASR:g} at <= {100 * GOAL_DROP:g} points lost) reached on: "
         + (", ".join(met) or "none"),
     ]
+    columns, cells = detector_table(rows)
+    if cells:
+        lines += ["", "GoodNet detectors:", "", *_markdown_table(columns, cells), ""]
+        lines.append(
+            "frr and detect: at the thresholds set on clean validation data (goodnet.frr); "
+            "auroc, at_1% and at_5%: how each ranks, detection where the clean test set's "
+            "rejection is at most 1% and 5% (read off the test set, for reporting only)."
+        )
     return "\n".join(lines) + "\n"
 
 
