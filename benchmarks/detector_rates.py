@@ -1,0 +1,145 @@
+"""Every GoodNet detector alone, and the default pair together, at goodnet.frr 0.05 and
+0.01, from runs' saved scores: prints what issue #21's "Done when" asks per net and
+detector. Not a test.
+
+A run saves every detector's scores (`goodnet_scores.npz`: on the clean images it may be
+calibrated on, on the clean test set, on each poisoned set), so one run with all the
+detectors answers for each of them alone at any rate: its threshold is set here by the
+shipped rule (`detectors.calibrate`) on its own calibration scores, as a run with that
+detector alone would set it. Run the nets once with every detector, then read them back:
+
+    python run.py -m model=demo,demo_blend,demo_bn,demo_lowrate,demo_multi,demo_shapes \\
+        "goodnet.detector=[disagreement,badexpert,strip,scale_up,teco]" \\
+        tracking.experiment=detectors
+    python benchmarks/detector_rates.py --experiment detectors
+
+Per net, detector (and the pair `disagreement+badexpert`, calibrated together, both on
+the held-out split) and rate: the calibration images n, the promised rate (`bound`: the
+asked one, or the larger one n supports), the false rejection measured on the clean test
+set, its sampling error and whether it is within bound + 2 of them, detection per
+trigger, AUROC and detection at 1% and 5% measured false rejection.
+
+The sampling error of a measured false rejection: the threshold is the k-th largest of n
+calibration scores, so the share of new clean inputs above it is Beta(k, n + 1 - k)
+distributed over calibration draws, variance b (1 - b) / (n + 2) with b = k / (n + 1) the
+bound; the test set of m images adds the binomial b (1 - b) / m. The error is the square
+root of their sum (for the pair, with b its joint bound, an approximation).
+
+Usage: python benchmarks/detector_rates.py [--tracking-uri URI ...] [--experiment NAME ...]
+"""
+
+import argparse
+import logging
+import math
+import tempfile
+
+import numpy as np
+
+RATES = (0.05, 0.01)
+PAIR = ("disagreement", "badexpert")  # the default GoodNet's detectors
+
+
+def fetch(uri: str, experiments: list[str], folder: str) -> list[dict]:
+    """Finished runs with saved scores in store `uri`: their model, metrics and scores."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    ids = [
+        e.experiment_id
+        for e in client.search_experiments()
+        if not experiments or e.name in experiments
+    ]
+    found = []
+    for run in client.search_runs(ids, "attributes.status = 'FINISHED'") if ids else []:
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        if "goodnet_scores.npz" not in names:
+            continue
+        path = client.download_artifacts(run.info.run_id, "goodnet_scores.npz", folder)
+        with np.load(path) as saved:
+            scores = {key: saved[key] for key in saved.files}
+        found.append({"model": run.data.params.get("model.name", "?"), "scores": scores})
+    return found
+
+
+def rule(calibration: np.ndarray, frr: float):
+    """The shipped conformal rule's thresholds and bound on these calibration scores."""
+    from badnet_repair.defenses.detectors import calibrate
+
+    return calibrate(calibration, frr, "rescoring")
+
+
+def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
+    """`names` calibrated together at `frr` on their calibration scores; what they flag."""
+    from badnet_repair.experiment.evaluate import auroc, detection_at
+
+    calibration = np.stack([scores[f"{n}.calibration"] for n in names], axis=1)
+    found = rule(calibration, frr)
+    thresholds = np.array(found.thresholds)
+
+    def stacked(part: str) -> np.ndarray:
+        return np.stack([scores[f"{n}.{part}"] for n in names], axis=1)
+
+    clean = stacked("clean_test")
+    triggers = sorted({k.split(".", 1)[1] for k in scores} - {"calibration", "clean_test"})
+    rejected = float(np.mean((clean > thresholds).any(axis=1)))
+    b, n, m = found.bound, found.size, len(clean)
+    error = math.sqrt(b * (1 - b) / (n + 2) + b * (1 - b) / m)
+    row = {"n": n, "bound": b, "rejected": rejected, "error": error}
+    row["within"] = rejected <= frr + 2 * error
+    for t in triggers:
+        poisoned = stacked(t)
+        row[f"detect/{t}"] = float(np.mean((poisoned > thresholds).any(axis=1)))
+        row[f"auroc/{t}"] = auroc(clean[:, 0], poisoned[:, 0]) if len(names) == 1 else math.nan
+        for rate in (0.01, 0.05):
+            row[f"at_{rate:g}/{t}"] = detection_at(clean, poisoned, rate)
+    return row
+
+
+def table(runs: list[dict]) -> str:
+    lines = [
+        "| net | detector | frr | n | bound | rejected (error) | within | detected | AUROC "
+        "| at 1% | at 5% |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in sorted(runs, key=lambda r: r["model"]):
+        scores = run["scores"]
+        names = sorted({k.split(".", 1)[0] for k in scores})
+        choices = [(n,) for n in names] + ([PAIR] if set(PAIR) <= set(names) else [])
+        for choice in choices:
+            for frr in RATES:
+                row = judged(scores, choice, frr)
+                triggers = sorted(k.split("/", 1)[1] for k in row if k.startswith("detect/"))
+
+                def per(what: str, row=row, triggers=triggers) -> str:
+                    return "; ".join(f"{row[f'{what}/{t}']:.3f}" for t in triggers)
+
+                lines.append(
+                    f"| {run['model']} | {'+'.join(choice)} | {frr:g} | {row['n']} | "
+                    f"{row['bound']:.4f} | {row['rejected']:.3f} ({row['error']:.3f}) | "
+                    f"{'yes' if row['within'] else '**no**'} | {per('detect')} | "
+                    f"{per('auroc')} | {per('at_0.01')} | {per('at_0.05')} |"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tracking-uri", action="append", default=None)
+    parser.add_argument("--experiment", action="append", default=[])
+    args = parser.parse_args(argv)
+    logging.getLogger("badnet_repair").setLevel(logging.ERROR)  # the rule's own lines
+    with tempfile.TemporaryDirectory() as folder:
+        runs = [
+            r
+            for uri in args.tracking_uri or ["sqlite:///mlruns/mlflow.db"]
+            for r in fetch(uri, args.experiment, folder)
+        ]
+    if not runs:
+        print("no finished run with saved detector scores (goodnet_scores.npz) found")
+        return 1
+    print(table(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
