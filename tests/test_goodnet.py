@@ -160,8 +160,8 @@ def test_metrics_from_answers_match_running_the_goodnet(
     """The pipeline scores a GoodNet by its rule on answers it already has (B's and B''s
     classes, each detector's flags): the same numbers as running the saved GoodNet."""
     _, test, poisoned = demo_data
-    test = data.Dataset("clean_quarter", test.x[::4], test.y[::4])
-    sets = {"patch": data.Dataset("patch_quarter", poisoned.x[::4], poisoned.y[::4])}
+    test = data.Dataset("clean_eighth", test.x[::8], test.y[::8])
+    sets = {"patch": data.Dataset("patch_eighth", poisoned.x[::8], poisoned.y[::8])}
     gn = goodnets[detector]
     bad, rep = classify(demo_model, test, sets), classify(repaired, test, sets)
 
