@@ -191,6 +191,18 @@ def test_strip_threshold_is_set_on_the_clean_images_not_drawn(demo_model, fitted
     assert strip.metrics["frr_bound"] == pytest.approx(1 - rank / (len(h) + 1))
 
 
+def test_strips_overlays_leave_every_held_out_image_to_the_joint_calibration(fitted, split):
+    """STRIP draws its overlays from the training split: calibrated together with
+    disagreement (`both`), which may use the held-out split only, the GoodNet keeps all
+    of it (drawn from every clean image with the split's own seed, the overlays were
+    held-out images, and k of them were lost)."""
+    held = data.split(split[1], 0.25, seed=0)[1]
+    both = fitted["both"]
+    assert both["strip"].metrics["calibration_images"] == len(held)
+    assert both["disagreement"].metrics["calibration_images"] == len(held)
+    assert len(both["strip"].calibration_scores) == len(split[1]) - K
+
+
 def test_a_pair_is_calibrated_together_on_the_held_out_images(demo_model, repaired, fitted, split):
     """BaDExpert and disagreement in one GoodNet: their thresholds are the joint rule's on
     both scores of the same held-out images, with one bound for both, and the pair flags
@@ -326,8 +338,12 @@ def test_detectors_refuse_bad_settings_before_any_work(demo_model):
     assert detectors.parse("both") == ["disagreement", "strip"]
     assert detectors.parse(["strip", "disagreement", "strip"]) == ["strip", "disagreement"]
     settings = SimpleNamespace(detector="strip", k=30, frr=FRR, alpha=0.5)
-    with pytest.raises(UserError, match="goodnet.k=30: expected 1 to 20 for 40 clean images"):
-        detectors.check(demo_model, settings, SimpleNamespace(validation=range(40)), 64)
+    clean = SimpleNamespace(validation=range(40), train=range(36))  # 20 left to calibrate on
+    with pytest.raises(UserError, match="goodnet.k=30: expected 1 to 20 for 36 clean training"):
+        detectors.check(demo_model, settings, clean, 64)
+    clean = SimpleNamespace(validation=range(40), train=range(10))  # the overlays' pool
+    with pytest.raises(UserError, match="goodnet.k=30: expected 1 to 10 for 10 clean training"):
+        detectors.check(demo_model, settings, clean, 64)
 
 
 def by_the_rule(badnet, repaired, gn, fitted, clean, patch) -> dict[str, float]:

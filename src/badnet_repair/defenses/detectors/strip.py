@@ -5,10 +5,12 @@ is minus the BadNet's mean prediction entropy over `goodnet.k` blends
 
 STRIP examines B, the net the attacker trained, not the repaired net: the repair weakens
 the very dominance it looks for (on the demo, STRIP over B' flagged 3% of triggered inputs,
-over B 36%, both at a 3% clean rejection rate). The overlays are `k` clean validation
-images drawn with the run's seed; the threshold is set on the other validation images,
-which B never learned from. Both depend on B alone, so a sweep over one BadNet sets them
-once. Cost: k + 2 forward passes per input.
+over B 36%, both at a 3% clean rejection rate). The overlays are `k` images of the clean
+training split drawn with the run's seed (not of the held-out split: drawn from all the
+validation images with the split's own seed, they were all held-out images, which the
+GoodNet's other detectors then could not share for calibration); the threshold is set on
+the other validation images, which B never learned from. Both depend on B alone, so a
+sweep over one BadNet sets them once. Cost: k + 2 forward passes per input.
 """
 
 import logging
@@ -31,12 +33,13 @@ MIN_CALIBRATION = 20  # clean images that the threshold is set on, at least
 def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> None:
     """Enough clean images for the overlays and the threshold, and a BadNet whose every
     layer can run over the blends (a symbolic trial, no weights computed)."""
-    clean_images = len(clean.validation)
-    pool = clean_images - MIN_CALIBRATION
+    training, clean_images = len(clean.train), len(clean.validation)
+    pool = min(training, clean_images - MIN_CALIBRATION)
     if not 1 <= settings.k <= pool:
         raise UserError(
-            f"goodnet.k={settings.k}: expected 1 to {pool} for {clean_images} clean images "
-            f"(the threshold needs {MIN_CALIBRATION} others)"
+            f"goodnet.k={settings.k}: expected 1 to {pool} for {training} clean training "
+            f"images of {clean_images} (the overlays' pool; the threshold needs "
+            f"{MIN_CALIBRATION} others)"
         )
     blends = keras.Input((settings.k, *models.input_shape(badnet)))
     topology.replay(badnet, blends, "trial_", distributed=True, logits=True)
@@ -45,9 +48,10 @@ def check(badnet: keras.Model, settings: Any, clean: Any, batch_size: int) -> No
 def fit(context: Context) -> Scored:
     s, badnet = context.settings, context.badnet
     key = (s.k, s.alpha, context.seed)
+    clean = context.clean
     overlays, calibration_x, entropies = context.memo.shared(
         ("strip", *key),
-        lambda: draw(badnet, context.clean.validation.x, s.k, s.alpha, context.seed),
+        lambda: draw(badnet, clean.train.x, clean.holdout.x, s.k, s.alpha, context.seed),
     )
 
     def score(inputs: Inputs) -> np.ndarray:
@@ -94,14 +98,19 @@ def mean_entropy(
 
 
 def draw(
-    model: keras.Model, clean_x: np.ndarray, k: int = 32, alpha: float = 0.5, seed: int = 0
+    model: keras.Model,
+    pool_x: np.ndarray,
+    other_x: np.ndarray,
+    k: int = 32,
+    alpha: float = 0.5,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """STRIP's overlays (`k` of `clean_x`, drawn with `seed`) and the rest of `clean_x`,
-    the images its threshold may be calibrated on (so the overlays never judge
+    """STRIP's overlays (`k` of `pool_x`, drawn with `seed`) and the images its threshold
+    may be calibrated on, `other_x` and the rest of `pool_x` (the overlays never judge
     themselves), with their mean entropies. Returns (overlays, the rest, entropies)."""
-    order = np.random.default_rng(seed).permutation(len(clean_x))
-    calibration_x = clean_x[order[k:]]
-    overlays = clean_x[np.sort(order[:k])].astype(np.float32)
+    order = np.random.default_rng(seed).permutation(len(pool_x))
+    calibration_x = np.concatenate([other_x, pool_x[order[k:]]])
+    overlays = pool_x[np.sort(order[:k])].astype(np.float32)
     log.info("STRIP: scoring %d clean images, %d blends each", len(calibration_x), k)
     return overlays, calibration_x, mean_entropy(model, calibration_x, overlays, alpha)
 
