@@ -2,8 +2,9 @@
 0.01, from runs' saved scores: prints what issue #21's "Done when" asks per net and
 detector. Not a test.
 
-A run saves every detector's scores (`goodnet_scores.npz`: on the clean images it may be
-calibrated on, on the clean test set, on each poisoned set), so one run with all the
+A run saves every detector's scores (`goodnet_scores.npz`: `NAME.calibration` on the
+clean images it may be calibrated on, `NAME.clean_test`, `NAME.poisoned.TRIGGER`), so one
+run with all the
 detectors answers for each of them alone at any rate: its threshold is set here by the
 shipped rule (`detectors.calibrate`) on its own calibration scores, as a run with that
 detector alone would set it. Run the nets once with every detector, then read them back:
@@ -16,14 +17,17 @@ detector alone would set it. Run the nets once with every detector, then read th
 Per net, detector (and the pair `disagreement+badexpert`, calibrated together, both on
 the held-out split) and rate: the calibration images n, the promised rate (`bound`: the
 asked one, or the larger one n supports), the false rejection measured on the clean test
-set, its sampling error and whether it is within bound + 2 of them, detection per
-trigger, AUROC and detection at 1% and 5% measured false rejection.
+set, its sampling error and whether it is within bound + 2 of them (the bound, not the
+asked rate: where n cannot support the rate, the run says so and promises the bound),
+detection per trigger, AUROC and detection at 1% and 5% measured false rejection.
 
 The sampling error of a measured false rejection: the threshold is the k-th largest of n
 calibration scores, so the share of new clean inputs above it is Beta(k, n + 1 - k)
 distributed over calibration draws, variance b (1 - b) / (n + 2) with b = k / (n + 1) the
 bound; the test set of m images adds the binomial b (1 - b) / m. The error is the square
-root of their sum (for the pair, with b its joint bound, an approximation).
+root of their sum (for the pair, with b its joint bound, an approximation; for scores
+with ties, such as disagreement's many zeros, an approximation too). The thresholds are
+the shipped rule's, disagreement's with the margin its `place` adds.
 
 Usage: python benchmarks/detector_rates.py [--tracking-uri URI ...] [--experiment NAME ...]
 """
@@ -70,24 +74,26 @@ def rule(calibration: np.ndarray, frr: float):
 
 def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     """`names` calibrated together at `frr` on their calibration scores; what they flag."""
+    from badnet_repair.defenses.detectors import disagreement
     from badnet_repair.experiment.evaluate import auroc, detection_at
 
     calibration = np.stack([scores[f"{n}.calibration"] for n in names], axis=1)
     found = rule(calibration, frr)
-    thresholds = np.array(found.thresholds)
+    margins = [disagreement.MARGIN if n == "disagreement" else 0.0 for n in names]
+    thresholds = np.array(found.thresholds) + margins  # as each detector's `place` sets it
 
     def stacked(part: str) -> np.ndarray:
         return np.stack([scores[f"{n}.{part}"] for n in names], axis=1)
 
     clean = stacked("clean_test")
-    triggers = sorted({k.split(".", 1)[1] for k in scores} - {"calibration", "clean_test"})
+    triggers = sorted({k.split(".poisoned.", 1)[1] for k in scores if ".poisoned." in k})
     rejected = float(np.mean((clean > thresholds).any(axis=1)))
     b, n, m = found.bound, found.size, len(clean)
     error = math.sqrt(b * (1 - b) / (n + 2) + b * (1 - b) / m)
     row = {"n": n, "bound": b, "rejected": rejected, "error": error}
-    row["within"] = rejected <= frr + 2 * error
+    row["within"] = rejected <= b + 2 * error
     for t in triggers:
-        poisoned = stacked(t)
+        poisoned = stacked(f"poisoned.{t}")
         row[f"detect/{t}"] = float(np.mean((poisoned > thresholds).any(axis=1)))
         row[f"auroc/{t}"] = auroc(clean[:, 0], poisoned[:, 0]) if len(names) == 1 else math.nan
         for rate in (0.01, 0.05):

@@ -42,7 +42,7 @@ ARTIFACTS = {
     "goodnet_scores.npz",
     "stages.png",
 }
-SETS = ("clean_test", "patch")  # the evaluation sets' names in goodnet_scores.npz
+SETS = ("clean_test", "poisoned.patch")  # the evaluation sets' names in goodnet_scores.npz
 PNG = b"\x89PNG\r\n\x1a\n"
 DETECTOR_SETTINGS = [
     "repair=finetune",
@@ -244,7 +244,7 @@ def test_each_detector_is_scored_calibrated_and_saved_alike(every_detector, name
     assert metrics[f"goodnet/{name}/detect/patch"] == pytest.approx(np.mean(on_poisoned), abs=1e-9)
     # its scores saved for analysis give its logged AUROC and operating points
     saved = np.load(folder / "real/out/goodnet_scores.npz")
-    clean, poisoned = saved[f"{name}.clean_test"], saved[f"{name}.patch"]
+    clean, poisoned = saved[f"{name}.clean_test"], saved[f"{name}.poisoned.patch"]
     assert len(clean) == len(on_test) and len(poisoned) == len(on_poisoned)
     assert metrics[f"goodnet/{name}/auroc/patch"] == auroc(clean, poisoned)
     for rate in (0.01, 0.05):

@@ -259,12 +259,13 @@ def _operating_points(clean: np.ndarray, poisoned: np.ndarray, trigger: str) -> 
 def _save_scores(fitted: list, scores: dict[str, dict], path: Path) -> Path:
     """Every detector's scores, for analysis after the run (another rate, another pair):
     `NAME.calibration` (on the clean images it may be calibrated on), `NAME.clean_test`
-    and `NAME.TRIGGER`, in the order of the evaluation files."""
+    and `NAME.poisoned.TRIGGER`, in the order of the evaluation files."""
     arrays = {}
     for detector in fitted:
         arrays[f"{detector.name}.calibration"] = np.asarray(detector.calibration_scores)
         for t, values in scores[detector.name].items():
-            arrays[f"{detector.name}.{t or 'clean_test'}"] = np.asarray(values)
+            part = "clean_test" if t is None else f"poisoned.{t}"
+            arrays[f"{detector.name}.{part}"] = np.asarray(values)
     with files.atomic(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)

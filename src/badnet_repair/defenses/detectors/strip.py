@@ -9,8 +9,9 @@ over B 36%, both at a 3% clean rejection rate). The overlays are `k` images of t
 training split drawn with the run's seed (not of the held-out split: drawn from all the
 validation images with the split's own seed, they were all held-out images, which the
 GoodNet's other detectors then could not share for calibration); the threshold is set on
-the other validation images, which B never learned from. Both depend on B alone, so a
-sweep over one BadNet sets them once. Cost: k + 2 forward passes per input.
+the other validation images, which B never learned from. Both depend on B and the split
+alone, so a sweep over one BadNet and split sets them once. Cost: k + 2 forward passes
+per input.
 """
 
 import logging

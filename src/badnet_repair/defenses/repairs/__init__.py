@@ -98,6 +98,8 @@ class Case:
     def input_holdout_correct(self) -> np.ndarray:
         """Per clean held-out image, whether the net this case repairs gets it right (the
         BadNet; in a chain's later step, the previous step's net)."""
+        if self.original is None:
+            return self.badnet_holdout_correct()
         return self.shared(
             "input holdout correct",
             lambda: correct(self.badnet, self.clean.holdout, self.batch_size),
@@ -107,9 +109,7 @@ class Case:
         """Per clean held-out image, whether the BadNet gets it right: what budgets count
         from. In a chain, the original BadNet's, so that the steps' losses never add up
         past a budget."""
-        if self.original is None:
-            return self.input_holdout_correct()
-        first = self.original
+        first = self.badnet if self.original is None else self.original
         return self.shared(
             "badnet holdout correct", lambda: correct(first, self.clean.holdout, self.batch_size)
         )
