@@ -14,12 +14,13 @@ detector alone would set it. Run the nets once with every detector, then read th
         tracking.experiment=detectors
     python benchmarks/detector_rates.py --experiment detectors
 
-Per net, detector (and the pair `disagreement+badexpert`, calibrated together, both on
-the held-out split) and rate: the calibration images n, the promised rate (`bound`: the
-asked one, or the larger one n supports), the false rejection measured on the clean test
-set, its sampling error and whether it is within bound + 2 of them (the bound, not the
-asked rate: where n cannot support the rate, the run says so and promises the bound),
-detection per trigger, AUROC and detection at 1% and 5% measured false rejection.
+Per net and detector (and the pair `disagreement+badexpert`, calibrated together, both
+on the held-out split), at each rate: the calibration images n, the promised rate
+(`bound`: the asked one, or the larger one n supports), detection per trigger / the
+false rejection measured on the clean test set (its sampling error; **over** where it
+exceeds bound + 2 errors: the bound, not the asked rate, for where n cannot support the
+rate the run says so and promises the bound); then AUROC and detection at 1% and 5%
+measured false rejection.
 
 The sampling error of a measured false rejection: the threshold is the k-th largest of n
 calibration scores, so the share of new clean inputs above it is Beta(k, n + 1 - k)
@@ -102,29 +103,34 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
 
 
 def table(runs: list[dict]) -> str:
+    """One row per net and detector (then the pair): at each rate, detected / rejected,
+    the error and whether it is within bound + 2 errors; then AUROC, at 1% and at 5%."""
+    head = " | ".join(f"frr {frr:g}: n, bound, detected / rejected (error)" for frr in RATES)
     lines = [
-        "| net | detector | frr | n | bound | rejected (error) | within | detected | AUROC "
-        "| at 1% | at 5% |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| net | detector | {head} | AUROC | at 1% | at 5% |",
+        "|---|---|" + "---|" * len(RATES) + "---|---|---|",
     ]
     for run in sorted(runs, key=lambda r: r["model"]):
         scores = run["scores"]
         names = sorted({k.split(".", 1)[0] for k in scores})
         choices = [(n,) for n in names] + ([PAIR] if set(PAIR) <= set(names) else [])
         for choice in choices:
-            for frr in RATES:
-                row = judged(scores, choice, frr)
-                triggers = sorted(k.split("/", 1)[1] for k in row if k.startswith("detect/"))
+            rows = [judged(scores, choice, frr) for frr in RATES]
+            triggers = sorted(k.split("/", 1)[1] for k in rows[0] if k.startswith("detect/"))
 
-                def per(what: str, row=row, triggers=triggers) -> str:
-                    return "; ".join(f"{row[f'{what}/{t}']:.3f}" for t in triggers)
+            def per(row: dict, what: str, triggers=triggers) -> str:
+                return ", ".join(f"{row[f'{what}/{t}']:.3f}" for t in triggers)
 
-                lines.append(
-                    f"| {run['model']} | {'+'.join(choice)} | {frr:g} | {row['n']} | "
-                    f"{row['bound']:.4f} | {row['rejected']:.3f} ({row['error']:.3f}) | "
-                    f"{'yes' if row['within'] else '**no**'} | {per('detect')} | "
-                    f"{per('auroc')} | {per('at_0.01')} | {per('at_0.05')} |"
-                )
+            cells = [
+                f"{r['n']}, {r['bound']:.4f}, {per(r, 'detect')} / {r['rejected']:.3f} "
+                f"({r['error']:.3f}){'' if r['within'] else ' **over**'}"
+                for r in rows
+            ]
+            auroc = per(rows[0], "auroc") if len(choice) == 1 else ""
+            lines.append(
+                f"| {run['model']} | {'+'.join(choice)} | {' | '.join(cells)} | {auroc} | "
+                f"{per(rows[0], 'at_0.01')} | {per(rows[0], 'at_0.05')} |"
+            )
     return "\n".join(lines)
 
 
