@@ -33,12 +33,12 @@ the shipped rule's, disagreement's with the margin its `place` adds.
 Usage: python benchmarks/detector_rates.py [--tracking-uri URI ...] [--experiment NAME ...]
 """
 
-import argparse
 import logging
 import math
 import tempfile
 
 import numpy as np
+import stored_runs
 
 RATES = (0.05, 0.01)
 PAIR = ("disagreement", "badexpert")  # the default GoodNet's detectors
@@ -135,22 +135,12 @@ def table(runs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tracking-uri", action="append", default=None)
-    parser.add_argument("--experiment", action="append", default=[])
-    args = parser.parse_args(argv)
+    args = stored_runs.arguments(__doc__.split("\n\n")[0], argv)
     logging.getLogger("badnet_repair").setLevel(logging.ERROR)  # the rule's own lines
     with tempfile.TemporaryDirectory() as folder:
-        runs = [
-            r
-            for uri in args.tracking_uri or ["sqlite:///mlruns/mlflow.db"]
-            for r in fetch(uri, args.experiment, folder)
-        ]
-    if not runs:
-        print("no finished run with saved detector scores (goodnet_scores.npz) found")
-        return 1
-    print(table(runs))
-    return 0
+        runs = [r for uri in args.tracking_uri for r in fetch(uri, args.experiment, folder)]
+    none = "no finished run with saved detector scores (goodnet_scores.npz) found"
+    return stored_runs.report(runs, table, none)
 
 
 if __name__ == "__main__":

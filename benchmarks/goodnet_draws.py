@@ -20,9 +20,10 @@ night, each detector's share, to be added up).
 Usage: python benchmarks/goodnet_draws.py [--tracking-uri URI ...] [--experiment NAME ...]
 """
 
-import argparse
 import math
 from collections import defaultdict
+
+import stored_runs
 
 GROUP = ("model.name", "goodnet.detector", "goodnet.frr")
 
@@ -101,20 +102,9 @@ def _held_out(metrics: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tracking-uri", action="append", default=None)
-    parser.add_argument("--experiment", action="append", default=[])
-    args = parser.parse_args(argv)
-    runs = [
-        r
-        for uri in args.tracking_uri or ["sqlite:///mlruns/mlflow.db"]
-        for r in fetch(uri, args.experiment)
-    ]
-    if not runs:
-        print("no finished run with a GoodNet found")
-        return 1
-    print(table(runs))
-    return 0
+    args = stored_runs.arguments(__doc__.split("\n\n")[0], argv)
+    runs = [r for uri in args.tracking_uri for r in fetch(uri, args.experiment)]
+    return stored_runs.report(runs, table, "no finished run with a GoodNet found")
 
 
 if __name__ == "__main__":
