@@ -66,20 +66,13 @@ def fetch(uri: str, experiments: list[str], folder: str) -> list[dict]:
     return found
 
 
-def rule(calibration: np.ndarray, frr: float):
-    """The shipped conformal rule's thresholds and bound on these calibration scores."""
-    from badnet_repair.defenses.detectors import calibrate
-
-    return calibrate(calibration, frr, "rescoring")
-
-
 def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     """`names` calibrated together at `frr` on their calibration scores; what they flag."""
-    from badnet_repair.defenses.detectors import disagreement
+    from badnet_repair.defenses.detectors import calibrate, disagreement
     from badnet_repair.experiment.evaluate import auroc, detection_at
 
     calibration = np.stack([scores[f"{n}.calibration"] for n in names], axis=1)
-    found = rule(calibration, frr)
+    found = calibrate(calibration, frr, "rescoring")  # the shipped conformal rule
     margins = [disagreement.MARGIN if n == "disagreement" else 0.0 for n in names]
     thresholds = np.array(found.thresholds) + margins  # as each detector's `place` sets it
 

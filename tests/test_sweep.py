@@ -271,15 +271,15 @@ def test_a_sweep_whose_points_are_in_other_experiments_is_summarised_in_full(tmp
         for key, value in (("badnet/clean_acc", 0.95), ("repaired/clean_acc", acc)):
             client.log_metric(child, key, value)
         client.set_terminated(child, "FINISHED")
-    table = sweep.summarise(parent)
-    assert "| run | model.name |" in table and "0.9600" in table and "0.9900" in table
     children = sweep.finished_children(parent)
-    assert sweep.summarise(parent, children) == table
+    table = sweep.summarise(parent, children)
+    assert "| run | model.name |" in table and "0.9600" in table and "0.9900" in table
     assert sweep._other_experiments(home, children) == ["demo_bn_clean", "demo_clean"]
     assert sweep._other_experiments(
         client.get_experiment_by_name("demo_clean").experiment_id, children
     ) == ["demo_bn_clean"]
     assert len(sweep.finished_children(parent, "demo_bn_clean")) == 1
     rows = leaderboard.runs(None, parent)
+    assert leaderboard.rows_of(children) == rows  # what a sweep's end builds its board from
     assert sorted(row["badnet"] for row in rows) == ["demo_bn_clean", "demo_clean"]
     assert leaderboard.runs(["demo"], parent) == []

@@ -83,6 +83,12 @@ def runs(experiments: list[str] | None, parent: str | None = None) -> list[dict]
         order_by=["attributes.start_time ASC"],
         output_format="list",
     )
+    return rows_of(found)
+
+
+def rows_of(found: list) -> list[dict]:
+    """The newest of these FINISHED runs (oldest first) per BadNet and repair settings,
+    as rows (a sweep hands its points in: `sweep.finished_children`)."""
     found = [run for run in found if "repair" in run.data.params]  # not sweep parents
     latest = {run.data.tags.get("config_hash", run.info.run_id): run for run in found}
     rows = [entry(r) for r in latest.values()]

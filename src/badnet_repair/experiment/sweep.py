@@ -120,7 +120,7 @@ class MlflowSweep(Callback):
                 ": set tracking.experiment=NAME to keep a sweep in one experiment."
             )
         if config.sweep.leaderboard:
-            rows = leaderboard.runs(None, record["run_id"])
+            rows = leaderboard.rows_of(children)
             print(
                 "\nLeaderboard:\n\n"
                 + (leaderboard.publish(record["run_id"], rows) if rows else "none")
@@ -184,11 +184,10 @@ def _metric_columns(rows: list[dict], not_results: set[str]) -> list[str]:
     return sorted(names, key=rank)
 
 
-def summarise(parent_run_id: str, children: list | None = None) -> str:
-    """Log the sweep table (CSV, markdown) and curve plot to the parent; return the
-    markdown. `children`: the parent's `finished_children`, if already in hand."""
-    found = finished_children(parent_run_id) if children is None else children
-    rows, params, series = _rows(found)
+def summarise(parent_run_id: str, children: list) -> str:
+    """Log the table (CSV, markdown) and curve plot of the sweep's points `children` (its
+    `finished_children`) to the parent; return the markdown."""
+    rows, params, series = _rows(children)
     if not rows:
         return ""
     keys = swept_keys(rows, params)
