@@ -26,9 +26,20 @@ The sampling error of a measured false rejection: the threshold is the k-th larg
 calibration scores, so the share of new clean inputs above it is Beta(k, n + 1 - k)
 distributed over calibration draws, variance b (1 - b) / (n + 2) with b = k / (n + 1) the
 bound; the test set of m images adds the binomial b (1 - b) / m. The error is the square
-root of their sum (for the pair, with b its joint bound, an approximation; for scores
-with ties, such as disagreement's many zeros, an approximation too). The thresholds are
-the shipped rule's, disagreement's with the margin its `place` adds.
+root of their sum. Whether a measured rate is within it is judged exactly, not by a normal
+band (at frr 0.01 on 120 images k is 1 and Beta(1, 120) is far from normal: it exceeds
+its mean + 2 standard deviations 4.8% of the time, not 2.3%): the count of rejected test
+images is then beta-binomial, BB(m, k, n + 1 - k), and `p` is the chance of a count at
+least the one measured were the promise exact. Scores with ties (disagreement's many
+zeros) flagged strictly above their threshold only reject less, so p is conservative; for
+the pair, k is read off its joint bound (an approximation). A table holds many
+comparisons, so a rate is **over** where p < 0.05 / (their number) (Bonferroni: a
+promise kept everywhere marks one in twenty tables); the footer counts the p below 0.05,
+about one in twenty of them where every promise holds. Several runs of one net (other
+seeds: other held-out splits, repairs and draws) are pooled in a last table, their
+counts summed (the p of the sum of independent beta-binomials), which tests the promise
+itself, an expectation over calibration draws, more sharply than any one run. The
+thresholds are the shipped rule's, disagreement's with the margin its `place` adds.
 
 Usage: python benchmarks/detector_rates.py [--tracking-uri URI ...] [--experiment NAME ...]
 """
@@ -66,8 +77,35 @@ def fetch(uri: str, experiments: list[str], folder: str) -> list[dict]:
     return found
 
 
+def rejections(m: int, k: int, n: int) -> np.ndarray:
+    """P(count = 0, ..., m): how many of m new clean images score above the k-th largest
+    of n calibration scores, over calibration draws (beta-binomial BB(m, k, n + 1 - k))."""
+    a, b = k, n + 1 - k
+    lbeta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    log = [
+        math.lgamma(m + 1)
+        - math.lgamma(x + 1)
+        - math.lgamma(m - x + 1)
+        + math.lgamma(x + a)
+        + math.lgamma(m - x + b)
+        - math.lgamma(m + a + b)
+        - lbeta
+        for x in range(m + 1)
+    ]
+    return np.exp(np.array(log))
+
+
+def tail(pmfs: list[np.ndarray], count: int) -> float:
+    """P(the sum of independent counts with these pmfs >= count)."""
+    total = pmfs[0]
+    for pmf in pmfs[1:]:
+        total = np.convolve(total, pmf)
+    return float(min(1.0, total[count:].sum()))
+
+
 def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
-    """`names` calibrated together at `frr` on their calibration scores; what they flag."""
+    """`names` calibrated together at `frr` on their calibration scores; what they flag,
+    and the chance `p` of rejecting as many clean test images were the promise exact."""
     from badnet_repair.defenses.detectors import calibrate, disagreement
     from badnet_repair.experiment.evaluate import auroc, detection_at
 
@@ -81,11 +119,12 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
 
     clean = stacked("clean_test")
     triggers = sorted({k.split(".poisoned.", 1)[1] for k in scores if ".poisoned." in k})
-    rejected = float(np.mean((clean > thresholds).any(axis=1)))
+    count = int(np.sum((clean > thresholds).any(axis=1)))
     b, n, m = found.bound, found.size, len(clean)
+    pmf = rejections(m, max(1, round(b * (n + 1))), n)
     error = math.sqrt(b * (1 - b) / (n + 2) + b * (1 - b) / m)
-    row = {"n": n, "bound": b, "rejected": rejected, "error": error}
-    row["within"] = rejected <= b + 2 * error
+    row = {"n": n, "bound": b, "rejected": count / m, "error": error, "count": count}
+    row |= {"pmf": pmf, "p": tail([pmf], count)}
     for t in triggers:
         poisoned = stacked(f"poisoned.{t}")
         row[f"detect/{t}"] = float(np.mean((poisoned > thresholds).any(axis=1)))
@@ -95,36 +134,84 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     return row
 
 
-def table(runs: list[dict]) -> str:
-    """One row per net and detector (then the pair): at each rate, detected / rejected,
-    the error and whether it is within bound + 2 errors; then AUROC, at 1% and at 5%."""
-    head = " | ".join(f"frr {frr:g}: n, bound, detected / rejected (error)" for frr in RATES)
-    lines = [
-        f"| net | detector | {head} | AUROC | at 1% | at 5% |",
-        "|---|---|" + "---|" * len(RATES) + "---|---|---|",
-    ]
+def judged_runs(runs: list[dict]) -> list[tuple[str, tuple[str, ...], list[dict]]]:
+    """Per run (by net) and choice (each detector alone, then the pair): a row per rate."""
+    found = []
     for run in sorted(runs, key=lambda r: r["model"]):
         scores = run["scores"]
         names = sorted({k.split(".", 1)[0] for k in scores})
         choices = [(n,) for n in names] + ([PAIR] if set(PAIR) <= set(names) else [])
         for choice in choices:
-            rows = [judged(scores, choice, frr) for frr in RATES]
-            triggers = sorted(k.split("/", 1)[1] for k in rows[0] if k.startswith("detect/"))
+            found.append((run["model"], choice, [judged(scores, choice, frr) for frr in RATES]))
+    return found
 
-            def per(row: dict, what: str, triggers=triggers) -> str:
-                return ", ".join(f"{row[f'{what}/{t}']:.3f}" for t in triggers)
 
-            cells = [
-                f"{r['n']}, {r['bound']:.4f}, {per(r, 'detect')} / {r['rejected']:.3f} "
-                f"({r['error']:.3f}){'' if r['within'] else ' **over**'}"
-                for r in rows
-            ]
-            auroc = per(rows[0], "auroc") if len(choice) == 1 else ""
-            lines.append(
-                f"| {run['model']} | {'+'.join(choice)} | {' | '.join(cells)} | {auroc} | "
-                f"{per(rows[0], 'at_0.01')} | {per(rows[0], 'at_0.05')} |"
-            )
-    return "\n".join(lines)
+def footer(ps: list[float], what: str) -> str:
+    """How many of the comparisons' p are below 0.05, the smallest, and the Bonferroni line."""
+    low = sum(p < 0.05 for p in ps)
+    return (
+        f"{len(ps)} comparisons of {what}: p < 0.05 in {low} (about {0.05 * len(ps):.1f} where "
+        f"every promise holds); smallest p {min(ps):.2g}; **over** where p < 0.05 / "
+        f"{len(ps)} = {0.05 / len(ps):.2g}"
+    )
+
+
+def table(runs: list[dict]) -> str:
+    """One row per net and detector (then the pair): at each rate, detected / rejected,
+    its error and p (**over** past Bonferroni); then AUROC, at 1% and at 5%. Then, where
+    a net has several runs, the rates pooled over them."""
+    found = judged_runs(runs)
+    cut = 0.05 / (len(found) * len(RATES))
+    head = " | ".join(f"frr {frr:g}: n, bound, detected / rejected (error, p)" for frr in RATES)
+    lines = [
+        f"| net | detector | {head} | AUROC | at 1% | at 5% |",
+        "|---|---|" + "---|" * len(RATES) + "---|---|---|",
+    ]
+    for model, choice, rows in found:
+        triggers = sorted(k.split("/", 1)[1] for k in rows[0] if k.startswith("detect/"))
+
+        def per(row: dict, what: str, triggers=triggers) -> str:
+            return ", ".join(f"{row[f'{what}/{t}']:.3f}" for t in triggers)
+
+        cells = [
+            f"{r['n']}, {r['bound']:.4f}, {per(r, 'detect')} / {r['rejected']:.3f} "
+            f"({r['error']:.3f}, p {r['p']:.2g}){' **over**' if r['p'] < cut else ''}"
+            for r in rows
+        ]
+        auroc = per(rows[0], "auroc") if len(choice) == 1 else ""
+        lines.append(
+            f"| {model} | {'+'.join(choice)} | {' | '.join(cells)} | {auroc} | "
+            f"{per(rows[0], 'at_0.01')} | {per(rows[0], 'at_0.05')} |"
+        )
+    lines += ["", footer([r["p"] for *_, rows in found for r in rows], "single runs")]
+    return "\n".join(lines + pooled(found))
+
+
+def pooled(found: list[tuple[str, tuple[str, ...], list[dict]]]) -> list[str]:
+    """Per net with several runs and choice: at each rate, the mean bound, the rejected
+    share of all their test images and the p of the summed count."""
+    groups: dict[tuple[str, tuple[str, ...]], list[list[dict]]] = {}
+    for model, choice, rows in found:
+        groups.setdefault((model, choice), []).append(rows)
+    groups = {key: runs for key, runs in groups.items() if len(runs) > 1}
+    if not groups:
+        return []
+    cut = 0.05 / (len(groups) * len(RATES))
+    head = " | ".join(f"frr {frr:g}: bound, rejected (p)" for frr in RATES)
+    lines = ["", f"| net | detector | runs | {head} |", "|---|---|---|" + "---|" * len(RATES)]
+    ps = []
+    for (model, choice), runs in groups.items():
+        cells = []
+        for i in range(len(RATES)):
+            rows = [run[i] for run in runs]
+            count = sum(r["count"] for r in rows)
+            p = tail([r["pmf"] for r in rows], count)
+            ps.append(p)
+            rejected = count / sum(len(r["pmf"]) - 1 for r in rows)
+            bound = float(np.mean([r["bound"] for r in rows]))
+            cells.append(f"{bound:.4f}, {rejected:.3f} (p {p:.2g}){' **over**' if p < cut else ''}")
+        lines.append(f"| {model} | {'+'.join(choice)} | {len(runs)} | {' | '.join(cells)} |")
+    return lines + ["", footer(ps, "runs pooled per net")]
 
 
 def main(argv: list[str] | None = None) -> int:
