@@ -17,10 +17,10 @@ detector alone would set it. Run the nets once with every detector, then read th
 Per net and detector (and the pair `disagreement+badexpert`, calibrated together, both
 on the held-out split), at each rate: the calibration images n, the promised rate
 (`bound`: the asked one, or the larger one n supports), detection per trigger / the
-false rejection measured on the clean test set (its sampling error; **over** where it
-exceeds bound + 2 errors: the bound, not the asked rate, for where n cannot support the
-rate the run says so and promises the bound); then AUROC and detection at 1% and 5%
-measured false rejection.
+false rejection measured on the clean test set (its sampling error, and p below; judged
+against the bound, not the asked rate, for where n cannot support the rate the run says
+so and promises the bound); then AUROC and detection at 1% and 5% measured false
+rejection.
 
 The sampling error of a measured false rejection: the threshold is the k-th largest of n
 calibration scores, so the share of new clean inputs above it is Beta(k, n + 1 - k)
@@ -38,7 +38,9 @@ promise kept everywhere marks one in twenty tables); the footer counts the p bel
 about one in twenty of them where every promise holds. Several runs of one net (other
 seeds: other held-out splits, repairs and draws) are pooled in a last table, their
 counts summed (the p of the sum of independent beta-binomials), which tests the promise
-itself, an expectation over calibration draws, more sharply than any one run. The
+itself, an expectation over calibration draws, more sharply than any one run; so is each
+detector over every net's runs, where a bias shared by the nets (say, held-out images
+that the repair chose its strength on) would show. The
 thresholds are the shipped rule's, disagreement's with the margin its `place` adds.
 
 Usage: python benchmarks/detector_rates.py [--tracking-uri URI ...] [--experiment NAME ...]
@@ -188,12 +190,16 @@ def table(runs: list[dict]) -> str:
 
 
 def pooled(found: list[tuple[str, tuple[str, ...], list[dict]]]) -> list[str]:
-    """Per net with several runs and choice: at each rate, the mean bound, the rejected
-    share of all their test images and the p of the summed count."""
+    """Per net with several runs and choice (then each choice over every net): at each
+    rate, the mean bound, the rejected share of all their test images and the p of the
+    summed count."""
     groups: dict[tuple[str, tuple[str, ...]], list[list[dict]]] = {}
     for model, choice, rows in found:
         groups.setdefault((model, choice), []).append(rows)
     groups = {key: runs for key, runs in groups.items() if len(runs) > 1}
+    if len({model for model, _ in groups}) > 1:  # and each choice over every net
+        for _, choice, rows in found:
+            groups.setdefault(("every net", choice), []).append(rows)
     if not groups:
         return []
     cut = 0.05 / (len(groups) * len(RATES))
