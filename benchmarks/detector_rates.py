@@ -28,7 +28,7 @@ distributed over calibration draws, variance b (1 - b) / (n + 2) with b = k / (n
 bound; the test set of m images adds the binomial b (1 - b) / m. The error is the square
 root of their sum. Whether a measured rate is within it is judged exactly, not by a normal
 band (at frr 0.01 on 120 images k is 1 and Beta(1, 120) is far from normal: it exceeds
-its mean + 2 standard deviations 4.8% of the time, not 2.3%): the count of rejected test
+its mean + 2 standard deviations 5.0% of the time, not 2.3%): the count of rejected test
 images is then beta-binomial, BB(m, k, n + 1 - k), and `p` is the chance of a count at
 least the one measured were the promise exact. Scores with ties (disagreement's many
 zeros) flagged strictly above their threshold only reject less, so p is conservative; for
@@ -36,11 +36,13 @@ the pair, k is read off its joint bound (an approximation). A table holds many
 comparisons, so a rate is **over** where p < 0.05 / (their number) (Bonferroni: a
 promise kept everywhere marks one in twenty tables); the footer counts the p below 0.05,
 about one in twenty of them where every promise holds. Several runs of one net (other
-seeds: other held-out splits, repairs and draws) are pooled in a last table, their
-counts summed (the p of the sum of independent beta-binomials), which tests the promise
-itself, an expectation over calibration draws, more sharply than any one run; so is each
-detector over every net's runs, where a bias shared by the nets (say, held-out images
-that the repair chose its strength on) would show. The
+seeds: other held-out splits, repairs and draws) are pooled in a last table: their
+rejected share of all their test images, against the mean bound, and twice the mean of
+their p (a p-value whatever their dependence: runs of one net score the same test file
+and draw their held-out splits from one validation file, so their counts are not
+independent and the p of a summed count would be too small); so is each detector over
+every net's runs, where a bias shared by the nets (say, held-out images that the repair
+chose its strength on) would show. The
 thresholds are the shipped rule's, disagreement's with the margin its `place` adds.
 
 Usage: python benchmarks/detector_rates.py [--tracking-uri URI ...] [--experiment NAME ...]
@@ -97,12 +99,9 @@ def rejections(m: int, k: int, n: int) -> np.ndarray:
     return np.exp(np.array(log))
 
 
-def tail(pmfs: list[np.ndarray], count: int) -> float:
-    """P(the sum of independent counts with these pmfs >= count)."""
-    total = pmfs[0]
-    for pmf in pmfs[1:]:
-        total = np.convolve(total, pmf)
-    return float(min(1.0, total[count:].sum()))
+def tail(pmf: np.ndarray, count: int) -> float:
+    """P(a count with this pmf >= count)."""
+    return float(min(1.0, pmf[count:].sum()))
 
 
 def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
@@ -126,7 +125,7 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     pmf = rejections(m, max(1, round(b * (n + 1))), n)
     error = math.sqrt(b * (1 - b) / (n + 2) + b * (1 - b) / m)
     row = {"n": n, "bound": b, "rejected": count / m, "error": error, "count": count}
-    row |= {"pmf": pmf, "p": tail([pmf], count)}
+    row |= {"m": m, "p": tail(pmf, count)}
     for t in triggers:
         poisoned = stacked(f"poisoned.{t}")
         row[f"detect/{t}"] = float(np.mean((poisoned > thresholds).any(axis=1)))
@@ -191,13 +190,13 @@ def table(runs: list[dict]) -> str:
 
 def pooled(found: list[tuple[str, tuple[str, ...], list[dict]]]) -> list[str]:
     """Per net with several runs and choice (then each choice over every net): at each
-    rate, the mean bound, the rejected share of all their test images and the p of the
-    summed count."""
+    rate, the mean bound, the rejected share of all their test images and twice the mean
+    of their p (valid under any dependence between the runs)."""
     groups: dict[tuple[str, tuple[str, ...]], list[list[dict]]] = {}
     for model, choice, rows in found:
         groups.setdefault((model, choice), []).append(rows)
     groups = {key: runs for key, runs in groups.items() if len(runs) > 1}
-    if len({model for model, _ in groups}) > 1:  # and each choice over every net
+    if len({model for model, *_ in found}) > 1:  # and each choice over every net
         for _, choice, rows in found:
             groups.setdefault(("every net", choice), []).append(rows)
     if not groups:
@@ -210,10 +209,9 @@ def pooled(found: list[tuple[str, tuple[str, ...], list[dict]]]) -> list[str]:
         cells = []
         for i in range(len(RATES)):
             rows = [run[i] for run in runs]
-            count = sum(r["count"] for r in rows)
-            p = tail([r["pmf"] for r in rows], count)
+            p = min(1.0, 2 * float(np.mean([r["p"] for r in rows])))
             ps.append(p)
-            rejected = count / sum(len(r["pmf"]) - 1 for r in rows)
+            rejected = sum(r["count"] for r in rows) / sum(r["m"] for r in rows)
             bound = float(np.mean([r["bound"] for r in rows]))
             cells.append(f"{bound:.4f}, {rejected:.3f} (p {p:.2g}){' **over**' if p < cut else ''}")
         lines.append(f"| {model} | {'+'.join(choice)} | {len(runs)} | {' | '.join(cells)} |")
