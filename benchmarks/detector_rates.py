@@ -30,7 +30,8 @@ root of their sum. Whether a measured rate is within it is judged exactly, not b
 band (at frr 0.01 on 120 images k is 1 and Beta(1, 120) is far from normal: it exceeds
 its mean + 2 standard deviations 5.0% of the time, not 2.3%): the count of rejected test
 images is then beta-binomial, BB(m, k, n + 1 - k), and `p` is the chance of a count at
-least the one measured were the promise exact. Scores with ties (disagreement's many
+least the one measured were the promise exact (`evaluate.rejection_p`, which a run logs
+for its GoodNet as `goodnet/frr_p`). Scores with ties (disagreement's many
 zeros) flagged strictly above their threshold only reject less, so p is conservative; for
 the pair, k is read off its joint bound (an approximation). A table holds many
 comparisons, so a rate is **over** where p < 0.05 / (their number) (Bonferroni: a
@@ -81,34 +82,11 @@ def fetch(uri: str, experiments: list[str], folder: str) -> list[dict]:
     return found
 
 
-def rejections(m: int, k: int, n: int) -> np.ndarray:
-    """P(count = 0, ..., m): how many of m new clean images score above the k-th largest
-    of n calibration scores, over calibration draws (beta-binomial BB(m, k, n + 1 - k))."""
-    a, b = k, n + 1 - k
-    lbeta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
-    log = [
-        math.lgamma(m + 1)
-        - math.lgamma(x + 1)
-        - math.lgamma(m - x + 1)
-        + math.lgamma(x + a)
-        + math.lgamma(m - x + b)
-        - math.lgamma(m + a + b)
-        - lbeta
-        for x in range(m + 1)
-    ]
-    return np.exp(np.array(log))
-
-
-def tail(pmf: np.ndarray, count: int) -> float:
-    """P(a count with this pmf >= count)."""
-    return float(min(1.0, pmf[count:].sum()))
-
-
 def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     """`names` calibrated together at `frr` on their calibration scores; what they flag,
     and the chance `p` of rejecting as many clean test images were the promise exact."""
     from badnet_repair.defenses.detectors import calibrate, disagreement
-    from badnet_repair.experiment.evaluate import auroc, detection_at
+    from badnet_repair.experiment.evaluate import auroc, detection_at, rejection_p
 
     calibration = np.stack([scores[f"{n}.calibration"] for n in names], axis=1)
     found = calibrate(calibration, frr, "rescoring")  # the shipped conformal rule
@@ -122,10 +100,9 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     triggers = sorted({k.split(".poisoned.", 1)[1] for k in scores if ".poisoned." in k})
     count = int(np.sum((clean > thresholds).any(axis=1)))
     b, n, m = found.bound, found.size, len(clean)
-    pmf = rejections(m, max(1, round(b * (n + 1))), n)
     error = math.sqrt(b * (1 - b) / (n + 2) + b * (1 - b) / m)
     row = {"n": n, "bound": b, "rejected": count / m, "error": error, "count": count}
-    row |= {"m": m, "p": tail(pmf, count)}
+    row |= {"m": m, "p": rejection_p(count, m, n, b)}
     for t in triggers:
         poisoned = stacked(f"poisoned.{t}")
         row[f"detect/{t}"] = float(np.mean((poisoned > thresholds).any(axis=1)))

@@ -6,14 +6,12 @@ distribution, calibration on n of them, false rejection measured on fresh ones. 
 tolerances come from n and the number of draws, not from tuning."""
 
 import logging
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from badnet_repair.defenses.detectors import calibrate
-from badnet_repair.experiment.evaluate import detection_at
+from badnet_repair.experiment.evaluate import detection_at, rejection_p
 
 DRAWS = 2000  # calibrations, each judged on its own fresh clean scores
 FRESH = 200
@@ -139,22 +137,20 @@ def test_detection_at_a_rate_is_read_where_the_clean_rejection_first_stays_withi
     assert np.isnan(detection_at(two[:0], attacked, 0.05))
 
 
-def test_the_benchmarks_count_law_is_that_of_a_conformal_threshold():
-    """`benchmarks/detector_rates.py` judges a measured false rejection by the law of the
-    count of m fresh clean scores above the k-th largest of n: beta-binomial. Checked on
-    draws: its mean, and its tail at three counts, each within four standard errors of
-    the draws' share."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from detector_rates import rejections, tail
-
+def test_the_p_of_a_measured_rejection_follows_the_law_of_a_conformal_threshold():
+    """`evaluate.rejection_p` judges a measured false rejection by the law of the count of
+    m fresh clean scores above the k-th largest of n: beta-binomial. Checked on draws:
+    its mean (the sum of its tails) and its tail at three counts, each within four
+    standard errors of the draws' share."""
     n, m, k, draws = 60, 200, 3, 4000
+    bound = k / (n + 1)
     rng = np.random.default_rng(0)
     thresholds = np.sort(rng.random((draws, n)), axis=1)[:, -k]
     counts = (rng.random((draws, m)) > thresholds[:, None]).sum(axis=1)
-    pmf = rejections(m, k, n)
-    assert pmf.sum() == pytest.approx(1, abs=1e-9)
-    assert np.dot(np.arange(m + 1), pmf) == pytest.approx(m * k / (n + 1), rel=1e-9)
+    assert rejection_p(0, m, n, bound) == pytest.approx(1)
+    mean = sum(rejection_p(c, m, n, bound) for c in range(1, m + 1))  # E[X] = sum P(X >= c)
+    assert mean == pytest.approx(m * bound, rel=1e-9)
     for count in np.percentile(counts, [50, 90, 99]).astype(int):
         share = np.mean(counts >= count)
         error = np.sqrt(share * (1 - share) / draws)
-        assert abs(tail(pmf, int(count)) - share) <= 4 * error, count
+        assert abs(rejection_p(int(count), m, n, bound) - share) <= 4 * error, count

@@ -17,7 +17,7 @@ import tf_keras as keras
 from badnet_repair import data
 from badnet_repair.defenses import detectors, repairs
 from badnet_repair.experiment import inputs, pipeline
-from badnet_repair.experiment.evaluate import auroc, detection_at
+from badnet_repair.experiment.evaluate import auroc, detection_at, rejection_p
 from badnet_repair.zoo import recipes as zoo
 
 from conftest import TINY, compose_config, evaluation_overrides
@@ -200,17 +200,21 @@ def test_the_goodnet_of_every_detector_is_scored_alike_and_never_reads_the_evalu
     folder, cfg, metrics, answers = every_detector
     test, poisoned = small_evaluation.test, small_evaluation.poisoned
     assert_scored_by_the_contract(cfg, metrics, set(), small_evaluation, demo_model)
-    n = zoo.DEMO.num_classes
+    n_classes = zoo.DEMO.num_classes
     on_test, on_poisoned = answers.classes
     ran = {
         "goodnet/clean_acc": np.mean(on_test == test.y),
-        "goodnet/flag_rate_clean": np.mean(on_test == n),
+        "goodnet/flag_rate_clean": np.mean(on_test == n_classes),
         "goodnet/asr/patch": np.mean(on_poisoned == poisoned.y),
-        "goodnet/detect/patch": np.mean(on_poisoned == n),
+        "goodnet/detect/patch": np.mean(on_poisoned == n_classes),
     }
     for key, value in ran.items():
         assert metrics[key] == pytest.approx(value, abs=1e-9), key
     assert 0 < metrics["goodnet/flag_rate_clean"] < 1  # both kinds of answer compared
+    # the p of the saved GoodNet's false rejection, were its promise exact
+    n, bound = metrics["goodnet/strip/calibration_images"], metrics["goodnet/strip/frr_bound"]
+    p = rejection_p(int(np.sum(on_test == n_classes)), len(test), int(n), bound)
+    assert metrics["goodnet/frr_p"] == pytest.approx(p, abs=1e-12)
     saved = np.load(folder / "real/out/goodnet_scores.npz")
     together = [np.stack([saved[f"{d}.{t}"] for d in cfg.goodnet.detector], axis=1) for t in SETS]
     for rate in (0.01, 0.05):  # the detectors' operating point together, as calibrated

@@ -148,15 +148,15 @@ def test_the_clean_rule_never_reads_the_test_or_poisoned_sets(tmp_path):
 
 def test_the_goodnets_detectors_have_a_table_of_their_own(tmp_path):
     """Per run, each detector's figures and then the GoodNet's rule (`together`), which
-    has no AUROC of its own; runs without detector figures add no rows, and a board of
-    them no table."""
+    has no AUROC of its own and alone a p against its promise; runs without detector
+    figures add no rows, and a board of them no table."""
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = mlflow.MlflowClient()
     experiment = client.create_experiment("board")
     repaired = {"repaired/clean_acc": 0.96, "repaired/asr/patch": 0.0}
     badexpert = {"flag_rate_clean": 0.04, "detect/patch": 0.9, "auroc/patch": 0.99}
     points = {"detect_at_frr_0.01/patch": 0.7, "detect_at_frr_0.05/patch": 0.95}
-    goodnet = {"flag_rate_clean": 0.05, "detect/patch": 0.92, **points}
+    goodnet = {"flag_rate_clean": 0.05, "frr_p": 0.3, "detect/patch": 0.92, **points}
     figures = {f"goodnet/badexpert/{k}": v for k, v in {**badexpert, **points}.items()}
     figures.update({f"goodnet/{k}": v + 0.02 for k, v in goodnet.items()})
     finished_run(client, experiment, "a", "x", **repaired, **figures)
@@ -168,14 +168,15 @@ def test_the_goodnets_detectors_have_a_table_of_their_own(tmp_path):
         "repair",
         "detector",
         "frr",
+        "frr_p",
         "detect/patch",
         "auroc/patch",
         "at_1%/patch",
         "at_5%/patch",
     ]
     assert cells == [
-        ["a", "x", "badexpert", "0.0400", "0.9000", "0.9900", "0.7000", "0.9500"],
-        ["a", "x", "together", "0.0700", "0.9400", "", "0.7200", "0.9700"],
+        ["a", "x", "badexpert", "0.0400", "", "0.9000", "0.9900", "0.7000", "0.9500"],
+        ["a", "x", "together", "0.0700", "0.3200", "0.9400", "", "0.7200", "0.9700"],
     ]
     assert "GoodNet detectors:" in leaderboard.markdown(rows)
     assert "GoodNet detectors:" not in leaderboard.markdown(rows[1:])

@@ -1,6 +1,7 @@
 """One shared measurement for every stage: clean accuracy and attack success rate."""
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -159,6 +160,26 @@ def detection_at(clean_scores: np.ndarray, poisoned_scores: np.ndarray, rate: fl
         else:
             high = middle - 1
     return float(np.mean(flags(poisoned, low)))
+
+
+def rejection_p(rejected: int, m: int, n: int, bound: float) -> float:
+    """The chance of `rejected` or more of m new clean inputs flagged, were a threshold set
+    on n clean calibration images to keep its promise `bound` exactly: a small p says the
+    test images are not like the calibration ones, not bad luck. Flagged above the k-th
+    largest of n exchangeable scores (k = bound (n + 1)), a new input is rejected at a
+    rate Beta(k, n + 1 - k) over calibration draws, so the count is beta-binomial
+    BB(m, k, n + 1 - k): exact for one detector with continuous scores, conservative with
+    ties (flagged strictly above), an approximation for detectors calibrated together.
+    An evaluation figure read off the test set; nothing is set by it."""
+    k = max(1, round(bound * (n + 1)))
+    a, b = k, n + 1 - k
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+    def log_pmf(x: int) -> float:
+        chosen = math.lgamma(m + 1) - math.lgamma(x + 1) - math.lgamma(m - x + 1)
+        return chosen + math.lgamma(x + a) + math.lgamma(m - x + b) - math.lgamma(m + a + b)
+
+    return min(1.0, sum(math.exp(log_pmf(x) - log_beta) for x in range(rejected, m + 1)))
 
 
 def goodnet_scores(

@@ -171,11 +171,12 @@ def _detectors(row: dict) -> list[str]:
 
 def detector_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Per BadNet, repair and GoodNet detector, then `together` (the GoodNet's rule):
-    false rejection on the clean test set and, per trigger, detection at the thresholds
+    false rejection on the clean test set (and the GoodNet's p against its promise, see
+    `evaluate.rejection_p`) and, per trigger, detection at the thresholds
     set on clean data, AUROC, and detection where the clean test set's rejection is at
     most 1% and 5% (how well it ranks, at the rates a user asks for)."""
     triggers = sorted({t for row in rows for t in _triggers(row)})
-    columns = ["badnet", "repair", "detector", "frr"]
+    columns = ["badnet", "repair", "detector", "frr", "frr_p"]
     columns += [f"{what}/{t}" for t in triggers for what in ("detect", "auroc", "at_1%", "at_5%")]
     cells = []
     for row in rows:
@@ -184,6 +185,7 @@ def detector_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             key = "goodnet/" if name == TOGETHER else f"goodnet/{name}/"
             values = {"badnet": row["badnet"], "repair": row["repair"], "detector": name}
             values["frr"] = row.get(f"{key}flag_rate_clean")
+            values["frr_p"] = row.get(f"{key}frr_p")  # the GoodNet's alone (`together`)
             for t in triggers:
                 values[f"detect/{t}"] = row.get(f"{key}detect/{t}")
                 values[f"auroc/{t}"] = row.get(f"{key}auroc/{t}")
@@ -215,6 +217,8 @@ def markdown(rows: list[dict]) -> str:
         lines += ["", "GoodNet detectors:", "", *_markdown_table(columns, cells), ""]
         lines.append(
             "frr and detect: at the thresholds set on clean validation data (goodnet.frr); "
+            "frr_p: the chance of a false rejection at least frr were the GoodNet's promise "
+            "exact (a small one: the test images are not like the calibration ones); "
             "auroc, at_1% and at_5%: how each ranks, detection where the clean test set's "
             "rejection is at most 1% and 5% (read off the test set, for reporting only)."
         )

@@ -31,6 +31,7 @@ from badnet_repair.experiment.evaluate import (
     goodnet_answers,
     goodnet_scores,
     objective,
+    rejection_p,
 )
 from badnet_repair.experiment.inputs import Baseline
 from badnet_repair.experiment.probe import probe
@@ -235,6 +236,10 @@ def _goodnet(
     values = goodnet_scores(answers, base.test, base.poisoned, good.num_classes)
     values = {key.split("/", 1)[1]: value for key, value in values.items()}
     report.stage_from("goodnet", values, f"{' + '.join(good.detectors)}, by its rule")
+    promise = fitted[0].metrics  # one calibration for all: the GoodNet's size and bound
+    rejected = int(np.sum(answers.clean == good.num_classes))
+    n, bound = int(promise["calibration_images"]), promise["frr_bound"]
+    report.journal.log({"goodnet/frr_p": rejection_p(rejected, len(base.test), n, bound)})
     together = {t: np.stack([scores[d.name][t] for d in fitted], axis=1) for t in sets}
     for t in base.poisoned:
         points = _operating_points(together[None], together[t], t)
