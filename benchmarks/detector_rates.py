@@ -38,12 +38,13 @@ comparisons, so a rate is **over** where p < 0.05 / (their number) (Bonferroni: 
 promise kept everywhere marks one in twenty tables); the footer counts the p below 0.05,
 about one in twenty of them where every promise holds. Several runs of one net (other
 seeds: other held-out splits, repairs and draws) are pooled in a last table: their
-rejected share of all their test images, against the mean bound, and twice the mean of
-their p (a p-value whatever their dependence: runs of one net score the same test file
-and draw their held-out splits from one validation file, so their counts are not
-independent and the p of a summed count would be too small); so is each detector over
-every net's runs, where a bias shared by the nets (say, held-out images that the repair
-chose its strength on) would show. The
+rejected share of all their test images, against the mean bound, and a p (`combined`):
+runs of one net score the same test file and draw their held-out splits from one
+validation file, so their counts are not independent and the p of a summed count would
+be too small; twice the mean of their p is a p-value whatever their dependence. Each
+detector is also pooled over every net, where a bias the nets share (say, held-out images
+that the repair chose its strength on) would show: per seed the nets' counts are
+independent (other nets, other files) and summed, exactly; over seeds, twice the mean. The
 thresholds are the shipped rule's, disagreement's with the margin its `place` adds.
 
 Usage: python benchmarks/detector_rates.py [--tracking-uri URI ...] [--experiment NAME ...]
@@ -61,7 +62,7 @@ PAIR = ("disagreement", "badexpert")  # the default GoodNet's detectors
 
 
 def fetch(uri: str, experiments: list[str], folder: str) -> list[dict]:
-    """Finished runs with saved scores in store `uri`: their model, metrics and scores."""
+    """Finished runs with saved scores in store `uri`: their model, seed and scores."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -78,7 +79,9 @@ def fetch(uri: str, experiments: list[str], folder: str) -> list[dict]:
         path = client.download_artifacts(run.info.run_id, "goodnet_scores.npz", folder)
         with np.load(path) as saved:
             scores = {key: saved[key] for key in saved.files}
-        found.append({"model": run.data.params.get("model.name", "?"), "scores": scores})
+        params = run.data.params
+        found.append({"model": params.get("model.name", "?"), "seed": params.get("seed", "?")})
+        found[-1]["scores"] = scores
     return found
 
 
@@ -86,7 +89,7 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     """`names` calibrated together at `frr` on their calibration scores; what they flag,
     and the chance `p` of rejecting as many clean test images were the promise exact."""
     from badnet_repair.defenses.detectors import calibrate, disagreement
-    from badnet_repair.experiment.evaluate import auroc, detection_at, rejection_p
+    from badnet_repair.experiment.evaluate import auroc, detection_at, rejection_law
 
     calibration = np.stack([scores[f"{n}.calibration"] for n in names], axis=1)
     found = calibrate(calibration, frr, "rescoring")  # the shipped conformal rule
@@ -102,7 +105,8 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     b, n, m = found.bound, found.size, len(clean)
     error = math.sqrt(b * (1 - b) / (n + 2) + b * (1 - b) / m)
     row = {"n": n, "bound": b, "rejected": count / m, "error": error, "count": count}
-    row |= {"m": m, "p": rejection_p(count, m, n, b)}
+    law = rejection_law(m, n, b)
+    row |= {"m": m, "law": law, "p": float(min(1.0, law[count:].sum()))}
     for t in triggers:
         poisoned = stacked(f"poisoned.{t}")
         row[f"detect/{t}"] = float(np.mean((poisoned > thresholds).any(axis=1)))
@@ -112,15 +116,19 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     return row
 
 
-def judged_runs(runs: list[dict]) -> list[tuple[str, tuple[str, ...], list[dict]]]:
+Judged = tuple[str, str, tuple[str, ...], list[dict]]  # net, seed, choice, a row per rate
+
+
+def judged_runs(runs: list[dict]) -> list[Judged]:
     """Per run (by net) and choice (each detector alone, then the pair): a row per rate."""
     found = []
-    for run in sorted(runs, key=lambda r: r["model"]):
+    for run in sorted(runs, key=lambda r: (r["model"], r["seed"])):
         scores = run["scores"]
         names = sorted({k.split(".", 1)[0] for k in scores})
         choices = [(n,) for n in names] + ([PAIR] if set(PAIR) <= set(names) else [])
         for choice in choices:
-            found.append((run["model"], choice, [judged(scores, choice, frr) for frr in RATES]))
+            rows = [judged(scores, choice, frr) for frr in RATES]
+            found.append((run["model"], run["seed"], choice, rows))
     return found
 
 
@@ -145,7 +153,7 @@ def table(runs: list[dict]) -> str:
         f"| net | detector | {head} | AUROC | at 1% | at 5% |",
         "|---|---|" + "---|" * len(RATES) + "---|---|---|",
     ]
-    for model, choice, rows in found:
+    for model, _, choice, rows in found:
         triggers = sorted(k.split("/", 1)[1] for k in rows[0] if k.startswith("detect/"))
 
         def per(row: dict, what: str, triggers=triggers) -> str:
@@ -165,28 +173,47 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines + pooled(found))
 
 
-def pooled(found: list[tuple[str, tuple[str, ...], list[dict]]]) -> list[str]:
+def combined(draws: list[list[dict]]) -> float:
+    """The p of several runs' rejections: per draw (runs of other nets, whose counts are
+    independent: other nets, other files), that of their summed count; over draws (runs
+    of one net share its test file and validation pool), twice the mean of those, a
+    p-value whatever their dependence."""
+    ps = []
+    for rows in draws:
+        law = rows[0]["law"]
+        for row in rows[1:]:
+            law = np.convolve(law, row["law"])
+        ps.append(float(min(1.0, law[sum(r["count"] for r in rows) :].sum())))
+    return ps[0] if len(ps) == 1 else min(1.0, 2 * float(np.mean(ps)))
+
+
+def pooled(found: list[Judged]) -> list[str]:
     """Per net with several runs and choice (then each choice over every net): at each
-    rate, the mean bound, the rejected share of all their test images and twice the mean
-    of their p (valid under any dependence between the runs)."""
-    groups: dict[tuple[str, tuple[str, ...]], list[list[dict]]] = {}
-    for model, choice, rows in found:
-        groups.setdefault((model, choice), []).append(rows)
-    groups = {key: runs for key, runs in groups.items() if len(runs) > 1}
+    rate, the mean bound, the rejected share of all their test images and their p
+    (`combined`, a draw being a seed)."""
+    groups: dict[tuple[str, tuple[str, ...]], dict[tuple, list]] = {}
+    for model, seed, choice, rows in found:
+        draws = groups.setdefault((model, choice), {})
+        draws.setdefault((seed, len(draws)), []).append(rows)  # each run a draw of its own
+    groups = {key: draws for key, draws in groups.items() if len(draws) > 1}
     if len({model for model, *_ in found}) > 1:  # and each choice over every net
-        for _, choice, rows in found:
-            groups.setdefault(("every net", choice), []).append(rows)
+        seen: dict[tuple, int] = {}
+        for model, seed, choice, rows in found:
+            again = seen[model, seed, choice] = seen.get((model, seed, choice), -1) + 1
+            draw = groups.setdefault(("every net", choice), {}).setdefault((seed, again), [])
+            draw.append(rows)  # a draw: one run per net (a rerun of a seed, another draw)
     if not groups:
         return []
     cut = 0.05 / (len(groups) * len(RATES))
     head = " | ".join(f"frr {frr:g}: bound, rejected (p)" for frr in RATES)
     lines = ["", f"| net | detector | runs | {head} |", "|---|---|---|" + "---|" * len(RATES)]
     ps = []
-    for (model, choice), runs in groups.items():
+    for (model, choice), draws in groups.items():
         cells = []
+        runs = [run for draw in draws.values() for run in draw]
         for i in range(len(RATES)):
             rows = [run[i] for run in runs]
-            p = min(1.0, 2 * float(np.mean([r["p"] for r in rows])))
+            p = combined([[run[i] for run in draw] for draw in draws.values()])
             ps.append(p)
             rejected = sum(r["count"] for r in rows) / sum(r["m"] for r in rows)
             bound = float(np.mean([r["bound"] for r in rows]))
