@@ -37,14 +37,14 @@ the pair, k is read off its joint bound (an approximation). A table holds many
 comparisons, so a rate is **over** where p < 0.05 / (their number) (Bonferroni: a
 promise kept everywhere marks one in twenty tables); the footer counts the p below 0.05,
 about one in twenty of them where every promise holds. Several runs of one net (other
-seeds: other held-out splits, repairs and draws) are pooled in a last table: their
-rejected share of all their test images, against the mean bound, and a p (`combined`):
-runs of one net score the same test file and draw their held-out splits from one
-validation file, so their counts are not independent and the p of a summed count would
-be too small; twice the mean of their p is a p-value whatever their dependence. Each
-detector is also pooled over every net, where a bias the nets share (say, held-out images
-that the repair chose its strength on) would show: per seed the nets' counts are
-independent (other nets, other files) and summed, exactly; over seeds, twice the mean. The
+seeds: other held-out splits, repairs and draws) are pooled in a last table, and each
+detector over every net, where a bias the nets share (say, held-out images that the
+repair chose its strength on) would show: their rejected share of all their test images,
+against the mean bound, and twice the mean of their p, a p-value whatever their
+dependence. (Their summed count's law would be sharper, but only for runs on disjoint
+data: runs of one net score the same test file and draw their held-out splits from one
+validation file, a clean twin reads its BadNet's files, and the store does not say
+which files hold the same images.) The
 thresholds are the shipped rule's, disagreement's with the margin its `place` adds.
 
 Usage: python benchmarks/detector_rates.py [--tracking-uri URI ...] [--experiment NAME ...]
@@ -62,7 +62,7 @@ PAIR = ("disagreement", "badexpert")  # the default GoodNet's detectors
 
 
 def fetch(uri: str, experiments: list[str], folder: str) -> list[dict]:
-    """Finished runs with saved scores in store `uri`: their model, seed and scores."""
+    """Finished runs with saved scores in store `uri`: their model and scores."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -79,9 +79,7 @@ def fetch(uri: str, experiments: list[str], folder: str) -> list[dict]:
         path = client.download_artifacts(run.info.run_id, "goodnet_scores.npz", folder)
         with np.load(path) as saved:
             scores = {key: saved[key] for key in saved.files}
-        params = run.data.params
-        found.append({"model": params.get("model.name", "?"), "seed": params.get("seed", "?")})
-        found[-1]["scores"] = scores
+        found.append({"model": run.data.params.get("model.name", "?"), "scores": scores})
     return found
 
 
@@ -89,7 +87,7 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     """`names` calibrated together at `frr` on their calibration scores; what they flag,
     and the chance `p` of rejecting as many clean test images were the promise exact."""
     from badnet_repair.defenses.detectors import calibrate, disagreement
-    from badnet_repair.experiment.evaluate import auroc, detection_at, rejection_law
+    from badnet_repair.experiment.evaluate import auroc, detection_at, rejection_p
 
     calibration = np.stack([scores[f"{n}.calibration"] for n in names], axis=1)
     found = calibrate(calibration, frr, "rescoring")  # the shipped conformal rule
@@ -105,8 +103,7 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     b, n, m = found.bound, found.size, len(clean)
     error = math.sqrt(b * (1 - b) / (n + 2) + b * (1 - b) / m)
     row = {"n": n, "bound": b, "rejected": count / m, "error": error, "count": count}
-    law = rejection_law(m, n, b)
-    row |= {"m": m, "law": law, "p": float(min(1.0, law[count:].sum()))}
+    row |= {"m": m, "p": rejection_p(count, m, n, b)}
     for t in triggers:
         poisoned = stacked(f"poisoned.{t}")
         row[f"detect/{t}"] = float(np.mean((poisoned > thresholds).any(axis=1)))
@@ -116,19 +113,19 @@ def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     return row
 
 
-Judged = tuple[str, str, tuple[str, ...], list[dict]]  # net, seed, choice, a row per rate
+Judged = tuple[str, tuple[str, ...], list[dict]]  # net, choice, a row per rate
 
 
 def judged_runs(runs: list[dict]) -> list[Judged]:
     """Per run (by net) and choice (each detector alone, then the pair): a row per rate."""
     found = []
-    for run in sorted(runs, key=lambda r: (r["model"], r["seed"])):
+    for run in sorted(runs, key=lambda r: r["model"]):
         scores = run["scores"]
         names = sorted({k.split(".", 1)[0] for k in scores})
         choices = [(n,) for n in names] + ([PAIR] if set(PAIR) <= set(names) else [])
         for choice in choices:
             rows = [judged(scores, choice, frr) for frr in RATES]
-            found.append((run["model"], run["seed"], choice, rows))
+            found.append((run["model"], choice, rows))
     return found
 
 
@@ -153,7 +150,7 @@ def table(runs: list[dict]) -> str:
         f"| net | detector | {head} | AUROC | at 1% | at 5% |",
         "|---|---|" + "---|" * len(RATES) + "---|---|---|",
     ]
-    for model, _, choice, rows in found:
+    for model, choice, rows in found:
         triggers = sorted(k.split("/", 1)[1] for k in rows[0] if k.startswith("detect/"))
 
         def per(row: dict, what: str, triggers=triggers) -> str:
@@ -173,53 +170,34 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines + pooled(found))
 
 
-def combined(draws: list[list[dict]]) -> float:
-    """The p of several runs' rejections: per draw (runs of other nets, whose counts are
-    independent: other nets, other files), that of their summed count; over draws (runs
-    of one net share its test file and validation pool), twice the mean of those, a
-    p-value whatever their dependence."""
-    ps = []
-    for rows in draws:
-        law = rows[0]["law"]
-        for row in rows[1:]:
-            law = np.convolve(law, row["law"])
-        ps.append(float(min(1.0, law[sum(r["count"] for r in rows) :].sum())))
-    return ps[0] if len(ps) == 1 else min(1.0, 2 * float(np.mean(ps)))
-
-
 def pooled(found: list[Judged]) -> list[str]:
     """Per net with several runs and choice (then each choice over every net): at each
-    rate, the mean bound, the rejected share of all their test images and their p
-    (`combined`, a draw being a seed)."""
-    groups: dict[tuple[str, tuple[str, ...]], dict[tuple, list]] = {}
-    for model, seed, choice, rows in found:
-        draws = groups.setdefault((model, choice), {})
-        draws.setdefault((seed, len(draws)), []).append(rows)  # each run a draw of its own
-    groups = {key: draws for key, draws in groups.items() if len(draws) > 1}
+    rate, the mean bound, the rejected share of all their test images and twice the mean
+    of their p, a p-value whatever their dependence."""
+    groups: dict[tuple[str, tuple[str, ...]], list[list[dict]]] = {}
+    for model, choice, rows in found:
+        groups.setdefault((model, choice), []).append(rows)
+    groups = {key: runs for key, runs in groups.items() if len(runs) > 1}
     if len({model for model, *_ in found}) > 1:  # and each choice over every net
-        seen: dict[tuple, int] = {}
-        for model, seed, choice, rows in found:
-            again = seen[model, seed, choice] = seen.get((model, seed, choice), -1) + 1
-            draw = groups.setdefault(("every net", choice), {}).setdefault((seed, again), [])
-            draw.append(rows)  # a draw: one run per net (a rerun of a seed, another draw)
+        for _, choice, rows in found:
+            groups.setdefault(("every net", choice), []).append(rows)
     if not groups:
         return []
     cut = 0.05 / (len(groups) * len(RATES))
     head = " | ".join(f"frr {frr:g}: bound, rejected (p)" for frr in RATES)
     lines = ["", f"| net | detector | runs | {head} |", "|---|---|---|" + "---|" * len(RATES)]
     ps = []
-    for (model, choice), draws in groups.items():
+    for (model, choice), runs in groups.items():
         cells = []
-        runs = [run for draw in draws.values() for run in draw]
         for i in range(len(RATES)):
             rows = [run[i] for run in runs]
-            p = combined([[run[i] for run in draw] for draw in draws.values()])
+            p = min(1.0, 2 * float(np.mean([r["p"] for r in rows])))
             ps.append(p)
             rejected = sum(r["count"] for r in rows) / sum(r["m"] for r in rows)
             bound = float(np.mean([r["bound"] for r in rows]))
             cells.append(f"{bound:.4f}, {rejected:.3f} (p {p:.2g}){' **over**' if p < cut else ''}")
         lines.append(f"| {model} | {'+'.join(choice)} | {len(runs)} | {' | '.join(cells)} |")
-    return lines + ["", footer(ps, "runs pooled per net")]
+    return lines + ["", footer(ps, "runs pooled")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,6 +148,7 @@ def test_the_p_of_a_measured_rejection_follows_the_law_of_a_conformal_threshold(
     thresholds = np.sort(rng.random((draws, n)), axis=1)[:, -k]
     counts = (rng.random((draws, m)) > thresholds[:, None]).sum(axis=1)
     assert rejection_p(0, m, n, bound) == pytest.approx(1)
+    assert rejection_p(m, m, 1, 2 / 2) == 1  # a bound of 1 (too few images) promises nothing
     mean = sum(rejection_p(c, m, n, bound) for c in range(1, m + 1))  # E[X] = sum P(X >= c)
     assert mean == pytest.approx(m * bound, rel=1e-9)
     for count in np.percentile(counts, [50, 90, 99]).astype(int):

@@ -162,29 +162,28 @@ def detection_at(clean_scores: np.ndarray, poisoned_scores: np.ndarray, rate: fl
     return float(np.mean(flags(poisoned, low)))
 
 
-def rejection_law(m: int, n: int, bound: float) -> np.ndarray:
-    """P(0, 1, ..., m of m new clean inputs flagged) by a threshold set on n clean
-    calibration images that keeps its promise `bound` exactly. Flagged above the k-th
+def rejection_p(rejected: int, m: int, n: int, bound: float) -> float:
+    """The chance of `rejected` or more of m new clean inputs flagged, were a threshold set
+    on n clean calibration images to keep its promise `bound` exactly: a small p says the
+    test images are not like the calibration ones, not bad luck. Flagged above the k-th
     largest of n exchangeable scores (k = bound (n + 1)), a new input is rejected at a
     rate Beta(k, n + 1 - k) over calibration draws, so the count is beta-binomial
     BB(m, k, n + 1 - k): exact for one detector with continuous scores, conservative with
-    ties (flagged strictly above), an approximation for detectors calibrated together."""
+    ties (flagged strictly above), an approximation for detectors calibrated together.
+    A bound of 1 or more (fewer images than detectors) promises nothing: p is 1.
+    An evaluation figure read off the test set; nothing is set by it."""
     k = max(1, round(bound * (n + 1)))
+    if k > n:
+        return 1.0
     a, b = k, n + 1 - k
     log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
 
-    def log_pmf(x: int) -> float:
+    def pmf(x: int) -> float:
         chosen = math.lgamma(m + 1) - math.lgamma(x + 1) - math.lgamma(m - x + 1)
-        return chosen + math.lgamma(x + a) + math.lgamma(m - x + b) - math.lgamma(m + a + b)
+        mixed = math.lgamma(x + a) + math.lgamma(m - x + b) - math.lgamma(m + a + b)
+        return math.exp(chosen + mixed - log_beta)
 
-    return np.exp(np.array([log_pmf(x) - log_beta for x in range(m + 1)]))
-
-
-def rejection_p(rejected: int, m: int, n: int, bound: float) -> float:
-    """The chance of `rejected` or more of m new clean inputs flagged, were the promise
-    exact (`rejection_law`): a small p says the test images are not like the calibration
-    ones, not bad luck. An evaluation figure read off the test set; nothing is set by it."""
-    return float(min(1.0, rejection_law(m, n, bound)[rejected:].sum()))
+    return min(1.0, sum(pmf(x) for x in range(rejected, m + 1)))
 
 
 def goodnet_scores(
