@@ -85,7 +85,8 @@ def fetch(uri: str, experiments: list[str], folder: str) -> list[dict]:
 
 def judged(scores: dict, names: tuple[str, ...], frr: float) -> dict:
     """`names` calibrated together at `frr` on their calibration scores; what they flag,
-    and the chance `p` of rejecting as many clean test images were the promise exact."""
+    and the chance `p` of rejecting as many clean test images or more were the promise
+    exact."""
     from badnet_repair.defenses.detectors import calibrate, disagreement
     from badnet_repair.experiment.evaluate import auroc, detection_at, rejection_p
 
