@@ -156,9 +156,10 @@ def test_the_goodnets_detectors_have_a_table_of_their_own(tmp_path):
     repaired = {"repaired/clean_acc": 0.96, "repaired/asr/patch": 0.0}
     badexpert = {"flag_rate_clean": 0.04, "detect/patch": 0.9, "auroc/patch": 0.99}
     points = {"detect_at_frr_0.01/patch": 0.7, "detect_at_frr_0.05/patch": 0.95}
-    goodnet = {"flag_rate_clean": 0.05, "frr_p": 0.3, "detect/patch": 0.92, **points}
+    goodnet = {"flag_rate_clean": 0.05, "detect/patch": 0.92, **points}
     figures = {f"goodnet/badexpert/{k}": v for k, v in {**badexpert, **points}.items()}
     figures.update({f"goodnet/{k}": v + 0.02 for k, v in goodnet.items()})
+    figures["goodnet/frr_p"] = 2.5e-6  # shown to two digits, not as 0.0000
     finished_run(client, experiment, "a", "x", **repaired, **figures)
     finished_run(client, experiment, "b", "x", **repaired)
     rows = leaderboard.runs(["board"])
@@ -176,7 +177,7 @@ def test_the_goodnets_detectors_have_a_table_of_their_own(tmp_path):
     ]
     assert cells == [
         ["a", "x", "badexpert", "0.0400", "", "0.9000", "0.9900", "0.7000", "0.9500"],
-        ["a", "x", "together", "0.0700", "0.3200", "0.9400", "", "0.7200", "0.9700"],
+        ["a", "x", "together", "0.0700", "2.5e-06", "0.9400", "", "0.7200", "0.9700"],
     ]
     assert "GoodNet detectors:" in leaderboard.markdown(rows)
     assert "GoodNet detectors:" not in leaderboard.markdown(rows[1:])

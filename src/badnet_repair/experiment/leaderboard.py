@@ -185,7 +185,8 @@ def detector_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             key = "goodnet/" if name == TOGETHER else f"goodnet/{name}/"
             values = {"badnet": row["badnet"], "repair": row["repair"], "detector": name}
             values["frr"] = row.get(f"{key}flag_rate_clean")
-            values["frr_p"] = row.get(f"{key}frr_p")  # the GoodNet's alone (`together`)
+            p = row.get(f"{key}frr_p")  # the GoodNet's alone (`together`)
+            values["frr_p"] = None if p is None else f"{p:.2g}"  # a tiny p is not 0.0000
             for t in triggers:
                 values[f"detect/{t}"] = row.get(f"{key}detect/{t}")
                 values[f"auroc/{t}"] = row.get(f"{key}auroc/{t}")
