@@ -239,7 +239,17 @@ def _goodnet(
     promise = fitted[0].metrics  # one calibration for all: the GoodNet's size and bound
     rejected = int(np.sum(answers.clean == good.num_classes))
     n, bound = int(promise["calibration_images"]), promise["frr_bound"]
-    report.journal.log({"goodnet/frr_p": rejection_p(rejected, len(base.test), n, bound)})
+    p = rejection_p(rejected, len(base.test), n, bound)
+    report.journal.log({"goodnet/frr_p": p})
+    log.info(
+        "goodnet: %d of %d clean test images rejected, p %.2g against its promise %.4f "
+        "(%d calibration images; a tiny p: test images unlike the clean validation ones)",
+        rejected,
+        len(base.test),
+        p,
+        bound,
+        n,
+    )
     together = {t: np.stack([scores[d.name][t] for d in fitted], axis=1) for t in sets}
     for t in base.poisoned:
         points = _operating_points(together[None], together[t], t)
