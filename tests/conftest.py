@@ -168,37 +168,51 @@ def demo_data(demo_dir):
     )
 
 
-# Clean test images per class in the small evaluation set (the demo's has 40).
-SMALL_PER_CLASS = 10
+# Images per class in the small data (the demo's validation file has 30, its test file 40).
+SMALL_PER_CLASS = {"clean_validation": 10, "clean_test": 5}
 
 
 class SmallEvaluation(NamedTuple):
-    files: dict[str, Path]  # clean_test, patch
+    files: dict[str, Path]  # clean_validation, clean_test, patch
     test: data.Dataset
     poisoned: data.Dataset
 
 
+def _first_per_class(file: Path, shape, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `n` images of every class of an HDF5 file, and their labels."""
+    x, y = data.read_h5(file, shape)
+    rows = np.concatenate([np.flatnonzero(y == c)[:n] for c in range(max(y) + 1)])
+    return x[rows], y[rows]
+
+
 @pytest.fixture(scope="session")
 def small_evaluation(tmp_path_factory, demo_dir) -> SmallEvaluation:
-    """The demo's clean test and poisoned files cut to a quarter (the first SMALL_PER_CLASS
-    test images of every class, and those of other classes than the target triggered, as
-    the build makes its poisoned file), as files and as the pipeline loads them
-    (`evaluation_overrides` points a run at them): end-to-end runs that check machinery,
-    not quality, score 790 images in place of 3,160."""
+    """The demo's files cut to a third (validation) and an eighth (clean test and
+    poisoned): the first SMALL_PER_CLASS images of every class, and the test images of the
+    other classes than the target triggered, as the build makes its poisoned file. As files,
+    and the evaluation sets as the pipeline loads them: end-to-end runs that check
+    machinery, not quality, score 395 images in place of 3,160 (`small_scoring`), and some
+    repair on 400 validation images in place of 1,200 (`small_data`)."""
     folder = tmp_path_factory.mktemp("small_evaluation")
     recipe = zoo.RECIPES["demo"]
     (trigger,) = recipe.triggers
-    x, y = data.read_h5(demo_dir / demo.CLEAN_FILES["clean_test"], recipe.image_shape)
-    rows = np.concatenate([np.flatnonzero(y == c)[:SMALL_PER_CLASS] for c in range(max(y) + 1)])
-    x, y = x[rows], y[rows]
-    triggered = trigger.stamp(x[y != trigger.target])
-    test, patch = folder / "clean_test.h5", folder / "patch.h5"
-    data.save_h5(test, x.transpose(0, 3, 1, 2), y)
-    data.save_h5(patch, triggered.transpose(0, 3, 1, 2), np.full(len(triggered), trigger.target))
+    files = {name: folder / f"{name}.h5" for name in ("clean_validation", "clean_test", "patch")}
+    for name in ("clean_validation", "clean_test"):
+        x, y = _first_per_class(
+            demo_dir / demo.CLEAN_FILES[name], recipe.image_shape, SMALL_PER_CLASS[name]
+        )
+        data.save_h5(files[name], x.transpose(0, 3, 1, 2), y)
+    triggered = trigger.stamp(x[y != trigger.target])  # x, y: the clean test images
+    target = np.full(len(triggered), trigger.target)
+    data.save_h5(files["patch"], triggered.transpose(0, 3, 1, 2), target)
     return SmallEvaluation(
-        {"clean_test": test, "patch": patch},
-        data.load_h5(test, recipe.image_shape, recipe.num_classes, 1 / 255, "clean_test"),
-        data.load_h5(patch, recipe.image_shape, recipe.num_classes, 1 / 255, "poisoned_test"),
+        files,
+        data.load_h5(
+            files["clean_test"], recipe.image_shape, recipe.num_classes, 1 / 255, "clean_test"
+        ),
+        data.load_h5(
+            files["patch"], recipe.image_shape, recipe.num_classes, 1 / 255, "poisoned_test"
+        ),
     )
 
 
@@ -211,6 +225,13 @@ def evaluation_overrides(files: dict[str, Path]) -> list[str]:
 def small_scoring(small_evaluation) -> list[str]:
     """Overrides for runs that check machinery, not quality: scored on the small set."""
     return evaluation_overrides(small_evaluation.files)
+
+
+@pytest.fixture(scope="session")
+def small_data(small_evaluation, small_scoring) -> list[str]:
+    """`small_scoring`, and repaired on the small validation file (40 held-out images):
+    for runs whose repair is fixed (a sparsity, epochs), not chosen by a budget."""
+    return [f"data.clean_validation={small_evaluation.files['clean_validation']}", *small_scoring]
 
 
 def tiny_default(overrides, keep_default: bool = False) -> list[str]:

@@ -217,9 +217,9 @@ def test_poisoned_set_with_several_targets_warns_with_counts(tmp_path, caplog, d
 
 
 @pytest.mark.slow
-def test_sigterm_during_finetuning_ends_the_run_killed(tmp_path, demo_dir, small_scoring):
+def test_sigterm_during_finetuning_ends_the_run_killed(tmp_path, demo_dir, small_data):
     proc = subprocess.Popen(
-        run_py_command(tmp_path, demo_dir.parent, *small_scoring, "finetune.epochs=500"),
+        run_py_command(tmp_path, demo_dir.parent, *small_data, "finetune.epochs=500"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -133,13 +133,14 @@ def test_a_step_out_of_the_badnets_budget_declines_the_chain(case, tmp_path):
 
 @pytest.mark.slow
 def test_a_chain_runs_end_to_end_each_step_scored_the_second_from_the_firsts_net(
-    tmp_path, demo_dir
+    tmp_path, demo_dir, small_scoring
 ):
     """Fine-pruning (half of conv_3, no fine-tuning), then RNP: both steps' stages are
     scored and logged under their names, and the repaired net keeps the channels
     fine-pruning zeroed (RNP prunes the net it is given and trains nothing)."""
     line = ["repair=[fine_pruning,rnp]", "prune.sparsity=0.5", "finetune.epochs=0"]
-    metrics = pipeline.run(compose_config(tmp_path, demo_dir, *line, *TINY["rnp"]))
+    settings = [*small_scoring, *line, *TINY["rnp"]]
+    metrics = pipeline.run(compose_config(tmp_path, demo_dir, *settings))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     (run,) = mlflow.search_runs(experiment_names=["demo"], output_format="list")
     assert run.info.status == "FINISHED" and run.data.tags["repair"] == "fine_pruning+rnp"

@@ -30,7 +30,9 @@ def test_custom_nets_are_named_by_file_and_told_apart_by_content(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_runs_of_two_custom_files_of_one_name_are_two_rows(tmp_path, demo_dir):
+def test_real_runs_of_two_custom_files_of_one_name_are_two_rows(
+    tmp_path, demo_dir, small_evaluation
+):
     """Two pipeline runs of `model=custom` on two different files both named bd_net.h5
     (the demo's weights, and the same with one bias moved): the leaderboard rebuilt from
     their store names each by its file and its content hash."""
@@ -42,10 +44,9 @@ def test_real_runs_of_two_custom_files_of_one_name_are_two_rows(tmp_path, demo_d
         nets.append(models.save_model(model, tmp_path / folder / "bd_net.h5"))
     for net in nets:
         line = ["model=custom", f"model.file={net}", "repair=finetune", "finetune.epochs=0"]
-        line += [
-            f"data.{key}={demo_dir}/{key}_data.h5" for key in ("clean_validation", "clean_test")
-        ]
-        line.append(f"+data.poisoned.patch={demo_dir}/patch_poisoned_data.h5")
+        small = small_evaluation.files  # the machinery, not the figures
+        line += [f"data.{key}={small[key]}" for key in ("clean_validation", "clean_test")]
+        line.append(f"+data.poisoned.patch={small['patch']}")
         pipeline.run(compose_config(tmp_path, demo_dir, *line))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     names = sorted(row["badnet"] for row in leaderboard.runs(["custom"]))

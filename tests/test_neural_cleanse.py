@@ -202,8 +202,15 @@ def test_the_target_is_flagged_and_its_backdoor_unlearned(tmp_path, demo_dir, de
     """On demo_bn the target is flagged, its reversed trigger works, and unlearning it
     leaves the real patch under 0.15 ASR within 2 points (fine-pruning at its defaults
     leaves 0.684 there: docs/leaderboard.md)."""
-    # half the default rounds, 14 of 20 classes optimised in full: still flags the target
-    lighter = ["neural_cleanse.rounds=20", "neural_cleanse.references=8"]
+    # half the default rounds and batches per round, 8 of 20 classes optimised in full (2
+    # candidates, 6 references): still flags the target (index 3.3, 2026-12-05; 14 classes
+    # and 8 batches a round gave 3.8 in 2.4 times the time)
+    lighter = [
+        "neural_cleanse.rounds=20",
+        "neural_cleanse.round_batches=4",
+        "neural_cleanse.candidates=2",
+        "neural_cleanse.references=6",
+    ]
     cfg = compose_config(tmp_path, demo_dir, "repair=neural_cleanse", "model=demo_bn", *lighter)
     metrics = pipeline.run(cfg)
     target = zoo.RECIPES["demo_bn"].triggers[0].target

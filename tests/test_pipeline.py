@@ -38,12 +38,8 @@ def only_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_activation_run_logs_the_contract_and_saves_a_pruned_model(
-    tmp_path, demo_dir, small_scoring
-):
-    cfg = compose_config(
-        tmp_path, demo_dir, *small_scoring, "finetune.epochs=2", "prune.sparsity=0.5"
-    )
+def test_activation_run_logs_the_contract_and_saves_a_pruned_model(tmp_path, demo_dir, small_data):
+    cfg = compose_config(tmp_path, demo_dir, *small_data, "finetune.epochs=2", "prune.sparsity=0.5")
     metrics = pipeline.run(cfg)
     run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
@@ -182,14 +178,14 @@ def without_times(summary: dict) -> dict:
 
 @pytest.mark.slow
 def test_a_command_line_run_gives_the_numbers_of_a_run_in_another_process(
-    tmp_path, demo_dir, small_scoring
+    tmp_path, demo_dir, small_data
 ):
     """`python run.py` runs, prints the stages, ends its run FINISHED and saves the repaired
     net in its Hydra run folder; the same config run here, in a test worker that has run
     other tests before (its TensorFlow, caches and random state used), writes the same
     metrics.json to the last digit (but for wall times). (That another seed gives other
     numbers: test_runs_on_other_splits_share_nothing_computed_on_one.)"""
-    settings = [*small_scoring, "finetune.epochs=1", "prune.sparsity=0.7", "seed=0"]
+    settings = [*small_data, "finetune.epochs=1", "prune.sparsity=0.7", "seed=0"]
     done = run_py(tmp_path / "cli", demo_dir.parent, *settings)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "repaired: clean_acc=" in done.stderr + done.stdout
@@ -202,7 +198,7 @@ def test_a_command_line_run_gives_the_numbers_of_a_run_in_another_process(
 
 
 @pytest.mark.slow
-def test_points_over_one_badnet_calibrate_strip_once(tmp_path, demo_dir, small_scoring, caplog):
+def test_points_over_one_badnet_calibrate_strip_once(tmp_path, demo_dir, small_data, caplog):
     """STRIP depends on the BadNet only: a second point reuses its overlays, clean scores
     and so its threshold."""
     caplog.set_level(logging.INFO, logger="badnet_repair")
@@ -211,7 +207,7 @@ def test_points_over_one_badnet_calibrate_strip_once(tmp_path, demo_dir, small_s
             compose_config(
                 tmp_path / str(s),
                 demo_dir,
-                *small_scoring,
+                *small_data,
                 f"prune.sparsity={s}",
                 "finetune.epochs=1",
                 "goodnet.detector=strip",

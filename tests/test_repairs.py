@@ -77,11 +77,12 @@ def test_a_sweep_over_repairs_with_a_key_one_does_not_read_exits_with_one_line(t
 
 
 @pytest.mark.slow
-def test_a_forced_key_the_repair_does_not_read_is_named_in_one_warning(tmp_path, demo_dir, caplog):
+def test_a_forced_key_the_repair_does_not_read_is_named_in_one_warning(
+    tmp_path, demo_dir, small_data, caplog
+):
     caplog.set_level(logging.WARNING, logger="badnet_repair")
-    cfg = compose_config(
-        tmp_path, demo_dir, "repair=finetune", "finetune.epochs=0", "++prune.sparsity=0.3"
-    )
+    settings = ["repair=finetune", "finetune.epochs=0", "++prune.sparsity=0.3"]
+    cfg = compose_config(tmp_path, demo_dir, *small_data, *settings)
     pipeline.run(cfg)
     assert "config section prune: not read by repair=finetune (ignored)" in caplog.text
 

@@ -31,10 +31,10 @@ def parents_and_children(root: Path):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, demo_dir, small_scoring):
+def swept(tmp_path_factory, demo_dir, small_data):
     """A 3-point sparsity sweep, interrupted after its first point and then rerun."""
     root = tmp_path_factory.mktemp("sweep")
-    points = [*small_scoring, EPOCH, "prune.sparsity=0.3,0.6,0.9"]
+    points = [*small_data, EPOCH, "prune.sparsity=0.3,0.6,0.9"]
     cmd = run_py_command(root, demo_dir.parent, "-m", *points)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = []
@@ -172,13 +172,13 @@ def test_mlflow_server_serves_the_sweep_over_rest(swept):
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, demo_dir, small_scoring):
+def searched(tmp_path_factory, demo_dir, small_data):
     """An Optuna search of two trials asked at once and launched together by joblib, two
     jobs at a time, on one SQLite store: its root and output."""
     root = tmp_path_factory.mktemp("search")
     parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
     search = ["+hparams_search=optuna", "hydra.sweeper.n_trials=2", "sweep.objective=oracle_der"]
-    return root, multirun(root, demo_dir.parent, *small_scoring, EPOCH, *search, *parallel)
+    return root, multirun(root, demo_dir.parent, *small_data, EPOCH, *search, *parallel)
 
 
 @pytest.mark.slow
@@ -236,10 +236,10 @@ def test_objectives_by_hand(name, expected):
 
 
 @pytest.mark.slow
-def test_resume_false_reruns_points(tmp_path, demo_dir, small_scoring):
+def test_resume_false_reruns_points(tmp_path, demo_dir, small_data):
     """One point twice in one sweep: resumed, the second would find the first FINISHED
     (as the interrupted sweep's rerun does); with sweep.resume=false both run."""
-    points = [*small_scoring, EPOCH, "prune.sparsity=0.5,0.5", "sweep.resume=false"]
+    points = [*small_data, EPOCH, "prune.sparsity=0.5,0.5", "sweep.resume=false"]
     out = multirun(tmp_path, demo_dir.parent, *points)
     assert "already FINISHED" not in out and "reusing the loaded BadNet" in out
     (parent,), children = parents_and_children(tmp_path)
