@@ -19,7 +19,7 @@ from badnet_repair.network.channels import Masks, units
 from badnet_repair.network.predict import accuracy
 from badnet_repair.network.pruning import copy_model
 
-from conftest import compose_config, evaluation_overrides
+from conftest import compose_config
 
 CLASSES = 5
 
@@ -277,15 +277,14 @@ def test_ft_sam_step_restores_the_weights_and_differs_from_plain_sgd(net):
 
 
 @pytest.mark.slow
-def test_ft_sam_removes_much_of_the_demos_backdoor(tmp_path, demo_dir, small_evaluation):
+def test_ft_sam_removes_much_of_the_demos_backdoor(tmp_path, demo_dir):
     """At cheaper settings (60 steps, a 20-point budget, one learning rate the budget keeps
     without halving), FT-SAM leaves at least 20 points less ASR than the BadNet's
     (fine-pruning, at its defaults, 3 points less), for at most 10 points of clean
     accuracy. (RNP and SAU leave the demo's backdoor in: measured on the leaderboard,
-    docs/leaderboard.md.) Repaired on the whole validation file, scored on the small
-    evaluation set (395 images)."""
+    docs/leaderboard.md.) Scored on the whole test file: on the small evaluation set's
+    200 clean images its cost read 13 points (2026-12-05)."""
     cheap = ["repair=ft_sam", "ft_sam.lrs=[0.0125]", "ft_sam.steps=60", "ft_sam.max_acc_drop=0.2"]
-    scored = evaluation_overrides(small_evaluation.files)
-    metrics = pipeline.run(compose_config(tmp_path, demo_dir, *cheap, *scored))
+    metrics = pipeline.run(compose_config(tmp_path, demo_dir, *cheap))
     assert metrics["repaired/asr/patch"] < metrics["badnet/asr/patch"] - 0.2
     assert metrics["repaired/clean_acc"] > metrics["badnet/clean_acc"] - 0.1
