@@ -197,12 +197,14 @@ def small_evaluation(tmp_path_factory, demo_dir) -> SmallEvaluation:
     recipe = zoo.RECIPES["demo"]
     (trigger,) = recipe.triggers
     files = {name: folder / f"{name}.h5" for name in ("clean_validation", "clean_test", "patch")}
-    for name in ("clean_validation", "clean_test"):
-        x, y = _first_per_class(
-            demo_dir / demo.CLEAN_FILES[name], recipe.image_shape, SMALL_PER_CLASS[name]
-        )
+    kept = {
+        name: _first_per_class(demo_dir / file, recipe.image_shape, SMALL_PER_CLASS[name])
+        for name, file in demo.CLEAN_FILES.items()
+    }
+    for name, (x, y) in kept.items():
         data.save_h5(files[name], x.transpose(0, 3, 1, 2), y)
-    triggered = trigger.stamp(x[y != trigger.target])  # x, y: the clean test images
+    x, y = kept["clean_test"]
+    triggered = trigger.stamp(x[y != trigger.target])
     target = np.full(len(triggered), trigger.target)
     data.save_h5(files["patch"], triggered.transpose(0, 3, 1, 2), target)
     return SmallEvaluation(
@@ -230,7 +232,8 @@ def small_scoring(small_evaluation) -> list[str]:
 @pytest.fixture(scope="session")
 def small_data(small_evaluation, small_scoring) -> list[str]:
     """`small_scoring`, and repaired on the small validation file (40 held-out images):
-    for runs whose repair is fixed (a sparsity, epochs), not chosen by a budget."""
+    for runs whose repair is fixed (a sparsity, epochs) or stopped before its choice
+    matters, not chosen by a budget the test depends on."""
     return [f"data.clean_validation={small_evaluation.files['clean_validation']}", *small_scoring]
 
 

@@ -57,7 +57,7 @@ DETECTOR_SETTINGS = [
 ]
 
 
-# Images in each of the other evaluation files: a tenth of the runs' own, which is enough
+# Images in each of the other evaluation files: a fifth of the runs' own, which is enough
 # to tell the files apart and makes the second run's scoring cheap.
 OTHER_IMAGES = 40
 
