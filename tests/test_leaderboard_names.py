@@ -42,9 +42,9 @@ def test_real_runs_of_two_custom_files_of_one_name_are_two_rows(
         layer = model.get_layer("conv_3")
         layer.bias.assign(layer.bias + shift)
         nets.append(models.save_model(model, tmp_path / folder / "bd_net.h5"))
+    small = small_evaluation.files  # the machinery, not the figures
     for net in nets:
         line = ["model=custom", f"model.file={net}", "repair=finetune", "finetune.epochs=0"]
-        small = small_evaluation.files  # the machinery, not the figures
         line += [f"data.{key}={small[key]}" for key in ("clean_validation", "clean_test")]
         line.append(f"+data.poisoned.patch={small['patch']}")
         pipeline.run(compose_config(tmp_path, demo_dir, *line))

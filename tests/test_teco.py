@@ -120,16 +120,17 @@ def test_the_seed_fixes_every_score(demo_model, demo_data):
 @pytest.mark.slow  # over 10 s on 2 cores
 def test_goodnet_follows_the_numpy_rule_on_the_demo(demo_model, demo_data):
     val, test, poisoned = demo_data
-    fitted = fitted_on(demo_model, val.x[::12])  # 100 images, every corruption: 3,000 copies
-    assert fitted.metrics["calibration_images"] == len(val.x[::12])
-    x = np.concatenate([test.x[::64], poisoned.x[::64]])
+    calibration = val.x[::12]  # 100 images, every corruption: 3,000 copies
+    fitted = fitted_on(demo_model, calibration)
+    assert fitted.metrics["calibration_images"] == len(calibration)
+    clean = test.x[::64]
+    x = np.concatenate([clean, poisoned.x[::64]])
     got, flags = scores(demo_model, fitted, x)
     gn = goodnet.build_goodnet(demo_model, demo_model, [fitted])
     assert ((predict_classes(gn.model, x) == 40) == flags).all()
-    clean_part = len(test.x[::64])
-    assert flags[clean_part:].mean() > flags[:clean_part].mean()
+    assert flags[len(clean) :].mean() > flags[: len(clean)].mean()
     np.testing.assert_array_equal(
-        fitted.calibration_scores, scores(demo_model, fitted, val.x[::12])[0]
+        fitted.calibration_scores, scores(demo_model, fitted, calibration)[0]
     )
 
 
