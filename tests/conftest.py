@@ -22,6 +22,7 @@ import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from badnet_repair import data
 from badnet_repair.experiment import config, inputs, tracking
 from badnet_repair.network import models
+from badnet_repair.network.models import keras  # tf_keras, chosen by badnet_repair first
 from badnet_repair.zoo import builds as demo
 from badnet_repair.zoo import recipes as zoo
 
@@ -288,6 +289,19 @@ def compose_config(
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_empty_store(), db)
     return cfg
+
+
+def plain(path: Path) -> keras.Model:
+    """A saved net, loaded by tf_keras itself."""
+    return keras.models.load_model(path, compile=False)
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    """Two saved nets hold bit-identical weights, of the same names."""
+    a, b = plain(first), plain(second)
+    assert [w.name for w in a.weights] == [w.name for w in b.weights]
+    differ = [w.name for w, v in zip(a.weights, b.weights, strict=True) if not np.array_equal(w, v)]
+    assert not differ, f"{first.name}: weights differ with other evaluation files: {differ}"
 
 
 def run_py_command(root: Path, data: Path | None, *args: str) -> list[str]:

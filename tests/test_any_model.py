@@ -2,7 +2,10 @@
 functional net holding a nested sub-model and a separate Softmax layer are rebuilt flat
 with the same answers, and each repair runs on each once: what the run logs of the
 repaired net is what its saved file gives, a channel it pruned is zero in that file, and
-the GoodNet's file answers as logged. A channels-first net is refused before any work."""
+the GoodNet's file answers as logged. On the net without BatchNorm (the competition's
+kind) each runs again with other clean test and poisoned files: no repair reads the
+evaluation data, so it saves bit-identical nets. A channels-first net is refused before
+any work."""
 
 import json
 
@@ -12,11 +15,11 @@ import tf_keras as keras
 
 from badnet_repair import UserError, data
 from badnet_repair.defenses import repairs
-from badnet_repair.experiment import pipeline
+from badnet_repair.experiment import inputs, pipeline
 from badnet_repair.network import models, pruning, topology
 from badnet_repair.network.channels import units
 
-from conftest import TINY, compose_config
+from conftest import TINY, assert_same_weights, compose_config
 
 SHAPE, CLASSES = (16, 12, 3), 5
 layers = keras.layers
@@ -58,6 +61,7 @@ def functional() -> keras.Model:
 
 
 NETS = {"batchnorm": sequential_batchnorm, "functional": functional}
+SWAPPED = "functional"  # the net whose runs are repeated on other evaluation files
 # Tiny settings, except that the pruning repairs are made to prune: half the channels, and
 # RNP's and ANP's masks trained long enough to fall below their thresholds, any held-out
 # cost allowed.
@@ -99,23 +103,27 @@ def files(tmp_path_factory):
     paths = {
         name: models.save_model(trained(build), root / f"{name}.h5") for name, build in NETS.items()
     }
-    for name, n, seed in (("validation", 120, 2), ("test", 60, 3), ("poisoned", 30, 4)):
+    sets = [("validation", 120, 2), ("test", 60, 3), ("poisoned", 30, 4)]
+    for name, n, seed in [*sets, ("other_test", 40, 7), ("other_poisoned", 20, 8)]:
         x, y = images(n, seed)
-        if name == "poisoned":
+        if name.endswith("poisoned"):
             x[:, :4, :4, :] = 255.0  # a white corner, labelled with target 0
             y = np.zeros(n)
+        if name == "other_test":  # other labels: a score of it is told from the test file's
+            y = (y + 1) % CLASSES
         data.save_h5(root / f"{name}.h5", x.transpose(0, 3, 1, 2), y)
         paths[name] = root / f"{name}.h5"
     return paths
 
 
-def overrides(files, net: str) -> list[str]:
+def overrides(files, net: str, test: str = "test", poisoned: str = "poisoned") -> list[str]:
+    """The run of `net`, scored on the files named `test` and `poisoned`."""
     return [
         "model=custom",
         f"model.file={files[net]}",
         f"data.clean_validation={files['validation']}",
-        f"data.clean_test={files['test']}",
-        f"+data.poisoned.corner={files['poisoned']}",
+        f"data.clean_test={files[test]}",
+        f"+data.poisoned.corner={files[poisoned]}",
         "goodnet.detector=both",
         "goodnet.k=4",
     ]
@@ -176,6 +184,13 @@ def test_each_repair_on_the_net_logs_what_its_saved_file_gives(
         metrics["goodnet/flag_rate_clean"],
         abs=1.01 / len(test),  # a float near-tie at most
     )
+    if net == SWAPPED:  # the same run on other evaluation files saves the same nets
+        other = overrides(files, net, "other_test", "other_poisoned")
+        inputs._baseline.clear()
+        swapped = pipeline.run(compose_config(tmp_path / "swapped", demo_dir, *other, *settings))
+        assert swapped["badnet/clean_acc"] != metrics["badnet/clean_acc"]  # other files read
+        for file in ("repaired_net.h5", "goodnet.h5"):
+            assert_same_weights(tmp_path / "out" / file, tmp_path / "swapped/out" / file)
 
 
 def test_models_are_rebuilt_flat_with_the_same_answers(files):

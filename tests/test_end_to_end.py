@@ -1,10 +1,11 @@
-"""Every repair and every detector end to end on the demo (scored on an eighth of its
-evaluation images), through Hydra's config and `pipeline.run`: each is scored by one
-contract (the stages badnet, the repair's own, repaired and goodnet; stages.png and
-metrics.json; saved nets that load with plain tf_keras and give the logged numbers), and
-none reads the evaluation data: run again on the same BadNet and validation file with
-other clean test and poisoned files of the same image shape (fewer images), it saves
-bit-identical nets."""
+"""Every repair and every detector end to end on the demo, through Hydra's config and
+`pipeline.run`: each is scored by one contract (the stages badnet, the repair's own,
+repaired and goodnet; stages.png and metrics.json; saved nets that load with plain
+tf_keras and give the logged numbers). Each repair runs once, on the small data (an eighth
+of the demo's evaluation images, a third of its validation file); that no repair reads the
+evaluation data is test_any_model's, on a small net. The GoodNet of every detector runs
+on the small evaluation set and the whole validation file, and again with other clean test
+and poisoned files of the same image shape (fewer images): it saves bit-identical nets."""
 
 import json
 from pathlib import Path
@@ -21,7 +22,7 @@ from badnet_repair.experiment import inputs, pipeline
 from badnet_repair.experiment.evaluate import auroc, detection_at, rejection_p
 from badnet_repair.zoo import recipes as zoo
 
-from conftest import TINY, compose_config, evaluation_overrides
+from conftest import TINY, assert_same_weights, compose_config, evaluation_overrides, plain
 
 pytestmark = pytest.mark.slow
 
@@ -96,18 +97,6 @@ def run_twice(tmp_path, demo_dir, own, other, *overrides: str):
     return real
 
 
-def plain(path: Path) -> keras.Model:
-    """A saved net, loaded by tf_keras itself."""
-    return keras.models.load_model(path, compile=False)
-
-
-def assert_same_weights(first: Path, second: Path) -> None:
-    a, b = plain(first), plain(second)
-    assert [w.name for w in a.weights] == [w.name for w in b.weights]
-    differ = [w.name for w, v in zip(a.weights, b.weights, strict=True) if not np.array_equal(w, v)]
-    assert not differ, f"{first.name}: weights differ with other evaluation files: {differ}"
-
-
 def classes(model: keras.Model, ds: data.Dataset) -> np.ndarray:
     return np.argmax(model.predict(ds.x, batch_size=512, verbose=0), axis=1)
 
@@ -150,20 +139,21 @@ def assert_scored_by_the_contract(cfg, metrics, own: set[str], evaluation, demo_
     assert any(changed)  # a repair, not the BadNet handed back
 
 
+# On the small validation file's 40 held-out images ANP's sampling margin keeps every
+# threshold out of even a 50-point budget at its tiny settings: without it, it prunes.
+SMALL_DATA_SETTINGS = {**TINY, "anp": [*TINY["anp"], "anp.margin_se=0"]}
+
+
 @pytest.mark.parametrize("name", repairs.names())
-def test_each_repair_is_scored_alike_and_never_reads_the_evaluation_data(
-    tmp_path, demo_dir, small_evaluation, demo_model, other_evaluation_files, name
+def test_each_repair_is_scored_by_the_contract(
+    tmp_path, demo_dir, small_data, small_evaluation, demo_model, name
 ):
-    overrides = [f"repair={name}", *TINY.get(name, [])]
-    cfg, metrics = run_twice(
-        tmp_path, demo_dir, small_evaluation.files, other_evaluation_files, *overrides
-    )
+    overrides = [f"repair={name}", *SMALL_DATA_SETTINGS.get(name, []), *small_data]
+    cfg, metrics = run(tmp_path, demo_dir, *overrides)
     own = OWN_STAGES.get(name, set())
     assert_scored_by_the_contract(cfg, metrics, own, small_evaluation, demo_model)
     scored = {key.split("/")[1] for key in metrics if key.endswith("/calibration_images")}
     assert scored == {"disagreement"}  # the one detector chosen, and no other, is scored
-    for file in ("repaired_net.h5", "goodnet.h5"):
-        assert_same_weights(tmp_path / "real/out" / file, tmp_path / "swapped/out" / file)
 
 
 class SavedAnswers(NamedTuple):
