@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 
 import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from badnet_repair import data
+from badnet_repair.defenses import detectors
 from badnet_repair.experiment import config, inputs, tracking
 from badnet_repair.network import models
 from badnet_repair.network.models import keras  # tf_keras, chosen by badnet_repair first
@@ -65,6 +66,18 @@ TINY = {
     ],
 }
 
+# The GoodNet of every detector at tiny settings, calibrated together (on a fine-tuned net).
+EVERY_DETECTOR = [
+    "repair=finetune",
+    "finetune.epochs=1",
+    "goodnet.k=4",
+    "goodnet.teco_corruptions=[contrast,brightness]",  # 10 copies, not 30
+    "goodnet.scale_up_factors=[3,5]",  # 2 copies, not 5
+    "goodnet.expert_epochs=1",
+    "++ft_sam.steps=3",  # BaDExpert's own FT-SAM auxiliary (auto: finetune has no FT-SAM)
+    "++ft_sam.lrs=[0.001]",
+    f"goodnet.detector=[{','.join(detectors.names())}]",
+]
 
 # The test files that take longest on 2 cores (2026-12-05: 236, 167, 102, 99, 77, 75, 67
 # and 47 s), handed out first: `make test` gives each of its two workers a whole file at a

@@ -14,12 +14,12 @@ import pytest
 import tf_keras as keras
 
 from badnet_repair import UserError, data
-from badnet_repair.defenses import repairs
+from badnet_repair.defenses import detectors, repairs
 from badnet_repair.experiment import inputs, pipeline
 from badnet_repair.network import models, pruning, topology
 from badnet_repair.network.channels import units
 
-from conftest import TINY, assert_same_weights, compose_config
+from conftest import EVERY_DETECTOR, TINY, assert_same_weights, compose_config
 
 SHAPE, CLASSES = (16, 12, 3), 5
 layers = keras.layers
@@ -184,13 +184,34 @@ def test_each_repair_on_the_net_logs_what_its_saved_file_gives(
         metrics["goodnet/flag_rate_clean"],
         abs=1.01 / len(test),  # a float near-tie at most
     )
-    if net == SWAPPED:  # the same run on other evaluation files saves the same nets
-        other = overrides(files, net, "other_test", "other_poisoned")
-        inputs._baseline.clear()
-        swapped = pipeline.run(compose_config(tmp_path / "swapped", demo_dir, *other, *settings))
-        assert swapped["badnet/clean_acc"] != metrics["badnet/clean_acc"]  # other files read
-        for file in ("repaired_net.h5", "goodnet.h5"):
-            assert_same_weights(tmp_path / "out" / file, tmp_path / "swapped/out" / file)
+    if net == SWAPPED:
+        assert_unread_evaluation_files(tmp_path, demo_dir, files, metrics, *settings)
+
+
+def assert_unread_evaluation_files(tmp_path, demo_dir, files, metrics, *settings: str) -> None:
+    """The run in tmp_path, made again on other clean test and poisoned files, saves the
+    same repaired net and GoodNet, bit for bit."""
+    other = overrides(files, SWAPPED, "other_test", "other_poisoned")
+    inputs._baseline.clear()
+    swapped = pipeline.run(compose_config(tmp_path / "swapped", demo_dir, *other, *settings))
+    assert swapped["badnet/clean_acc"] != metrics["badnet/clean_acc"]  # other files read
+    for file in ("repaired_net.h5", "goodnet.h5"):
+        assert_same_weights(tmp_path / "out" / file, tmp_path / "swapped/out" / file)
+
+
+@pytest.mark.slow
+def test_no_detector_reads_the_evaluation_data(tmp_path, demo_dir, files):
+    """The GoodNet of every detector, calibrated together, saves the same nets when run
+    on other evaluation files (as every repair does, above). A quarter of the validation
+    file is held out: BaDExpert's threshold needs 20 held-out images."""
+    settings = [*EVERY_DETECTOR, "data.holdout=0.25"]
+    metrics = pipeline.run(
+        compose_config(tmp_path, demo_dir, *overrides(files, SWAPPED), *settings)
+    )
+    scored = {key.split("/")[1] for key in metrics if key.endswith("/calibration_images")}
+    assert scored == set(detectors.names())
+    assert metrics["goodnet/badexpert/auxiliary_is_repaired"] == 0.0  # B repaired by FT-SAM
+    assert_unread_evaluation_files(tmp_path, demo_dir, files, metrics, *settings)
 
 
 def test_models_are_rebuilt_flat_with_the_same_answers(files):
