@@ -86,9 +86,9 @@ EVERY_DETECTOR = [
 LONGEST_FIRST = (
     "test_end_to_end.py",
     "test_sweep.py",
+    "test_any_model.py",
     "test_pipeline.py",
     "test_goodnet.py",
-    "test_any_model.py",
     "test_leaderboard.py",
     "test_neural_cleanse.py",
     "test_demo.py",

@@ -107,10 +107,10 @@ def test_corruptions_do_what_their_names_say():
 
 def test_the_seed_fixes_every_score(demo_model, demo_data):
     val, test, poisoned = demo_data
-    x = np.concatenate([test.x[:40], poisoned.x[:40]])
+    x = np.concatenate([test.x[:20], poisoned.x[:20]])
     kinds = ["gaussian_noise", "impulse_noise", "contrast"]
-    runs = [fitted_on(demo_model, val.x[:60], seed, teco_corruptions=kinds) for seed in (0, 0, 1)]
-    got = [scores(demo_model, f, x)[0] for f in runs]
+    runs = [fitted_on(demo_model, val.x[:30], teco_corruptions=kinds) for _ in range(2)]
+    got = [scores(demo_model, f, x)[0] for f in runs]  # two fits at seed 0, apart
     np.testing.assert_array_equal(got[0], got[1])
     noise = [copies(["gaussian_noise"], test.x[:1], seed) for seed in (0, 0, 1)]
     np.testing.assert_array_equal(noise[0], noise[1])
