@@ -246,8 +246,9 @@ def small_scoring(small_evaluation) -> list[str]:
 @pytest.fixture(scope="session")
 def small_data(small_evaluation, small_scoring) -> list[str]:
     """`small_scoring`, and repaired on the small validation file (40 held-out images):
-    for runs whose repair is fixed (a sparsity, epochs) or stopped before its choice
-    matters, not chosen by a budget the test depends on."""
+    for runs whose repair is fixed (a sparsity, epochs), stopped before its choice
+    matters, or run to check the contract, not what a budget chooses (on 40 held-out
+    images a budgeted repair may choose otherwise than on 120)."""
     return [f"data.clean_validation={small_evaluation.files['clean_validation']}", *small_scoring]
 
 

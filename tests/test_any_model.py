@@ -19,7 +19,7 @@ from badnet_repair.experiment import inputs, pipeline
 from badnet_repair.network import models, pruning, topology
 from badnet_repair.network.channels import units
 
-from conftest import EVERY_DETECTOR, TINY, assert_same_weights, compose_config
+from conftest import EVERY_DETECTOR, TINY, assert_same_weights, compose_config, plain
 
 SHAPE, CLASSES = (16, 12, 3), 5
 layers = keras.layers
@@ -165,6 +165,8 @@ def assert_pruned_channels_are_zero(repair: str, saved: keras.Model, notes: dict
 def test_each_repair_on_the_net_logs_what_its_saved_file_gives(
     tmp_path, demo_dir, files, net, repair
 ):
+    """What the run logs is what its saved files give; on the SWAPPED net, the run made
+    again on other evaluation files saves the same nets (no repair reads them)."""
     settings = [f"repair={repair}", *SETTINGS.get(repair, [])]
     cfg = compose_config(tmp_path, demo_dir, *overrides(files, net), *settings)
     metrics = pipeline.run(cfg)
@@ -189,14 +191,31 @@ def test_each_repair_on_the_net_logs_what_its_saved_file_gives(
 
 
 def assert_unread_evaluation_files(tmp_path, demo_dir, files, metrics, *settings: str) -> None:
-    """The run in tmp_path, made again on other clean test and poisoned files, saves the
-    same repaired net and GoodNet, bit for bit."""
+    """The run in tmp_path, made again on other clean test and poisoned files (which it
+    scores), saves the same repaired net, GoodNet and detectors' calibration scores, bit
+    for bit; and the repaired net is not the BadNet."""
     other = overrides(files, SWAPPED, "other_test", "other_poisoned")
     inputs._baseline.clear()
     swapped = pipeline.run(compose_config(tmp_path / "swapped", demo_dir, *other, *settings))
-    assert swapped["badnet/clean_acc"] != metrics["badnet/clean_acc"]  # other files read
+    assert swapped["badnet/clean_acc"] != metrics["badnet/clean_acc"]  # the other test file
+    own, theirs = (np.load(tmp_path / run / "goodnet_scores.npz") for run in ("out", "swapped/out"))
+    assert own.files == theirs.files
+    detectors_of = {
+        suffix: {k.split(".")[0] for k in own.files if k.endswith(suffix)}
+        for suffix in (".calibration", ".poisoned.corner")
+    }
+    assert detectors_of[".calibration"] == detectors_of[".poisoned.corner"] != set()
+    for key in own.files:
+        if key.endswith(".poisoned.corner"):  # the other poisoned file, scored
+            assert (len(own[key]), len(theirs[key])) == (30, 20), key
+        elif key.endswith(".calibration"):
+            np.testing.assert_array_equal(own[key], theirs[key], err_msg=key)
     for file in ("repaired_net.h5", "goodnet.h5"):
         assert_same_weights(tmp_path / "out" / file, tmp_path / "swapped/out" / file)
+    badnet = models.load_model(files[SWAPPED]).get_weights()
+    repaired = plain(tmp_path / "out" / "repaired_net.h5").get_weights()
+    assert len(badnet) == len(repaired)
+    assert not all(map(np.array_equal, badnet, repaired))  # a repair, not the BadNet
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def goodnets(demo_model, repaired, fitted):
 @pytest.fixture(scope="module")
 def sample(demo_data):
     """Clean and triggered test images, about half each: every 16th of each file (100
-    clean images of every class, 98 triggered)."""
+    clean images, 2 or 3 of every class, and 98 triggered)."""
     _, test, poisoned = demo_data
     return np.concatenate([test.x[::16], poisoned.x[::16]])
 

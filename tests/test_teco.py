@@ -112,6 +112,7 @@ def test_the_seed_fixes_every_score(demo_model, demo_data):
     runs = [fitted_on(demo_model, val.x[:30], teco_corruptions=kinds) for _ in range(2)]
     got = [scores(demo_model, f, x)[0] for f in runs]  # two fits at seed 0, apart
     np.testing.assert_array_equal(got[0], got[1])
+    assert np.ptp(got[0]) > 0  # scores that differ from image to image, compared
     noise = [copies(["gaussian_noise"], test.x[:1], seed) for seed in (0, 0, 1)]
     np.testing.assert_array_equal(noise[0], noise[1])
     assert not np.allclose(noise[0], noise[2])
