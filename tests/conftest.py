@@ -79,8 +79,9 @@ EVERY_DETECTOR = [
     f"goodnet.detector=[{','.join(detectors.names())}]",
 ]
 
-# The test files that take longest on 2 cores (2026-12-05: 236, 167, 102, 99, 77, 75, 67
-# and 47 s), handed out first: `make test` gives each of its two workers a whole file at a
+# The test files that take longest on 2 cores (2026-12-05, evening, on an AVX2-only machine
+# about 2.3 times slower than docs/development.md's figures: 388, 336, 323, 255, 198, 205,
+# 179 and 124 s), handed out first: `make test` gives each of its two workers a whole file at a
 # time (--dist loadfile, in collection order with --no-loadscope-reorder), and a long file
 # handed out last leaves the other worker idle while it runs. Others follow by name.
 LONGEST_FIRST = (

@@ -3,9 +3,9 @@ functional net holding a nested sub-model and a separate Softmax layer are rebui
 with the same answers, and each repair runs on each once: what the run logs of the
 repaired net is what its saved file gives, a channel it pruned is zero in that file, and
 the GoodNet's file answers as logged. On the net without BatchNorm (the competition's
-kind) each runs again with other clean test and poisoned files: no repair reads the
-evaluation data, so it saves bit-identical nets. A channels-first net is refused before
-any work."""
+kind) each runs again with other clean test and poisoned files, and so does the GoodNet
+of every detector: none reads the evaluation data, so each saves bit-identical nets. A
+channels-first net is refused before any work."""
 
 import json
 
