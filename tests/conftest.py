@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 import badnet_repair  # noqa: F401  (selects tf_keras before TensorFlow loads)
 from badnet_repair import data
 from badnet_repair.defenses import detectors
-from badnet_repair.experiment import config, inputs, tracking
+from badnet_repair.experiment import config, inputs, pipeline, tracking
 from badnet_repair.network import models
 from badnet_repair.network.models import keras  # tf_keras, chosen by badnet_repair first
 from badnet_repair.zoo import builds as demo
@@ -304,6 +304,14 @@ def compose_config(
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_empty_store(), db)
     return cfg
+
+
+def run_afresh(folder: Path, demo_dir: Path, *overrides: str):
+    """`pipeline.run` of `compose_config`'s config from nothing cached (the BadNet, its
+    data and every shared value loaded or computed afresh): the config and metrics."""
+    inputs._baseline.clear()
+    cfg = compose_config(folder, demo_dir, *overrides)
+    return cfg, pipeline.run(cfg)
 
 
 def plain(path: Path) -> keras.Model:

@@ -15,11 +15,11 @@ import tf_keras as keras
 
 from badnet_repair import UserError, data
 from badnet_repair.defenses import detectors, repairs
-from badnet_repair.experiment import inputs, pipeline
+from badnet_repair.experiment import pipeline
 from badnet_repair.network import models, pruning, topology
 from badnet_repair.network.channels import units
 
-from conftest import EVERY_DETECTOR, TINY, assert_same_weights, compose_config, plain
+from conftest import EVERY_DETECTOR, TINY, assert_same_weights, compose_config, plain, run_afresh
 
 SHAPE, CLASSES = (16, 12, 3), 5
 layers = keras.layers
@@ -195,8 +195,7 @@ def assert_unread_evaluation_files(tmp_path, demo_dir, files, metrics, *settings
     scores), saves the same repaired net, GoodNet and detectors' calibration scores, bit
     for bit; and the repaired net is not the BadNet."""
     other = overrides(files, SWAPPED, "other_test", "other_poisoned")
-    inputs._baseline.clear()
-    swapped = pipeline.run(compose_config(tmp_path / "swapped", demo_dir, *other, *settings))
+    _, swapped = run_afresh(tmp_path / "swapped", demo_dir, *other, *settings)
     assert swapped["badnet/clean_acc"] != metrics["badnet/clean_acc"]  # the other test file
     own, theirs = (np.load(tmp_path / run / "goodnet_scores.npz") for run in ("out", "swapped/out"))
     assert own.files == theirs.files

@@ -20,16 +20,10 @@ import tf_keras as keras
 
 from badnet_repair import data
 from badnet_repair.defenses import detectors, repairs
-from badnet_repair.experiment import inputs, pipeline
 from badnet_repair.experiment.evaluate import auroc, detection_at, rejection_p
 from badnet_repair.zoo import recipes as zoo
 
-from conftest import (
-    EVERY_DETECTOR,
-    TINY,
-    compose_config,
-    plain,
-)
+from conftest import EVERY_DETECTOR, TINY, plain, run_afresh
 
 pytestmark = pytest.mark.slow
 
@@ -57,14 +51,6 @@ ARTIFACTS = {
 HOLDOUT = 0.3
 SETS = ("clean_test", "poisoned.patch")  # the evaluation sets' names in goodnet_scores.npz
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def run(folder: Path, demo_dir: Path, *overrides: str):
-    """`pipeline.run` from nothing cached: the BadNet, its data and every shared value
-    loaded or computed afresh."""
-    inputs._baseline.clear()
-    cfg = compose_config(folder, demo_dir, *overrides)
-    return cfg, pipeline.run(cfg)
 
 
 def classes(model: keras.Model, ds: data.Dataset) -> np.ndarray:
@@ -119,7 +105,7 @@ def test_each_repair_is_scored_by_the_contract(
     tmp_path, demo_dir, small_data, small_evaluation, demo_model, name
 ):
     overrides = [f"repair={name}", *SMALL_DATA_SETTINGS.get(name, []), *small_data]
-    cfg, metrics = run(tmp_path, demo_dir, *overrides)
+    cfg, metrics = run_afresh(tmp_path, demo_dir, *overrides)
     own = OWN_STAGES.get(name, set())
     assert_scored_by_the_contract(cfg, metrics, own, small_evaluation, demo_model)
     scored = {key.split("/")[1] for key in metrics if key.endswith("/calibration_images")}
@@ -140,7 +126,9 @@ def every_detector(tmp_path_factory, demo_dir, small_data, small_evaluation):
     data, HOLDOUT of its validation file held out, and the saved GoodNet run on the
     evaluation images. The folder, config, metrics and those answers."""
     folder = tmp_path_factory.mktemp("every_detector")
-    cfg, metrics = run(folder, demo_dir, *EVERY_DETECTOR, *small_data, f"data.holdout={HOLDOUT}")
+    cfg, metrics = run_afresh(
+        folder, demo_dir, *EVERY_DETECTOR, *small_data, f"data.holdout={HOLDOUT}"
+    )
     good = plain(folder / "out/goodnet.h5")
     assert good.output_shape == (None, zoo.DEMO.num_classes + 1)
     both = keras.Model(good.input, [good.output, *good.get_layer("gn_flag_any").input])
