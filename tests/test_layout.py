@@ -1,5 +1,6 @@
 """The package's shape, read from the source with `ast` (no TensorFlow): no import cycle,
-the layers point one way, no module too long to read.
+the layers point one way, no module too long to read, every compiled function traced
+without AutoGraph.
 
 Layers, lowest first: the top-level modules; `network`; `zoo` and `defenses`, which never
 import each other; `experiment`. A module may import its own layer or any lower one.
@@ -190,3 +191,30 @@ def test_no_module_is_longer_than_the_limit():
     assert max(lengths.values()) > MAX_LINES / 2  # the files were read
     long = [f"{name}: {n} lines" for name, n in sorted(lengths.items()) if n > MAX_LINES]
     assert not long, f"over {MAX_LINES} lines: " + ", ".join(long)
+
+
+def compiled_functions(source: str) -> list[ast.Call | ast.expr]:
+    """Every `tf.function` in `source`, called or as a bare decorator."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "tf.function":
+            found.append(node)
+        elif isinstance(node, ast.FunctionDef):
+            found += [d for d in node.decorator_list if ast.unparse(d) == "tf.function"]
+    return found
+
+
+def test_every_compiled_function_is_traced_without_autograph():
+    """AutoGraph rewrites a function's source (and every Keras layer it calls) before
+    tracing: 0.1 to 0.5 s per function per process, several per run, for steps whose
+    Python control flow is all over Python values; a loop over tensors is a
+    `tf.while_loop`. Without it, such a loop fails loudly when traced."""
+    where = {}
+    for name, path in modules().items():
+        for call in compiled_functions(path.read_text()):
+            options = {k.arg: ast.unparse(k.value) for k in getattr(call, "keywords", [])}
+            where[f"{name}:{call.lineno}"] = options.get("autograph")
+    assert len(where) >= 15  # the sources were read
+    assert compiled_functions("@tf.function\ndef f(): pass") != []  # a bare one is seen
+    with_autograph = [place for place, value in where.items() if value != "False"]
+    assert not with_autograph, "tf.function without autograph=False: " + ", ".join(with_autograph)

@@ -94,7 +94,7 @@ def label_scores(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: i
     k = 2 if classes <= 8 else max(2, round(0.25 * classes))
     logits = logits_of(model)
     counts = np.zeros(classes)
-    topk = tf.function(lambda b: tf.math.top_k(logits(b), k).indices)
+    topk = tf.function(lambda b: tf.math.top_k(logits(b), k).indices, autograph=False)
     for i in range(0, len(x), batch_size):
         indices = topk(x[i : i + batch_size]).numpy()
         np.add.at(counts, indices.ravel(), 1.0)
@@ -227,12 +227,13 @@ class _Engine:
         variables = (self.mask, self.pattern)
 
         @tf.function(
+            autograph=False,
             input_signature=[
                 tf.TensorSpec((None, None, h, w, c), tf.float32),
                 tf.TensorSpec((None,), tf.int32),
                 tf.TensorSpec((None,), tf.int32),
                 tf.TensorSpec((None,), tf.float32),
-            ]
+            ],
         )
         def step(batch, idx, targets, costs):
             n = tf.shape(batch)[1]

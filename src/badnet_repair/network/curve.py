@@ -52,17 +52,20 @@ class _Evaluator:
         prepared, keep = state
         return prepared, tf.tensor_scatter_nd_update(keep, [[channel]], [0.0])
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def counts(self, x, y, order):
         channels = tf.shape(order)[0]
-        state = self._start(x, channels)
-        result = tf.TensorArray(tf.int32, size=channels + 1)
-        for k in tf.range(channels + 1):
+
+        def correct(state):
             pred = tf.argmax(self._predict(state), axis=-1, output_type=tf.int32)
-            result = result.write(k, tf.reduce_sum(tf.cast(pred == y, tf.int32)))
-            if k < channels:
-                state = self._remove(state, order[k])
-        return result.stack()
+            return tf.reduce_sum(tf.cast(pred == y, tf.int32))
+
+        def remove_next(k, state, result):
+            return k + 1, self._remove(state, order[k]), result.write(k, correct(state))
+
+        start = (tf.constant(0), self._start(x, channels), tf.TensorArray(tf.int32, channels + 1))
+        _, state, result = tf.while_loop(lambda k, *_: k < channels, remove_next, start)
+        return result.write(channels, correct(state)).stack()
 
 
 class _Tail(_Evaluator):

@@ -24,7 +24,9 @@ def _argmax_fn(model):
     if model not in _compiled:
         held = weakref.ref(model)
         _compiled[model] = tf.function(
-            lambda b: tf.argmax(held()(b, training=False), axis=-1), reduce_retracing=True
+            lambda b: tf.argmax(held()(b, training=False), axis=-1),
+            reduce_retracing=True,
+            autograph=False,
         )
     return _compiled[model]
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 from badnet_repair import UserError
@@ -124,7 +123,7 @@ def mean_activations(model: keras.Model, layer: str, x: np.ndarray, batch_size: 
     probe = keras.Model(model.inputs, model.get_layer(output).output)
     spec = tf.TensorSpec((None, *x.shape[1:]), tf.float32)
 
-    @tf.function(input_signature=[spec])
+    @tf.function(input_signature=[spec], autograph=False)
     def channel_sums(batch):
         out = probe(batch, training=False)
         return tf.reduce_sum(tf.reshape(out, (-1, out.shape[-1])), axis=0)
@@ -208,6 +207,8 @@ def magnitude_prune(model: keras.Model, layer: str, sparsity: float) -> Pruned:
     belongs to `fit`), so the wrappers recompute their masks at every training step
     (frequency 1 says so); the masks are applied to the weights after every epoch.
     """
+    import tensorflow_model_optimization as tfmot  # 2 s to import: only this method needs it
+
     schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=1)
     wrapped = tfmot.sparsity.keras.prune_low_magnitude(copy_model(model), pruning_schedule=schedule)
     wrappers = [w for w in wrapped.layers if hasattr(w, "pruning_obj")]

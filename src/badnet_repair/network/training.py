@@ -225,7 +225,7 @@ def finetune(
     hold = pruning.hold if pruning else []
     held = [(variable, tf.constant(mask, variable.dtype)) for variable, mask in hold]
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_of(y, model(x, training=True)) + sum(model.losses)

@@ -142,7 +142,7 @@ def decoupling_step(
     the complement, and the masked features no longer gave the net's own)."""
     chance = float(np.log(num_classes))
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def step(x, y):
         with tf.GradientTape() as tape:
             m = mask_of(p)
@@ -203,7 +203,7 @@ def inversion_step(forward: Forward, gen: keras.Model, mask: tf.Tensor, optimize
     """One Adam step on the generator, as a tf.function of a batch (`box`: bound, low, high)."""
     weights = gen.trainable_variables
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def step(x, y):
         clean = forward(x)[0]
         with tf.GradientTape() as tape:
@@ -223,7 +223,7 @@ def unlearning_step(model: keras.Model, forward: Forward, gen: keras.Model, bti_
     weights = model.trainable_variables
     optimizer = training.Adam(weights, lr)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def step(x, y):
         x = tf.convert_to_tensor(x)
         n = tf.shape(x)[0]

@@ -113,10 +113,9 @@ def universal_perturbation(score, shape, radius: float, steps: int, step: float)
     L2 norm <= `radius` that most raises the cross-entropy of `score` against its own clean
     answers, by normalised gradient ascent from zero, projected after every step."""
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def find(images, picks):
-        delta = tf.zeros(shape, images.dtype)
-        for i in tf.range(steps):
+        def ascend(i, delta):
             x = tf.gather(images, picks[i])
             answers = tf.argmax(score(x), -1)
             with tf.GradientTape() as tape:
@@ -124,8 +123,10 @@ def universal_perturbation(score, shape, radius: float, steps: int, step: float)
                 loss = _cross_entropy(score(x + delta), answers)
             g = tape.gradient(loss, delta)
             delta = delta + step * radius * g / (tf.norm(g) + 1e-12)
-            delta = delta * tf.minimum(1.0, radius / (tf.norm(delta) + 1e-12))
-        return delta
+            return i + 1, delta * tf.minimum(1.0, radius / (tf.norm(delta) + 1e-12))
+
+        start = (tf.constant(0), tf.zeros(shape, images.dtype))
+        return tf.while_loop(lambda i, _: i < steps, ascend, start)[1]
 
     return find
 
@@ -139,7 +140,7 @@ def unlearning_step(model: keras.Model, i_bau: IBau, lr: float):
     score, weights = training.scores(model), model.trainable_variables
     optimizer = training.Adam(weights, lr)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def step(x, y, delta):
         x, y = tf.convert_to_tensor(x), tf.cast(y, tf.int64)
         carried = tf.cast(tf.range(tf.shape(x)[0]), tf.float32) < i_bau.portion * tf.cast(
