@@ -43,6 +43,7 @@ TINY = {
         "neural_cleanse.references=4",
         "neural_cleanse.rounds=2",
         "neural_cleanse.round_batches=2",
+        "neural_cleanse.batch_size=8",  # a quarter of the default: the screen is most of a run
         "finetune.epochs=1",
     ],
     "ft_sam": ["ft_sam.steps=5", "ft_sam.lrs=[0.001]"],  # within budget: one rung, no halving

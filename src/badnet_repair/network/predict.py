@@ -20,12 +20,13 @@ _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _argmax_fn(model):
     """One compiled argmax-of-forward-pass per model, reused across calls and data sets.
     The function holds its model weakly, so the cache never keeps a model alive (a sweep
-    evaluates a new repaired net per point)."""
+    evaluates a new repaired net per point). Traced once for every batch size: a trace for
+    the first batch's size would be followed by another for the last, smaller batch."""
     if model not in _compiled:
         held = weakref.ref(model)
         _compiled[model] = tf.function(
             lambda b: tf.argmax(held()(b, training=False), axis=-1),
-            reduce_retracing=True,
+            input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)],
             autograph=False,
         )
     return _compiled[model]

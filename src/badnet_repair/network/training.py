@@ -224,8 +224,12 @@ def finetune(
     adam = Adam(variables, lr)
     hold = pruning.hold if pruning else []
     held = [(variable, tf.constant(mask, variable.dtype)) for variable, mask in hold]
+    batch = [
+        tf.TensorSpec((None, *model.input_shape[1:]), tf.float32),
+        tf.TensorSpec((None,), tf.int32),
+    ]
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=batch, autograph=False)  # one trace for every batch size
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_of(y, model(x, training=True)) + sum(model.losses)
