@@ -193,28 +193,44 @@ def test_no_module_is_longer_than_the_limit():
     assert not long, f"over {MAX_LINES} lines: " + ", ".join(long)
 
 
-def compiled_functions(source: str) -> list[ast.Call | ast.expr]:
-    """Every `tf.function` in `source`, called or as a bare decorator."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "tf.function":
-            found.append(node)
-        elif isinstance(node, ast.FunctionDef):
-            found += [d for d in node.decorator_list if ast.unparse(d) == "tf.function"]
+def compiled_functions(source: str) -> dict[int, bool]:
+    """Every mention of `tf.function` in `source` by line: whether it is called with
+    `autograph=False` (a bare decorator, an alias or a partial is not). An import of
+    TensorFlow's `function` by another name counts as a mention without it."""
+    tree = ast.parse(source)
+    calls = {
+        id(node.func): node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "tf.function"
+    }
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and ast.unparse(node) == "tf.function":
+            call = calls.get(id(node))
+            keywords = {k.arg: ast.unparse(k.value) for k in call.keywords} if call else {}
+            found[node.lineno] = keywords.get("autograph") == "False"
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tensorflow"):
+            if any(alias.name == "function" for alias in node.names):
+                found[node.lineno] = False
     return found
 
 
 def test_every_compiled_function_is_traced_without_autograph():
     """AutoGraph rewrites a function's source (and every Keras layer it calls) before
-    tracing: 0.1 to 0.5 s per function per process, several per run, for steps whose
-    Python control flow is all over Python values; a loop over tensors is a
-    `tf.while_loop`. Without it, such a loop fails loudly when traced."""
-    where = {}
-    for name, path in modules().items():
-        for call in compiled_functions(path.read_text()):
-            options = {k.arg: ast.unparse(k.value) for k in getattr(call, "keywords", [])}
-            where[f"{name}:{call.lineno}"] = options.get("autograph")
-    assert len(where) >= 15  # the sources were read
-    assert compiled_functions("@tf.function\ndef f(): pass") != []  # a bare one is seen
-    with_autograph = [place for place, value in where.items() if value != "False"]
-    assert not with_autograph, "tf.function without autograph=False: " + ", ".join(with_autograph)
+    tracing: about 3 s of a small demo run's 33 here (2026-12-05), for steps whose Python
+    control flow is all over Python values; a loop over tensors is a `tf.while_loop`.
+    Without AutoGraph such a loop fails loudly when traced."""
+    found = {
+        f"{name}:{line}": ok
+        for name, path in modules().items()
+        for line, ok in compiled_functions(path.read_text()).items()
+    }
+    assert len(found) >= 15  # the sources were read
+    forms = (
+        "@tf.function\ndef f(): pass\ng = tf.function\nh = partial(tf.function, autograph=False)"
+    )
+    assert compiled_functions(forms) == {1: False, 3: False, 4: False}
+    assert compiled_functions("from tensorflow import function") == {1: False}
+    assert compiled_functions("f = tf.function(g, autograph=False)") == {1: True}
+    missing = [place for place, ok in found.items() if not ok]
+    assert not missing, "tf.function without autograph=False: " + ", ".join(missing)

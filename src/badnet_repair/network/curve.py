@@ -269,7 +269,8 @@ def evaluator_for(model: keras.Model, layer: str) -> _Evaluator:
 
 class PruningCurve:
     """Accuracy after removing the first k channels of `order` from `layer`, k = 0..C, on
-    any data set. The evaluator is chosen and traced once, for every set."""
+    any data set. The evaluator is chosen once and its compiled `counts` shared by every
+    set (traced for the first batch's size, then once more for any other size)."""
 
     def __init__(self, model: keras.Model, layer: str, order: np.ndarray, batch_size: int = 512):
         self.evaluator = evaluator_for(model, layer)

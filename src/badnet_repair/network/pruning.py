@@ -203,9 +203,9 @@ def magnitude_prune(model: keras.Model, layer: str, sparsity: float) -> Pruned:
     """tfmot low-magnitude pruning of every prunable layer at a constant target sparsity.
 
     The first mask update runs now (step 0), so the pruned net can be evaluated before
-    fine-tuning. Our training loop does not advance tfmot's step counter (its callback
-    belongs to `fit`), so the wrappers recompute their masks at every training step
-    (frequency 1 says so); the masks are applied to the weights after every epoch.
+    fine-tuning. In training each wrapper advances its own step and, at frequency 1,
+    recomputes its mask at every step; the masks are applied to the weights after every
+    epoch.
     """
     import tensorflow_model_optimization as tfmot  # 2 s to import: only this method needs it
 
