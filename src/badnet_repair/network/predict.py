@@ -17,16 +17,22 @@ from badnet_repair.network import topology
 _compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def any_batch(model: keras.Model) -> tf.TensorSpec:
+    """A batch of `model`'s input images of any size: as an input signature, a function
+    is traced once, where a trace for the first batch's size would be followed by
+    another for the last, smaller batch."""
+    return tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+
+
 def _argmax_fn(model):
     """One compiled argmax-of-forward-pass per model, reused across calls and data sets.
     The function holds its model weakly, so the cache never keeps a model alive (a sweep
-    evaluates a new repaired net per point). Traced once for every batch size: a trace for
-    the first batch's size would be followed by another for the last, smaller batch."""
+    evaluates a new repaired net per point)."""
     if model not in _compiled:
         held = weakref.ref(model)
         _compiled[model] = tf.function(
             lambda b: tf.argmax(held()(b, training=False), axis=-1),
-            input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)],
+            input_signature=[any_batch(model)],
             autograph=False,
         )
     return _compiled[model]

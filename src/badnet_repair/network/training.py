@@ -16,7 +16,7 @@ from omegaconf import MISSING
 from badnet_repair import UserError
 from badnet_repair.data import Dataset
 from badnet_repair.network import topology
-from badnet_repair.network.predict import accuracy
+from badnet_repair.network.predict import accuracy, any_batch
 from badnet_repair.network.pruning import Pruned
 from badnet_repair.ranges import ranged
 
@@ -137,6 +137,12 @@ def cross_entropy(score: Scores, x, y) -> tf.Tensor:
     )
 
 
+def batch_signature(model: keras.Model) -> list[tf.TensorSpec]:
+    """The input signature of a step on (images, labels) batches of any size for `model`
+    (`batches` gives int32 labels): traced once for every batch size."""
+    return [any_batch(model), tf.TensorSpec((None,), tf.int32)]
+
+
 def batches(
     ds: Dataset, batch_size: int, rng: np.random.Generator, *, in_order: bool = True
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -224,12 +230,8 @@ def finetune(
     adam = Adam(variables, lr)
     hold = pruning.hold if pruning else []
     held = [(variable, tf.constant(mask, variable.dtype)) for variable, mask in hold]
-    batch = [
-        tf.TensorSpec((None, *model.input_shape[1:]), tf.float32),
-        tf.TensorSpec((None,), tf.int32),
-    ]
 
-    @tf.function(input_signature=batch, autograph=False)  # one trace for every batch size
+    @tf.function(input_signature=batch_signature(model), autograph=False)
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_of(y, model(x, training=True)) + sum(model.losses)

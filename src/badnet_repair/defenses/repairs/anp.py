@@ -93,7 +93,7 @@ def learn(case: Case, anp: Anp) -> Learnt:
     def perturbed():
         return [m + d for m, d in zip(masks.values, deltas, strict=True)]
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=training.batch_signature(model), autograph=False)
     def step(x, y):
         for d in deltas:
             d.assign(noise.uniform(d.shape, -eps, eps))

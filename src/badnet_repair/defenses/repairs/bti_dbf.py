@@ -134,15 +134,15 @@ def _ce(scores, y) -> tf.Tensor:
 
 
 def decoupling_step(
-    forward: Forward, p: tf.Variable, optimizer: training.Adam, l1: float, num_classes: int
+    model: keras.Model, forward: Forward, p: tf.Variable, optimizer: training.Adam, l1: float
 ):
     """One Adam step on the mask parameters `p`, as a tf.function of a batch. The
     complement's cross-entropy counts up to chance level, log(classes), only: unbounded,
     it drowned the masked part's (30 against 0.6 on `demo`: confidently wrong answers from
     the complement, and the masked features no longer gave the net's own)."""
-    chance = float(np.log(num_classes))
+    chance = float(np.log(int(model.output_shape[-1])))
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=training.batch_signature(model), autograph=False)
     def step(x, y):
         with tf.GradientTape() as tape:
             m = mask_of(p)
@@ -203,7 +203,7 @@ def inversion_step(forward: Forward, gen: keras.Model, mask: tf.Tensor, optimize
     """One Adam step on the generator, as a tf.function of a batch (`box`: bound, low, high)."""
     weights = gen.trainable_variables
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=training.batch_signature(gen), autograph=False)
     def step(x, y):
         clean = forward(x)[0]
         with tf.GradientTape() as tape:
@@ -223,7 +223,7 @@ def unlearning_step(model: keras.Model, forward: Forward, gen: keras.Model, bti_
     weights = model.trainable_variables
     optimizer = training.Adam(weights, lr)
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=training.batch_signature(model), autograph=False)
     def step(x, y):
         x = tf.convert_to_tensor(x)
         n = tf.shape(x)[0]
@@ -260,9 +260,7 @@ class Inversion:
         shape = self.forward(tf.constant(x[:1]))[0].shape[1:]
         self.p = tf.Variable(tf.zeros(shape))
         self.mask_opt = training.Adam([self.p], bti_dbf.mask_lr)
-        self.decouple = decoupling_step(
-            self.forward, self.p, self.mask_opt, bti_dbf.mask_l1, int(model.output_shape[-1])
-        )
+        self.decouple = decoupling_step(model, self.forward, self.p, self.mask_opt, bti_dbf.mask_l1)
 
     def decoupled(self, round_: int) -> tf.Tensor:
         """Step 1: a mask from a seeded random start; logs the held-out agreement of the

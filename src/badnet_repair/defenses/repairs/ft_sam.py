@@ -93,7 +93,7 @@ def sam_step(model: keras.Model, settings: FtSam, lr, num_classes: int):
         )
         return tf.reduce_mean(losses)
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=training.batch_signature(model), autograph=False)
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_of(x, y)

@@ -139,8 +139,9 @@ def unlearning_step(model: keras.Model, i_bau: IBau, lr: float):
     """One outer step on `model` in place, as a tf.function of (batch, labels, delta)."""
     score, weights = training.scores(model), model.trainable_variables
     optimizer = training.Adam(weights, lr)
+    perturbation = tf.TensorSpec(model.input_shape[1:], tf.float32)
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=[*training.batch_signature(model), perturbation], autograph=False)
     def step(x, y, delta):
         x, y = tf.convert_to_tensor(x), tf.cast(y, tf.int64)
         carried = tf.cast(tf.range(tf.shape(x)[0]), tf.float32) < i_bau.portion * tf.cast(

@@ -68,7 +68,7 @@ def unlearn(case: Case, rnp: Rnp) -> keras.Model:
     score = training.scores(model)
     optimizer = training.SGD(weights, rnp.unlearn_lr, rnp.momentum)
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=training.batch_signature(model), autograph=False)
     def ascent(x, y):
         with tf.GradientTape() as tape:
             loss = training.cross_entropy(score, x, y)
@@ -101,7 +101,7 @@ def recover(case: Case, rnp: Rnp, unlearned: keras.Model) -> Masks:
     score = training.scores(unlearned)
     optimizer = training.SGD(masks.values, rnp.mask_lr, rnp.momentum)
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=training.batch_signature(unlearned), autograph=False)
     def learn(x, y):
         masks.apply()
         with tf.GradientTape() as tape:

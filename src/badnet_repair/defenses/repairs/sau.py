@@ -124,7 +124,7 @@ def sau_step(h_model: keras.Model, h0_model: keras.Model, sau: Sau, eps: float):
     weights = h_model.trainable_variables
     optimizer = training.Adam(weights, sau.lr)
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=training.batch_signature(h_model), autograph=False)
     def step(x, y):
         x = tf.convert_to_tensor(x)
         y = tf.cast(y, tf.int64)

@@ -86,7 +86,7 @@ def sgd_step(
     score = training.scores(model)
     num_classes = int(model.output_shape[-1])
 
-    @tf.function(reduce_retracing=True, autograph=False)
+    @tf.function(input_signature=training.batch_signature(model), autograph=False)
     def step(x, y):
         if relabel is not None:
             y = relabel.uniform(tf.shape(y), 0, num_classes, dtype=tf.int32)
