@@ -14,9 +14,9 @@ from badnet_repair.defenses.clean import CleanData
 from badnet_repair.defenses.repairs import Case, ft_sam, rnp, sau
 from badnet_repair.experiment import pipeline, tracking
 from badnet_repair.journal import Journal
-from badnet_repair.network import models, training
+from badnet_repair.network import models, predict, training
 from badnet_repair.network.channels import Masks, units
-from badnet_repair.network.predict import accuracy
+from badnet_repair.network.predict import accuracy, predict_classes
 from badnet_repair.network.pruning import copy_model
 
 from conftest import compose_config
@@ -274,6 +274,22 @@ def test_ft_sam_step_restores_the_weights_and_differs_from_plain_sgd(net):
         for a, b in zip(sam_model.get_weights(), sgd_model.get_weights(), strict=True)
     ]
     assert any(moved)
+
+
+def test_a_step_and_the_evaluation_are_traced_once_for_every_batch_size():
+    """A repair's step and `predict_classes` read batches of any size through one trace
+    (`training.batch_signature`, `predict.any_batch`): a trace for the first batch's size
+    would be followed by another for the last, smaller one, in every run."""
+    model = branches_net()
+    x = np.random.default_rng(0).uniform(0, 1, (600, 14, 12, 3)).astype(np.float32)
+    y = np.arange(600, dtype=np.int32) % CLASSES
+    settings = ft_sam.FtSam(1, 32, [0.05], 0.5, 0.9, 5e-4, 0.1, 0.0, 0.0, [0.02, 0.4], 0.02)
+    step = ft_sam.sam_step(model, settings, 0.01, CLASSES)
+    step(x[:32], y[:32])
+    step(x[:7], y[:7])
+    assert step.experimental_get_tracing_count() == 1
+    assert len(predict_classes(model, x, batch_size=512)) == 600  # batches of 512 and 88
+    assert predict._argmax_fn(model).experimental_get_tracing_count() == 1
 
 
 @pytest.mark.slow

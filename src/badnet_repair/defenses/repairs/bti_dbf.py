@@ -139,7 +139,8 @@ def decoupling_step(
     """One Adam step on the mask parameters `p`, as a tf.function of a batch. The
     complement's cross-entropy counts up to chance level, log(classes), only: unbounded,
     it drowned the masked part's (30 against 0.6 on `demo`: confidently wrong answers from
-    the complement, and the masked features no longer gave the net's own)."""
+    the complement, and the masked features no longer gave the net's own). `model`, the
+    net `forward` runs: its classes set the chance level, its input the step's batches."""
     chance = float(np.log(int(model.output_shape[-1])))
 
     @tf.function(input_signature=training.batch_signature(model), autograph=False)
