@@ -80,19 +80,21 @@ EVERY_DETECTOR = [
     f"goodnet.detector=[{','.join(detectors.names())}]",
 ]
 
-# The test files that take longest on 2 cores (2026-12-05, evening, on an AVX2-only machine
-# about 2.3 times slower than docs/development.md's figures: 388, 336, 323, 255, 198, 205,
-# 179 and 124 s), handed out first: `make test` gives each of its two workers a whole file at a
-# time (--dist loadfile, in collection order with --no-loadscope-reorder), and a long file
-# handed out last leaves the other worker idle while it runs. Others follow by name.
+# The test files that take longest on 2 cores (2026-12-05, late afternoon, on an AVX2-only
+# machine about 2.3 times slower than docs/development.md's earlier figures: 340, 303, 302,
+# 241, 208, 192, 157, 122 and 106 s), handed out first: `make test` gives each of its two
+# workers a whole file at a time (--dist loadfile, in collection order with
+# --no-loadscope-reorder), and a long file handed out last leaves the other worker idle
+# while it runs. Others follow by name.
 LONGEST_FIRST = (
     "test_end_to_end.py",
     "test_sweep.py",
     "test_any_model.py",
     "test_pipeline.py",
     "test_goodnet.py",
-    "test_leaderboard.py",
     "test_neural_cleanse.py",
+    "test_leaderboard.py",
+    "test_agnostic.py",
     "test_demo.py",
 )
 
