@@ -24,7 +24,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from badnet_repair.network import models, topology
-from badnet_repair.network.predict import predict_classes
+from badnet_repair.network.predict import any_batch, predict_classes
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,11 @@ def label_scores(model: keras.Model, x: np.ndarray, y: np.ndarray, batch_size: i
     k = 2 if classes <= 8 else max(2, round(0.25 * classes))
     logits = logits_of(model)
     counts = np.zeros(classes)
-    topk = tf.function(lambda b: tf.math.top_k(logits(b), k).indices, autograph=False)
+    topk = tf.function(
+        lambda b: tf.math.top_k(logits(b), k).indices,
+        input_signature=[any_batch(model)],
+        autograph=False,
+    )
     for i in range(0, len(x), batch_size):
         indices = topk(x[i : i + batch_size]).numpy()
         np.add.at(counts, indices.ravel(), 1.0)

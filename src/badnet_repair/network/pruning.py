@@ -18,6 +18,7 @@ import tf_keras as keras
 
 from badnet_repair import UserError
 from badnet_repair.network import topology
+from badnet_repair.network.predict import any_batch
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,8 @@ def mean_activations(model: keras.Model, layer: str, x: np.ndarray, batch_size: 
     after its BatchNormalization and activation where those are separate layers."""
     output = channels_of(model, layer).output
     probe = keras.Model(model.inputs, model.get_layer(output).output)
-    spec = tf.TensorSpec((None, *x.shape[1:]), tf.float32)
 
-    @tf.function(input_signature=[spec], autograph=False)
+    @tf.function(input_signature=[any_batch(model)], autograph=False)
     def channel_sums(batch):
         out = probe(batch, training=False)
         return tf.reduce_sum(tf.reshape(out, (-1, out.shape[-1])), axis=0)

@@ -226,7 +226,6 @@ def unlearning_step(model: keras.Model, forward: Forward, gen: keras.Model, bti_
 
     @tf.function(input_signature=training.batch_signature(model), autograph=False)
     def step(x, y):
-        x = tf.convert_to_tensor(x)
         n = tf.shape(x)[0]
         k = tf.cast(tf.math.ceil(bti_dbf.portion * tf.cast(n, tf.float32)), tf.int32)
         made = generate(gen, x[:k], *box)

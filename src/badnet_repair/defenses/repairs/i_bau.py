@@ -143,7 +143,7 @@ def unlearning_step(model: keras.Model, i_bau: IBau, lr: float):
 
     @tf.function(input_signature=[*training.batch_signature(model), perturbation], autograph=False)
     def step(x, y, delta):
-        x, y = tf.convert_to_tensor(x), tf.cast(y, tf.int64)
+        y = tf.cast(y, tf.int64)
         carried = tf.cast(tf.range(tf.shape(x)[0]), tf.float32) < i_bau.portion * tf.cast(
             tf.shape(x)[0], tf.float32
         )

@@ -126,7 +126,6 @@ def sau_step(h_model: keras.Model, h0_model: keras.Model, sau: Sau, eps: float):
 
     @tf.function(input_signature=training.batch_signature(h_model), autograph=False)
     def step(x, y):
-        x = tf.convert_to_tensor(x)
         y = tf.cast(y, tf.int64)
         delta, shared = shared_pgd(h, h0, x, y, eps, eps, sau.pgd_steps)
         perturbed = x + delta
