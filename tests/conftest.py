@@ -1,8 +1,9 @@
-"""Shared fixtures: the demo BadNet is built once per test session (about a minute);
-every test has MLflow pointed at a store of its own; `run_py` runs `run.py` in a
-subprocess."""
+"""Shared fixtures: the demo BadNet is built once per test session; every test has MLflow
+pointed at a store of its own; `run_py` runs `run.py` in a subprocess. The summary of a
+run names the tests not marked `slow` that took over SLOW_SECONDS."""
 
 import atexit
+import contextlib
 import fcntl
 import functools
 import os
@@ -10,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -103,6 +105,76 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest files first (see LONGEST_FIRST); tests within a file keep their order."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+# The `slow` marker's bound: a test over this many seconds on 2 cores (AVX2, one TensorFlow
+# thread per op), its fixtures' setup included, is marked slow; the fast subset is the rest.
+# Work a process does once, for whichever test needs it first (session fixtures such as the
+# demo build, MLflow's empty store: `once_per_process`), is not counted against that test.
+SLOW_SECONDS = 3.0
+_once = {"seconds": 0.0, "depth": 0}  # once-per-process work in the test phase now running
+_unmarked_seconds: dict[str, float] = {}
+
+
+@contextlib.contextmanager
+def once_per_process():
+    """Time work this process does once, for the test that needs it first (work nested in
+    such work is counted once)."""
+    start = time.perf_counter()
+    _once["depth"] += 1
+    try:
+        yield
+    finally:
+        _once["depth"] -= 1
+        if not _once["depth"]:
+            _once["seconds"] += time.perf_counter() - start
+
+
+class _SessionFixtures:
+    """A session fixture is set up once per process: its time is `once_per_process`. (A
+    plugin, not a hook of this conftest: those see only fixtures of tests/ and below, and a
+    session fixture is the session's.)"""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+        if fixturedef.scope != "session":
+            yield
+            return
+        with once_per_process():
+            yield
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_SessionFixtures(), "session-fixtures-once")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Hand the phase's once-per-process seconds to the controller with its report."""
+    report = (yield).get_result()
+    if _once["seconds"]:
+        report.user_properties.append(("once_per_process_s", _once["seconds"]))
+        _once["seconds"] = 0.0
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Time each unmarked test, setup, call and teardown together, less once-per-process
+    work (`-n 2` hands the workers' reports to the controller, which runs this)."""
+    if "slow" not in report.keywords:
+        once = sum(s for key, s in report.user_properties if key == "once_per_process_s")
+        took = _unmarked_seconds.get(report.nodeid, 0.0) + report.duration - once
+        _unmarked_seconds[report.nodeid] = took
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name the unmarked tests that took over SLOW_SECONDS, so the marker stays true."""
+    over = sorted(((s, n) for n, s in _unmarked_seconds.items() if s > SLOW_SECONDS), reverse=True)
+    if over:
+        terminalreporter.write_sep(
+            "-", f"{len(over)} tests not marked slow took over {SLOW_SECONDS:g} s"
+        )
+        for seconds, nodeid in over:
+            terminalreporter.write_line(f"{seconds:6.1f}s {nodeid}")
 
 
 # What a run may leave in the checkout: nothing, when tests run (every location under tmp).
@@ -281,7 +353,8 @@ def _empty_store() -> Path:
     new store without MLflow's two seconds of schema migrations."""
     folder = Path(tempfile.mkdtemp(prefix="empty-mlflow-store-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
+    with once_per_process():
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
     return folder / "mlflow.db"
 
 

@@ -13,6 +13,7 @@ from badnet_repair import UserError
 from badnet_repair.experiment import tracking
 
 
+@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
 def test_prepare_creates_store_and_experiment_once(tmp_path):
     uri = f"sqlite:///{tmp_path}/store/mlflow.db"
     first = tracking.prepare(uri, "exp", str(tmp_path / "artifacts"))
