@@ -9,7 +9,7 @@ endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint ui docs clean
+.PHONY: run test test-fast lint ui docs clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "none of $(SUPPORTED) runs here: install one or set PYTHON=" >&2; exit 1; }
@@ -33,6 +33,9 @@ test: $(VENV)/.installed  ## lint, then the whole test suite on two workers (one
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(TEST_THREADS) $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+
+test-fast: $(VENV)/.installed  ## the tests not marked slow, run as `make test` runs them (no lint)
+	$(TEST_THREADS) $(PY) -m pytest -m "not slow" -n 2 --dist loadfile --no-loadscope-reorder
 
 ui: $(VENV)/.installed  ## the MLflow UI on the default store, http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port 5000

@@ -109,8 +109,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # The `slow` marker's bound: a test over this many seconds on 2 cores (AVX2, one TensorFlow
 # thread per op), its fixtures' setup included, is marked slow; the fast subset is the rest.
-# Work a process does once, for whichever test needs it first (session fixtures such as the
-# demo build, MLflow's empty store: `once_per_process`), is not counted against that test.
+# Work a process does once, for whichever test needs it first (the shared session fixtures
+# below: the demo build, its data; MLflow's empty store), is timed by `once_per_process` and
+# not counted against that test.
 SLOW_SECONDS = 3.0
 _once = {"seconds": 0.0, "depth": 0}  # once-per-process work in the test phase now running
 _unmarked_seconds: dict[str, float] = {}
@@ -119,7 +120,7 @@ _unmarked_seconds: dict[str, float] = {}
 @contextlib.contextmanager
 def once_per_process():
     """Time work this process does once, for the test that needs it first (work nested in
-    such work is counted once)."""
+    such work is counted once). A context manager, or a decorator of a session fixture."""
     start = time.perf_counter()
     _once["depth"] += 1
     try:
@@ -128,24 +129,6 @@ def once_per_process():
         _once["depth"] -= 1
         if not _once["depth"]:
             _once["seconds"] += time.perf_counter() - start
-
-
-class _SessionFixtures:
-    """A session fixture is set up once per process: its time is `once_per_process`. (A
-    plugin, not a hook of this conftest: those see only fixtures of tests/ and below, and a
-    session fixture is the session's.)"""
-
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
-        if fixturedef.scope != "session":
-            yield
-            return
-        with once_per_process():
-            yield
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.pluginmanager.register(_SessionFixtures(), "session-fixtures-once")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -225,6 +208,7 @@ def no_cached_badnet():
 
 
 @pytest.fixture(scope="session")
+@once_per_process()
 def demo_dir(tmp_path_factory):
     """A fresh build per session; BADNET_REPAIR_TEST_DATA=DIR keeps one in DIR/demo across
     sessions while developing (the build is seeded, so it is the same demo)."""
@@ -242,11 +226,13 @@ def demo_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+@once_per_process()
 def demo_model(demo_dir):
     return models.load_model(demo_dir / demo.MODEL_FILE)
 
 
 @pytest.fixture(scope="session")
+@once_per_process()
 def demo_data(demo_dir):
     """(validation, test, poisoned) of the demo, as the pipeline loads them."""
     recipe = zoo.RECIPES["demo"]
@@ -276,6 +262,7 @@ def _first_per_class(file: Path, shape, n: int) -> tuple[np.ndarray, np.ndarray]
 
 
 @pytest.fixture(scope="session")
+@once_per_process()
 def small_evaluation(tmp_path_factory, demo_dir) -> SmallEvaluation:
     """The demo's files cut to a third (validation) and an eighth (clean test and
     poisoned): the first SMALL_PER_CLASS images of every class, and the test images of the
@@ -350,7 +337,8 @@ def tiny_default(overrides, keep_default: bool = False) -> list[str]:
 @functools.cache
 def _empty_store() -> Path:
     """An empty SQLite MLflow store, made by MLflow once per process: a copy of it is a
-    new store without MLflow's two seconds of schema migrations."""
+    new store without MLflow's schema migrations (2 s on an AVX-512 machine, 3 s or more
+    on an AVX2 one)."""
     folder = Path(tempfile.mkdtemp(prefix="empty-mlflow-store-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     with once_per_process():

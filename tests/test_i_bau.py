@@ -110,7 +110,8 @@ def test_radius_is_a_root_mean_square_share_of_the_value_range():
     assert i_bau.radius(0.1, x) == pytest.approx(0.1 * np.sqrt(60) * 2.0)
 
 
-@pytest.mark.parametrize("implicit_images", [0, 4])
+# with 4 implicit images, over 3 s on 2 cores
+@pytest.mark.parametrize("implicit_images", [0, pytest.param(4, marks=pytest.mark.slow)])
 def test_outer_step_trains_the_net_and_leaves_batchnorm_statistics_alone(implicit_images):
     net = batchnorm_net()
     settings = i_bau.IBau(

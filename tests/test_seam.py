@@ -18,9 +18,8 @@ from badnet_repair.journal import Journal
 from badnet_repair.network import training
 from badnet_repair.network.predict import accuracy, correct
 
-pytestmark = (
-    pytest.mark.slow
-)  # every test over 3 s on 2 cores: each trains a net for hundreds of steps
+# every test over 3 s on 2 cores: each trains a net for hundreds of steps
+pytestmark = pytest.mark.slow
 
 SETTINGS = seam.Seam(
     batch_size=32,

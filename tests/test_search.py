@@ -116,6 +116,7 @@ def trials(db: Path, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials
 
 
+@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
 def test_in_memory_search_runs_n_trials_and_reports_the_best(tmp_path):
     out = run_app(tmp_path / "m", "hydra.sweeper.n_trials=4")
     assert "storage: in memory" in out and "Trial 3:" in out and "Trial 4:" not in out

@@ -37,6 +37,7 @@ def test_unreachable_server_is_a_clear_error(tmp_path, monkeypatch):
         tracking.prepare("http://127.0.0.1:9", "exp", str(tmp_path))
 
 
+@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
 @pytest.mark.parametrize(
     ("error", "status"),
     [(RuntimeError("boom"), RunStatus.FAILED), (KeyboardInterrupt(), RunStatus.KILLED)],
