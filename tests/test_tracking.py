@@ -89,6 +89,7 @@ def test_a_signal_during_a_store_write_interrupts_once_the_write_is_done(
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
+@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
 def test_a_signal_while_the_run_starts_ends_it_killed(tmp_path, signal_in_the_next_store_write):
     experiment = tracking.prepare(f"sqlite:///{tmp_path}/m.db", "exp", str(tmp_path / "a"))
     signal_in_the_next_store_write()
