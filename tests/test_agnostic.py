@@ -150,7 +150,7 @@ def test_a_mask_multiplies_its_channels_output_and_gets_the_chain_rule_gradient(
         np.testing.assert_array_equal(p.numpy(), b)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_rnp_masks_lie_in_0_1_and_pruned_channels_are_exactly_zero_when_saved(case, tmp_path):
     settings = rnp.Rnp(
         batch_size=32,
@@ -186,7 +186,7 @@ def test_rnp_masks_lie_in_0_1_and_pruned_channels_are_exactly_zero_when_saved(ca
     assert "rnp.png" in artifacts()
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_rnp_unlearning_stops_as_soon_as_clean_accuracy_is_at_most_the_floor(case):
     settings = rnp.Rnp(32, 0.01, 200, 0.2, 20.0, 0.9, 5e-4, 0.2, 1, 0.1, 0.02)
     unlearned = rnp.unlearn(case, settings)
@@ -233,7 +233,7 @@ def test_sau_shared_loss_keeps_its_gradient_where_the_probability_saturates():
     np.testing.assert_allclose(grad, [[1.0, -0.5, -0.5]], atol=1e-6)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_sau_trains_the_copy_with_batchnorm_in_inference_mode(net):
     reference, model = copy_model(net), copy_model(net)
     frozen = [v.numpy() for v in model.non_trainable_variables]
@@ -251,7 +251,7 @@ def test_sau_trains_the_copy_with_batchnorm_in_inference_mode(net):
         np.testing.assert_array_equal(a, b)  # the frozen BadNet stays as it was
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_ft_sam_step_restores_the_weights_and_differs_from_plain_sgd(net):
     x = images(net, 32)
     y = np.argmax(net.predict(x, verbose=0), axis=1).astype(np.int32)

@@ -41,7 +41,7 @@ def test_anp_masks_every_conv_and_hidden_dense_layer(net):
     assert found == ["conv_a", "conv_b", *hidden]  # never the classifier `out`
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_anp_masks_lie_in_0_1_and_the_perturbation_within_eps_raises_the_loss(case):
     eps = 0.3
     learnt = anp.learn(case, settings(eps=eps))
@@ -56,7 +56,7 @@ def test_anp_masks_lie_in_0_1_and_the_perturbation_within_eps_raises_the_loss(ca
     assert all(r > n for n, r in zip(natural, robust, strict=True))  # an ascent, each round
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_anp_natural_pass_is_the_net_with_its_masks_applied(case):
     learnt = anp.learn(case, settings(steps=5))
     x = images(case.badnet, 16, seed=5)
@@ -68,7 +68,7 @@ def test_anp_natural_pass_is_the_net_with_its_masks_applied(case):
     assert not np.allclose(learnt.model(x).numpy(), case.badnet(x).numpy())
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_anp_pruned_channels_are_silent_and_the_others_untouched_when_saved(case, tmp_path):
     repaired = anp.repair(case, settings())
     masks = case.journal.notes["anp_masks"]

@@ -232,7 +232,7 @@ def test_no_detector_reads_the_evaluation_data(tmp_path, demo_dir, files):
     assert_unread_evaluation_files(tmp_path, demo_dir, files, metrics, *settings)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_models_are_rebuilt_flat_with_the_same_answers(files):
     x = images(40, 6)[0] / 255.0
     for net in NETS:
@@ -248,7 +248,7 @@ def test_models_are_rebuilt_flat_with_the_same_answers(files):
     assert topology.output_kind(nested) == "softmax"
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_a_channels_first_net_is_refused_before_any_work(tmp_path, demo_dir, files):
     x = keras.Input((3, 16, 12))
     h = layers.Conv2D(4, 3, data_format="channels_first", activation="relu", name="conv")(x)

@@ -292,7 +292,7 @@ def test_fuzzed_data_files_give_only_clear_errors(structure):
             assert ds.y.min() >= 0 and ds.y.max() < 40 and np.isfinite(ds.x).all()
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.recursive(

@@ -65,7 +65,7 @@ def scores_on(fitted, badnet, x: np.ndarray) -> np.ndarray:
     return badexpert.triangle(a, b)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_threshold_is_set_on_every_clean_held_out_image_only(demo_model, clean, fitted):
     """Every held-out image counts, those B gets wrong too (the test set's false rejection
     counts them), scored on the class B answers; the threshold is the conformal rank
@@ -86,7 +86,7 @@ def test_threshold_is_set_on_every_clean_held_out_image_only(demo_model, clean, 
     assert abs(other - fitted.threshold) > 1e-3 * abs(fitted.threshold)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_expert_stops_when_held_out_accuracy_falls_below_the_stop(demo_model, clean, fitted):
     expert, m = fitted.parts["expert"], fitted.metrics
     steps_per_epoch = -(-len(clean.train) // SETTINGS["expert_batch_size"])
@@ -96,7 +96,7 @@ def test_expert_stops_when_held_out_accuracy_falls_below_the_stop(demo_model, cl
     assert accuracy(demo_model, clean.holdout) > 0.9  # B itself untouched
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_finetune_stops_at_the_first_check_that_says_so(demo_model, clean):
     """`stop` is asked every `check_every` steps; training ends at the first yes (the
     weights then are the result), and a stop that never says yes changes nothing."""
@@ -120,7 +120,7 @@ def test_finetune_stops_at_the_first_check_that_says_so(demo_model, clean):
         np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_division_free_flag_equals_the_score_rule():
     """`score_above` on a grid of (a, b), edge cases included (a below 1e-8, b above 0.5),
     against triangle(a, b) > threshold, for several thresholds."""
@@ -151,7 +151,7 @@ def test_auroc_is_one_where_a_detector_is_perfect():
     assert auroc(triangle(a_ok, b_ok), triangle(a_bad, b_bad)) == 1.0
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_goodnet_with_a_finetuned_auxiliary_follows_the_rule(demo_model, fitted, demo_data):
     """M' fine-tuned (not B') is replayed into the GoodNet as its own copy."""
     _, test, poisoned = demo_data
@@ -175,7 +175,7 @@ def ft_sam_sections(tmp_path, demo_dir, *overrides: str):
     return cfg, pipeline._goodnet_sections(cfg)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_an_auxiliary_of_its_own_reads_ft_sams_defaults_under_forced_keys(tmp_path, demo_dir):
     """With a repair that has no FT-SAM step, `auto` gives BaDExpert an FT-SAM auxiliary of
     its own: the ft_sam section is FT-SAM's file's defaults under `++` keys, typed and
@@ -197,7 +197,7 @@ def test_an_auxiliary_of_its_own_reads_ft_sams_defaults_under_forced_keys(tmp_pa
     assert reads == set()  # the repaired net is the auxiliary
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_auto_auxiliary_is_b_repaired_by_ft_sam_unless_the_repair_had_an_ft_sam_step(
     tmp_path, demo_dir, demo_model, clean
 ):

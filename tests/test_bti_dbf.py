@@ -53,7 +53,7 @@ def test_the_split_net_gives_the_layers_features_and_the_nets_own_scores(net):
     assert not np.allclose(zeroed.numpy(), scores.numpy())  # the mask reaches the scores
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_the_mask_lies_in_0_1(case):
     extreme = tf.Variable(tf.constant([-60.0, -3.0, 0.0, 3.0, 60.0]))
     values = bti_dbf.mask_of(extreme).numpy()
@@ -63,7 +63,7 @@ def test_the_mask_lies_in_0_1(case):
     assert mask.min() >= 0 and mask.max() <= 1 and 0 < mask.mean() < 1
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 @pytest.mark.parametrize("net", [batchnorm_net], indirect=True)
 @pytest.mark.parametrize("layer", ["conv_a", "conv_b"])
 def test_decoupling_raises_the_masked_features_agreement(case, layer):
@@ -79,7 +79,7 @@ def test_decoupling_raises_the_masked_features_agreement(case, layer):
     assert logged["test/round_1/complement_agreement"] < after / 2
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 @pytest.mark.parametrize("eps", [0.02, 0.2])
 def test_generated_images_stay_within_their_l2_bound_and_the_images_range(case, eps):
     settings = dataclasses.replace(SETTINGS, eps=eps, gen_lr=0.05)
@@ -98,7 +98,7 @@ def test_generated_images_stay_within_their_l2_bound_and_the_images_range(case, 
         assert made.min() >= low and made.max() <= high
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_the_repair_is_seeded_and_leaves_the_badnet_untouched(case):
     settings = dataclasses.replace(SETTINGS, rounds=1, mask_steps=5, gen_steps=3)
     before = [w.copy() for w in case.badnet.get_weights()]

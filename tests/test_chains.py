@@ -42,7 +42,7 @@ def test_a_list_selection_chains_the_repairs_in_the_order_given(tmp_path, order)
     assert described.index(f"{order[0]} (") < described.index(f") + {order[1]} (")
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_every_repair_composes_as_a_step(tmp_path):
     """Each repair's file loads its schema by path (`- /schema/repair/NAME`), not as a
     choice of a `schema/repair` group, which a chain would choose twice."""
@@ -93,7 +93,7 @@ def test_a_key_is_refused_only_where_no_step_of_a_run_reads_it():
         config.check_overrides(["repair=[fine_pruning,ft_sam],finetune", "prune.sparsity=0.5"])
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_each_step_repairs_the_previous_ones_net_under_its_own_names(case, tmp_path):
     """Magnitude pruning then fine-tuning, both for 0 epochs (the steps share `finetune`):
     the second step's net is the first one's output, half its weights zero, and is the
@@ -115,7 +115,7 @@ def test_each_step_repairs_the_previous_ones_net_under_its_own_names(case, tmp_p
     assert steps[1].badnet_holdout_accuracy() == held == case.badnet_holdout_accuracy()
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_a_step_out_of_the_badnets_budget_declines_the_chain(case, tmp_path):
     """Fine-tuning at a wrecking rate, then FT-SAM at a rate too small to change much: its
     budget counts from the BadNet (held-out accuracy 1: the labels are the net's own), not

@@ -12,7 +12,7 @@ from badnet_repair.experiment import config, sweep
 from conftest import ROOT, compose_config
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_every_config_choice_composes_and_validates(tmp_path, demo_dir):
     for group in ("repair", "goodnet", "tracking", "sweep", "model", "paths"):
         for choice in sorted(Path(ROOT, "conf", group).glob("*.yaml")):
@@ -27,7 +27,7 @@ def test_every_config_choice_composes_and_validates(tmp_path, demo_dir):
                 assert cfg.model.name == choice.stem
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_each_repair_config_holds_exactly_the_sections_it_reads(tmp_path, demo_dir):
     """`run.py repair=NAME --cfg job` shows the pipeline's sections and the repair's own."""
     choices = sorted(p.stem for p in Path(ROOT, "conf", "repair").glob("*.yaml"))

@@ -179,7 +179,7 @@ def test_a_badnet_never_seen_runs_through_overrides_alone(unseen_badnet, tmp_pat
     assert {f: sha256(f) for f in files} == before  # inputs are never written to
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_unseen_badnet_with_a_dense_layer_and_wrong_layer_names(unseen_badnet):
     model = models.load_model(unseen_badnet / "net.keras")
     assert models.input_shape(model) == (32, 40, 3) and models.num_classes(model) == 10

@@ -29,7 +29,7 @@ def test_demo_deepid_takes_the_linear_update_path(demo_model):
     assert curve._LinearTail.build(demo_model, channels) is None  # a Flatten->Dense->Add mix
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [0, 1, 30, 44, 52, 60])
 def test_curve_equals_real_pruning(demo_model, demo_data, ranked, k):
     validation, _, poisoned = demo_data
@@ -40,7 +40,7 @@ def test_curve_equals_real_pruning(demo_model, demo_data, ranked, k):
     assert curves["asr"][k] == accuracy(pruned, poisoned)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_tail_rerun_path_agrees_with_linear_path(demo_model, demo_data, ranked):
     validation = demo_data[0]
     order, curves = ranked
@@ -77,7 +77,7 @@ def small_net(kind: str) -> keras.Model:
     return topology.normalize(model)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "path"),
     [("sigmoid", curve._Tail), ("batchnorm", curve._Tail), ("transpose", curve._Tail)],
@@ -96,7 +96,7 @@ def test_curve_off_the_linear_path_equals_real_pruning(kind, path):
         assert got[k] == accuracy(pruned, sample)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_whole_net_path_masks_a_batchnorm_and_a_transposed_kernel():
     for kind in ("batchnorm", "transpose"):
         model = small_net(kind)
@@ -129,7 +129,7 @@ def test_content_hash_follows_the_bytes_not_the_path(tmp_path):
     assert files.content_hash(a) != before
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 @pytest.mark.parametrize(("layer", "k_values"), [("conv_4", (0, 40, 80)), ("fc_1", (0, 100, 160))])
 def test_curve_where_the_rest_of_the_net_reads_the_other_branch(
     demo_model, demo_data, layer, k_values

@@ -228,7 +228,7 @@ def test_poisoned_set_targets_one_class_and_holds_none_of_it(demo_dir):
     assert len(clean_labels) - np.sum(clean_labels == trigger.target) == poisoned
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_demo_badnet_meets_its_targets_and_its_record_says_so(demo_dir, demo_model, demo_data):
     _, test, poisoned = demo_data
     assert demo_model.name == "deepid" and demo_model.count_params() > 0
@@ -259,7 +259,7 @@ def test_a_full_scale_build_repairs_the_shipped_net(demo_dir):
         assert (record["clean_acc"], record["asr"]) == (shipped["clean_acc"], shipped["asr"])
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_every_zoo_recipe_ships_its_net_and_the_record_it_was_measured_with():
     for name, recipe in zoo.RECIPES.items():
         record = json.loads((demo.TRAINED / f"{name}.json").read_text())

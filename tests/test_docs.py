@@ -36,7 +36,7 @@ def detectors() -> list[str]:
     raise AssertionError(f"no detectors package under {PACKAGE}")
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_site_builds_strict(tmp_path):
     result = build(ROOT / "mkdocs.yml", tmp_path / "site")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -52,7 +52,7 @@ def test_site_builds_strict(tmp_path):
     ],
     ids=lambda damage: damage[0],
 )
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_strict_build_refuses(tmp_path, damage):
     """The strictness the first test relies on: each kind of damage stops the build."""
     _, page, text = damage

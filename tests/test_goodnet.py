@@ -141,7 +141,7 @@ def reference(badnet, repaired, x, gn: goodnet.GoodNet, fitted: dict):
     return np.where(flag, gn.num_classes, answer), near
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 @pytest.mark.parametrize("detector", list(CHOICES))
 def test_answers_follow_the_exact_rule(demo_model, repaired, fitted, goodnets, sample, detector):
     gn = goodnets[detector]
@@ -155,7 +155,7 @@ def test_answers_follow_the_exact_rule(demo_model, repaired, fitted, goodnets, s
     np.testing.assert_array_equal(predict_classes(gn.model, sample, 64), answers)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 @pytest.mark.parametrize("detector", list(CHOICES))
 def test_metrics_from_answers_match_running_the_goodnet(
     demo_model, repaired, fitted, goodnets, demo_data, detector
@@ -181,7 +181,7 @@ def test_metrics_from_answers_match_running_the_goodnet(
     assert 0 < from_answers["goodnet/detect/patch"]
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_strip_threshold_is_set_on_the_clean_images_not_drawn(demo_model, fitted, split):
     strip = fitted["strip"]["strip"]  # alone, calibrated at FRR
     learned, threshold = strip.parts, strip.metrics["entropy_threshold"]
@@ -195,7 +195,7 @@ def test_strip_threshold_is_set_on_the_clean_images_not_drawn(demo_model, fitted
     assert strip.metrics["frr_bound"] == pytest.approx(1 - rank / (len(h) + 1))
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_strips_overlays_leave_every_held_out_image_to_the_joint_calibration(fitted, split):
     """STRIP draws its overlays from the training split: calibrated together with
     disagreement (`both`), which may use the held-out split only, the GoodNet keeps all
@@ -208,7 +208,7 @@ def test_strips_overlays_leave_every_held_out_image_to_the_joint_calibration(fit
     assert len(both["strip"].calibration_scores) == len(split[1]) - K
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_a_pair_is_calibrated_together_on_the_held_out_images(demo_model, repaired, fitted, split):
     """BaDExpert and disagreement in one GoodNet: their thresholds are the joint rule's on
     both scores of the same held-out images, with one bound for both, and the pair flags
@@ -228,14 +228,14 @@ def test_a_pair_is_calibrated_together_on_the_held_out_images(demo_model, repair
     assert np.mean(np.any(scores > np.array(joint.thresholds), axis=1)) <= FRR
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_strip_rejects_about_frr_of_unseen_clean_images(goodnets, demo_data):
     test = demo_data[1]
     flagged = predict_classes(goodnets["strip"].model, test.x[::2], 128) == N
     assert abs(flagged.mean() - FRR) < 0.04, flagged.mean()
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_disagreement_flags_only_disagreements_and_keeps_its_rate_where_the_rule_would_not(
     demo_model, repaired, goodnets, demo_data
 ):
@@ -250,7 +250,7 @@ def test_disagreement_flags_only_disagreements_and_keeps_its_rate_where_the_rule
     assert abs(flagged.mean() - FRR) < 0.04, flagged.mean()
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_strip_detects_the_backdoor_of_the_badnet(goodnets, demo_data):
     """STRIP examines B, whose trigger dominates any blend: far more poisoned inputs than
     clean ones are flagged (the repaired net, which lost most of the backdoor, would not)."""
@@ -375,7 +375,7 @@ def assert_metrics_match(got: dict, expected: dict, images: int) -> None:
         assert float(got[key]) == pytest.approx(value, abs=1.01 / images), key
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_metrics_are_named_and_counted_as_specified(
     demo_model, repaired, fitted, goodnets, demo_data
 ):
@@ -395,7 +395,7 @@ def write_png(path, pixels: np.ndarray):
     return path
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_cli_answers_image_files(
     tmp_path, demo_model, repaired, fitted, goodnets, demo_data, capsys
 ):
@@ -417,7 +417,7 @@ def test_cli_answers_image_files(
     assert np.any(given == N) and np.any(given < N)  # both kinds of answer were checked
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_cli_metrics_on_data_files_follow_the_rule(
     tmp_path, demo_model, repaired, fitted, goodnets, demo_data, capsys
 ):
@@ -441,7 +441,7 @@ def test_cli_metrics_on_data_files_follow_the_rule(
     )
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_cli_wrong_image_size_is_a_one_line_error(
     tmp_path, demo_model, repaired, fitted, goodnets, demo_data, capsys
 ):

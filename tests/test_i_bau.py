@@ -53,7 +53,7 @@ def solve(inner, steps: int = 300) -> tf.Tensor:
     return fixed_point()
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_hypergradient_matches_a_finite_difference_of_the_outer_loss_at_the_solution():
     w, b, outer, inner = toy_problem()
     delta = solve(inner)
@@ -75,7 +75,7 @@ def test_hypergradient_matches_a_finite_difference_of_the_outer_loss_at_the_solu
     assert g_b.shape == b.shape
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_hypergradient_without_neumann_terms_is_the_first_order_approximation():
     """terms = 0: v = d_delta outer, the implicit term STEP * the mixed derivative alone."""
     w, b, outer, inner = toy_problem(1)

@@ -89,7 +89,7 @@ def finished_run(client, experiment_id: str, badnet: str, repair: str, **metrics
     client.set_terminated(run.info.run_id, "FINISHED")
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_the_clean_rule_never_reads_the_test_or_poisoned_sets(tmp_path):
     """The best repair is marked by held-out accuracy and the probe: a repair with a
     perfect (test) ASR but a worse probe is not picked; one over the accuracy budget is
@@ -147,7 +147,7 @@ def test_the_clean_rule_never_reads_the_test_or_poisoned_sets(tmp_path):
     )
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_the_goodnets_detectors_have_a_table_of_their_own(tmp_path):
     """Per run, each detector's figures and then the GoodNet's rule (`together`), which
     has no AUROC of its own and alone a p against its promise; runs without detector

@@ -12,7 +12,7 @@ from badnet_repair.network import models
 from conftest import compose_config
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_custom_nets_are_named_by_file_and_told_apart_by_content(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_experiment("custom")

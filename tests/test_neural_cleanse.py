@@ -179,7 +179,7 @@ def test_reversed_mask_lies_in_0_1_and_the_pattern_in_the_images_range():
     np.testing.assert_allclose(again[2].mask, found[2].mask, atol=1e-5)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_the_many_class_screen_keeps_the_target_and_flags_it():
     model, validation, _ = toy_badnet(100, per_class=20)
     result = scan(model, validation.x, validation.y, settings(), seed=0)
@@ -260,7 +260,7 @@ def test_nothing_flagged_unlearns_the_smallest_triggers_or_fine_tunes_and_says_s
     assert metrics["repaired/clean_acc"] > 0.9  # fine-tuned, not broken
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_the_leaderboards_probe_finds_the_backdoor_from_clean_data_alone():
     """The probe (the leaderboard's clean yardstick): the BadNet's reversed triggers, found
     on clean training images, succeed on its clean held-out images, and hardly on a net of

@@ -125,7 +125,7 @@ def test_max_acc_drop_prunes_where_validation_accuracy_allows_read_off_the_curve
         assert metrics[f"pruned/{name}"] == metrics[f"repaired/{name}"]
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_a_run_failing_midway_ends_failed(tmp_path, demo_dir):
     """Data is read inside the MLflow run: a bad file found there ends the run FAILED."""
     images = np.random.default_rng(0).uniform(0, 255, (8, 3, 55, 47))

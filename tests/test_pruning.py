@@ -7,7 +7,7 @@ from badnet_repair.network import pruning
 from badnet_repair.network.training import finetune
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_activation_pruning_zeroes_the_least_active_channels(demo_model, demo_data):
     validation = demo_data[0]
     before = [w.copy() for w in demo_model.get_weights()]
@@ -40,7 +40,7 @@ def test_dense_layer_units_can_be_pruned(demo_model, demo_data):
     assert pruning.zeroed_channels(result.model.get_layer("fc_1")) == result.channels_pruned
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_pruned_channels_stay_zero_through_finetuning(demo_model, demo_data):
     validation = demo_data[0]
     order = pruning.rank_channels(demo_model, "conv_3", validation.x)
@@ -67,7 +67,7 @@ def test_pruned_channels_stay_zero_through_finetuning(demo_model, demo_data):
     assert not np.allclose(kernel[..., alive], before[..., alive])  # the rest did train
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_magnitude_pruning_reaches_its_sparsity_and_keeps_it(demo_model, demo_data):
     validation = demo_data[0]
     result = pruning.magnitude_prune(demo_model, "conv_3", 0.8)

@@ -20,7 +20,7 @@ from badnet_repair.network.training import Finetune
 from conftest import compose_config, run_py
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_finetune_alone_trains_every_layer_and_hands_back_no_stage(demo_model, demo_data):
     """The repair itself on the demo and its clean data: every layer trained, one epoch
     logged as a series, nothing handed back to be scored but the repaired net."""
@@ -158,7 +158,7 @@ def demo_case(demo_model, demo_data):
     )
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_a_ladder_whose_weakest_rung_wrecks_the_net_goes_on_down_to_one_that_works(demo_case):
     """Noise at 4 times each weight's spread collapses the demo; the ladder halves
     downward from there and keeps the first rung within 2 points, a working net."""
@@ -175,7 +175,7 @@ def test_a_ladder_whose_weakest_rung_wrecks_the_net_goes_on_down_to_one_that_wor
     assert demo_case.journal.metrics["noise/scale"] == chosen
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_a_ladder_with_no_working_rung_declines_after_its_halvings(demo_case):
     tried = []
 

@@ -104,7 +104,7 @@ def test_class_statistics_fall_back_to_pooled_and_floor_the_std():
     assert z.tolist() == pytest.approx([0.0, 2.0])  # class 0's std 0 floored at 1/5
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_classwise_goodnet_follows_the_numpy_rule(demo_model, demo_data):
     """The data-limited variant on the demo: statistics from one half of the clean
     images, threshold on the other half, the GoodNet's per-class cut equal to the rule."""

@@ -116,7 +116,7 @@ def trials(db: Path, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_in_memory_search_runs_n_trials_and_reports_the_best(tmp_path):
     out = run_app(tmp_path / "m", "hydra.sweeper.n_trials=4")
     assert "storage: in memory" in out and "Trial 3:" in out and "Trial 4:" not in out
@@ -125,7 +125,7 @@ def test_in_memory_search_runs_n_trials_and_reports_the_best(tmp_path):
     assert sorted(p.name for p in (tmp_path / "m").iterdir() if p.is_dir()) == list("0123")
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_a_stored_search_resumes_and_draws_as_if_never_stopped(tmp_path):
     """n_trials is the study's budget: a rerun runs what is missing. A trial's draws come
     from seed + its number, so the resumed study has the same points as one run through."""
@@ -151,7 +151,7 @@ def test_a_stored_search_resumes_and_draws_as_if_never_stopped(tmp_path):
     assert len({t.params["x"] for t in resumed}) == 5
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(tmp_path):
     """Optuna's distributed mode: two processes run the same command on one storage; each
     asks it for the next trial, and together they run the study's n_trials."""
@@ -196,7 +196,7 @@ def _host() -> str:
     return socket.gethostname()
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_failed_trials_are_told_failed_and_stop_the_search_by_default(tmp_path):
     db = tmp_path / "fail.db"
     storage = f"hydra.sweeper.storage=sqlite:///{db}"
@@ -206,7 +206,7 @@ def test_failed_trials_are_told_failed_and_stop_the_search_by_default(tmp_path):
     assert failed.state == TrialState.FAIL and "RuntimeError" in failed.user_attrs["error"]
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_tolerated_failures_count_against_the_budget(tmp_path):
     db = tmp_path / "some.db"
     out = run_app(
@@ -229,7 +229,7 @@ def hear_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_an_interrupted_trial_is_not_counted_and_runs_again_first(tmp_path):
     db = tmp_path / "stop.db"
     storage = f"hydra.sweeper.storage=sqlite:///{db}"

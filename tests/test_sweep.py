@@ -255,7 +255,7 @@ def test_sweep_stopped_by_bad_input_ends_its_parent_failed(tmp_path, demo_dir):
     assert parent.info.status == "FAILED" and children[parent.info.run_id] == []
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_a_sweep_whose_points_are_in_other_experiments_is_summarised_in_full(tmp_path):
     """`-m model=a,b` logs each point in its model's experiment (tracking.experiment follows
     the model) and the parent in the composed config's: the summary, the leaderboard and

@@ -52,7 +52,7 @@ def test_flip_severity_and_spread_are_computed_right():
     np.testing.assert_allclose(teco.spread(sev), np.std(sev, axis=1))
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_a_constant_net_never_flips():
     """A net answering class 2 whatever the input: severity 6 for every corruption, a
     spread of 0 for every input, and the GoodNet flags nothing."""
@@ -106,7 +106,7 @@ def test_corruptions_do_what_their_names_say():
     assert len(np.unique(tiles[0, :, :, 0])) <= 6 * 5
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_the_seed_fixes_every_score(demo_model, demo_data):
     val, test, poisoned = demo_data
     x = np.concatenate([test.x[:20], poisoned.x[:20]])
@@ -120,7 +120,7 @@ def test_the_seed_fixes_every_score(demo_model, demo_data):
     assert not np.allclose(noise[0], noise[2])
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_goodnet_follows_the_numpy_rule_on_the_demo(demo_model, demo_data):
     val, test, poisoned = demo_data
     calibration = val.x[::12]  # 100 images, every corruption: 3,000 copies

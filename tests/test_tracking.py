@@ -13,7 +13,7 @@ from badnet_repair import UserError
 from badnet_repair.experiment import tracking
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_prepare_creates_store_and_experiment_once(tmp_path):
     uri = f"sqlite:///{tmp_path}/store/mlflow.db"
     first = tracking.prepare(uri, "exp", str(tmp_path / "artifacts"))
@@ -37,7 +37,7 @@ def test_unreachable_server_is_a_clear_error(tmp_path, monkeypatch):
         tracking.prepare("http://127.0.0.1:9", "exp", str(tmp_path))
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("error", "status"),
     [(RuntimeError("boom"), RunStatus.FAILED), (KeyboardInterrupt(), RunStatus.KILLED)],
@@ -89,7 +89,7 @@ def test_a_signal_during_a_store_write_interrupts_once_the_write_is_done(
     assert signal.getsignal(signal.SIGTERM) is handler
 
 
-@pytest.mark.slow  # over 3 s on 2 cores, its fixtures' setup included
+@pytest.mark.slow
 def test_a_signal_while_the_run_starts_ends_it_killed(tmp_path, signal_in_the_next_store_write):
     experiment = tracking.prepare(f"sqlite:///{tmp_path}/m.db", "exp", str(tmp_path / "a"))
     signal_in_the_next_store_write()
